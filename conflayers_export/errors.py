@@ -1,0 +1,18 @@
+"""Typed errors of the exporter. The CLI turns each into one red line and exit code 1."""
+
+from __future__ import annotations
+
+from conflayers_runtime.errors import (  # noqa: F401  (re-exported: one place to import errors from)
+    ConflayersError,
+    GenerationError,
+    ManifestError,
+    SkipSetError,
+)
+
+
+class ModelSourceError(ConflayersError):
+    """A --model value cannot be resolved: unknown name, missing file, package not installed, bad hash."""
+
+
+class UnsupportedArchitectureError(ConflayersError):
+    """The model's architecture has no adapter in the registry."""

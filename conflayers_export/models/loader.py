@@ -1,0 +1,147 @@
+"""One resolver behind every ``--model`` option.
+
+Accepted: a packaged name (see :data:`PACKAGED`), a ``.gguf`` file, or a local Hugging Face
+folder (with ``config.json``). A GGUF is dequantized once by transformers (20-50 s) and cached as
+a plain safetensors model, keyed by the GGUF's sha256, under ``$CONFLAYERS_CACHE`` (default
+``~/.cache/conflayers``); later loads take a few seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from conflayers_runtime.manifest import ModelIdentity
+
+from ..architectures import Architecture, get_architecture
+from ..errors import ModelSourceError
+from .packaged import PACKAGED, file_sha256, packaged_gguf
+
+log = logging.getLogger(__name__)
+CACHE_ENV = "CONFLAYERS_CACHE"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "conflayers")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # transformers PreTrainedModel, float32, eval mode
+    tokenizer: object  # transformers tokenizer
+    architecture: Architecture
+    identity: ModelIdentity
+    folder: Path  # Hugging Face-format folder the model was loaded from (config, weights, tokenizer)
+
+    def encode(self, text: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt; ``chat`` wraps it as one user turn with the model's chat template."""
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": text}]
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+            return list(encoded["input_ids"])
+        return list(self.tokenizer(text)["input_ids"])
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """End-of-sequence ids from the generation config and the tokenizer."""
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+
+def load_model(spec: str) -> LoadedModel:
+    """Resolve ``spec`` and load the model in float32 for the CPU."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the library reports through `logging`, not progress bars
+    folder, fingerprint = _resolve(spec)
+    config = AutoConfig.from_pretrained(folder)
+    architecture = get_architecture(config.model_type)  # fail before loading weights
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    identity = ModelIdentity(
+        source=spec,
+        architecture=config.model_type,
+        num_layers=config.num_hidden_layers,
+        fingerprint=fingerprint,
+    )
+    return LoadedModel(model, tokenizer, architecture, identity, folder)
+
+
+def _resolve(spec: str) -> tuple[Path, str]:
+    """(Hugging Face folder, weights fingerprint) for a --model value."""
+    if spec in PACKAGED:
+        return _from_gguf(packaged_gguf(PACKAGED[spec], cache_dir()))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _from_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, _folder_fingerprint(path)
+    if path.exists():
+        raise ModelSourceError(
+            f"{spec} is neither a .gguf file nor a folder with config.json: point --model at one of those"
+        )
+    names = ", ".join(PACKAGED)
+    raise ModelSourceError(
+        f"unknown model {spec!r}: no such file or folder, and not a packaged name ({names})"
+    )
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    weights = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if not weights:
+        raise ModelSourceError(f"{folder} has config.json but no .safetensors or .bin weights")
+    digest = hashlib.sha256()
+    for p in weights:
+        digest.update(p.name.encode())
+        digest.update(file_sha256(p).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _from_gguf(gguf: Path) -> tuple[Path, str]:
+    sha = file_sha256(gguf)
+    target = cache_dir() / "models" / sha[:24]
+    if not (target / "source.json").is_file():
+        _convert_gguf(gguf, sha, target)
+    return target, "sha256:" + sha
+
+
+def _convert_gguf(gguf: Path, sha: str, target: Path) -> None:
+    """Dequantize a GGUF to a plain float32 safetensors folder, written atomically."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; cached in %s)", gguf.name, target)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for unreadable GGUFs
+        raise ModelSourceError(f"cannot read {gguf} as a GGUF model ({exc}); check the file") from exc
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config.
+    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha}) + "\n")
+        if target.exists() and not (target / "source.json").is_file():
+            shutil.rmtree(target)  # an older, incomplete conversion
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "source.json").is_file():  # else another process converted it first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""PyTorch reference for self-speculative decoding: the oracle the ONNX runtime is tested against,
+and the engine ``calibrate`` scores skip sets with.
+
+:class:`TorchBackend` implements the runtime's :class:`~conflayers_runtime.Backend` over a
+transformers model, so the decoding loop itself (drafting, verification, acceptance) is the very
+code the runtime uses. The draft is the same model with the skipped layers bypassed; it reads
+and writes the full model's KV cache for the layers it runs. Rollback is by length: cache layers
+longer than the position of the next call are cropped (a view, no copy of the cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from conflayers_runtime import DraftConfig, GenerationStats, SamplingConfig, check_skip_layers
+from conflayers_runtime import generate as run_generation
+from transformers import DynamicCache, PreTrainedModel
+
+from .architectures import Architecture, bypassed
+
+
+class TorchBackend:
+    """Full model and layer-skipped draft over one shared ``DynamicCache``."""
+
+    def __init__(self, model: PreTrainedModel, architecture: Architecture, skip_layers: Sequence[int] = ()):
+        check_skip_layers(list(skip_layers), model.config.num_hidden_layers)
+        self.model = model
+        self.architecture = architecture
+        self.skip_layers = tuple(sorted(skip_layers))
+        # No config: every layer is a plain growing layer that can be cropped. Sliding-window
+        # layers still attend only inside their window, because the attention masks apply it.
+        self.cache = DynamicCache()
+
+    def reset(self) -> None:
+        self.cache = DynamicCache()
+
+    @torch.inference_mode()
+    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray:
+        self._truncate(start)
+        positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)  # [1, S]
+        skip = self.skip_layers if draft else ()
+        context = bypassed(self.model, self.architecture, skip) if skip else contextlib.nullcontext()
+        with context:
+            out = self.model(
+                input_ids=torch.tensor([list(token_ids)]),
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+            )
+        return out.logits[0].float().numpy()  # [S, V]
+
+    def _truncate(self, length: int) -> None:
+        if length == 0:
+            self.reset()
+            return
+        for layer in self.cache.layers:
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)
+
+
+def speculative_generate(
+    model: PreTrainedModel,
+    architecture: Architecture,
+    prompt_ids: Sequence[int],
+    skip_layers: Sequence[int],
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    draft: DraftConfig | None = DraftConfig(),
+    stop_token_ids: Sequence[int] = (),
+) -> tuple[list[int], GenerationStats]:
+    """Self-speculative generation with ``skip_layers`` bypassed in the draft (``draft=None``: plain)."""
+    backend = TorchBackend(model, architecture, skip_layers)
+    return run_generation(backend, prompt_ids, max_new_tokens, sampling, draft, stop_token_ids)

@@ -1,0 +1,43 @@
+"""conflayers-runtime: lossless layer-skip self-speculative decoding without torch.
+
+Public surface: the manifest schema, the sampling/acceptance rules and the decoding loop.
+"""
+
+from .errors import ConflayersError, GenerationError, ManifestError, SkipSetError
+from .manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    Draft,
+    Manifest,
+    ModelIdentity,
+    Task,
+    check_skip_layers,
+    read_manifest,
+    write_manifest,
+)
+from .sampling import SamplingConfig
+from .speculative import Backend, DraftConfig, GenerationStats, generate, stream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "Backend",
+    "ConflayersError",
+    "Draft",
+    "DraftConfig",
+    "GenerationError",
+    "GenerationStats",
+    "Manifest",
+    "ManifestError",
+    "ModelIdentity",
+    "SamplingConfig",
+    "SkipSetError",
+    "Task",
+    "check_skip_layers",
+    "generate",
+    "read_manifest",
+    "stream",
+    "write_manifest",
+]

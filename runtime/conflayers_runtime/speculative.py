@@ -1,0 +1,211 @@
+"""The self-speculative decoding loop, independent of the engine that runs the model.
+
+A :class:`Backend` runs the full model or the layer-skipped draft over a few tokens at a given
+position of its KV cache. The same loop drives the PyTorch reference backend (in the exporter,
+used as the oracle and by ``calibrate``) and the ONNX Runtime backend (this package), so the
+two can only differ in the logits they compute, which the parity tests pin down.
+
+One cycle (gpt-fast / Leviathan et al. style):
+    cache holds positions [0, n); ``pending`` is the next token, not yet in the cache.
+    draft:  feed pending, d1, ..., d_{k-1} one at a time to the draft -> proposals d1..dk
+            (the draft writes KV only for the layers it runs, at positions n..n+k-1)
+    verify: feed [pending, d1..dk] to the full model at position n in ONE pass -> k+1 rows;
+            every layer's KV for positions n..n+k is rewritten, so accepted positions are exact
+    accept: m drafted tokens survive, plus one token from the full model; the valid cache length
+            becomes n+m+1, and rejected positions are simply overwritten later (rollback = length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from . import sampling
+from .errors import GenerationError
+from .sampling import SamplingConfig
+
+
+class Backend(Protocol):
+    """Runs the model over ``token_ids`` at cache positions [start, start + len(token_ids)).
+
+    Cache entries at positions >= start are treated as garbage and overwritten; this is how a
+    rejected draft is rolled back. Returns float logits [len(token_ids), vocab].
+    """
+
+    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Dynamic draft length: SWIFT-style early stop on low draft confidence, capped."""
+
+    max_draft_tokens: int = 8
+    # Stop drafting once the draft's top-1 probability falls below this: such tokens are
+    # usually rejected, and each extra draft pass costs time.
+    confidence_threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.max_draft_tokens < 1:
+            raise GenerationError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise GenerationError(
+                f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}"
+            )
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did. ``accepted_histogram[m]`` counts cycles that accepted m drafts."""
+
+    new_tokens: int = 0
+    cycles: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    prefill_passes: int = 0
+    draft_passes: int = 0
+    verify_passes: int = 0  # full-model passes after prefill (speculative verify or plain steps)
+    accepted_histogram: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def mean_tokens_per_cycle(self) -> float:
+        """Tokens emitted per full-model pass after prefill (1.0 for plain decoding)."""
+        return (self.new_tokens - 1) / self.verify_passes if self.verify_passes else 0.0
+
+    def record_cycle(self, drafted: int, accepted: int) -> None:
+        self.cycles += 1
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        while len(self.accepted_histogram) <= accepted:
+            self.accepted_histogram.append(0)
+        self.accepted_histogram[accepted] += 1
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "new_tokens": self.new_tokens,
+            "cycles": self.cycles,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_tokens_per_cycle": self.mean_tokens_per_cycle,
+            "accepted_histogram": list(self.accepted_histogram),
+            "passes": {
+                "prefill": self.prefill_passes,
+                "draft": self.draft_passes,
+                "verify": self.verify_passes,
+            },
+        }
+
+
+def stream(
+    backend: Backend,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampling_config: SamplingConfig = SamplingConfig(),
+    draft: DraftConfig | None = DraftConfig(),
+    stop_token_ids: Sequence[int] = (),
+    stats: GenerationStats | None = None,
+) -> Iterator[list[int]]:
+    """Yield the new tokens in chunks as they are decided (one chunk per cycle).
+
+    ``draft=None`` decodes plainly with the full model. Greedy output is identical either way;
+    sampled output is distributed exactly as plain sampling.
+    """
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stats = stats if stats is not None else GenerationStats()
+    rng = np.random.default_rng(sampling_config.seed)
+    stops = set(stop_token_ids)
+
+    def choose(logits_row: np.ndarray) -> int:
+        if sampling_config.greedy:
+            return int(logits_row.argmax())
+        return sampling.sample(sampling.warp(logits_row, sampling_config), rng)
+
+    prompt = list(prompt_ids)
+    pending = choose(backend.forward(prompt, 0, draft=False)[-1])  # prefill
+    stats.prefill_passes += 1
+    cached = len(prompt)  # valid KV positions; `pending` is not in the cache yet
+    produced = 1
+    stats.new_tokens = 1
+    yield [pending]
+    if pending in stops:
+        return
+
+    while produced < max_new_tokens:
+        # Leave room for the full model's own token: a cycle emits accepted drafts + 1.
+        budget = 0 if draft is None else min(draft.max_draft_tokens, max_new_tokens - produced - 1)
+        drafted, q_rows = _draft(backend, pending, cached, budget, draft, sampling_config, rng)
+        stats.draft_passes += len(drafted)
+
+        verify_logits = backend.forward([pending, *drafted], cached, draft=False)  # [k+1, V]
+        stats.verify_passes += 1
+        if sampling_config.greedy:
+            accepted, next_token = sampling.accept_greedy(verify_logits, drafted)
+        else:
+            p = sampling.warp(verify_logits, sampling_config)
+            accepted, next_token = sampling.accept_sampled(p, np.array(q_rows), drafted, rng)
+        if drafted:
+            stats.record_cycle(len(drafted), accepted)
+
+        chunk = [*drafted[:accepted], next_token]
+        stop_at = next((i for i, t in enumerate(chunk) if t in stops), None)
+        if stop_at is not None:
+            chunk = chunk[: stop_at + 1]
+        cached += 1 + accepted
+        pending = next_token
+        produced += len(chunk)
+        stats.new_tokens = produced
+        yield chunk
+        if stop_at is not None:
+            return
+
+
+def _draft(
+    backend: Backend,
+    pending: int,
+    cached: int,
+    budget: int,
+    draft: DraftConfig | None,
+    sampling_config: SamplingConfig,
+    rng: np.random.Generator,
+) -> tuple[list[int], list[np.ndarray]]:
+    """Propose up to ``budget`` tokens with the draft. Returns (tokens, their draft distributions)."""
+    drafted: list[int] = []
+    q_rows: list[np.ndarray] = []
+    token = pending
+    for position in range(cached, cached + budget):
+        logits = backend.forward([token], position, draft=True)[0]
+        q = sampling.warp(logits, sampling_config)
+        token = int(q.argmax()) if sampling_config.greedy else sampling.sample(q, rng)
+        drafted.append(token)
+        q_rows.append(q)
+        if draft is not None and q.max() < draft.confidence_threshold:
+            break
+    return drafted, q_rows
+
+
+def generate(
+    backend: Backend,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampling_config: SamplingConfig = SamplingConfig(),
+    draft: DraftConfig | None = DraftConfig(),
+    stop_token_ids: Sequence[int] = (),
+) -> tuple[list[int], GenerationStats]:
+    """Run :func:`stream` to the end. Returns (new token ids, stats)."""
+    stats = GenerationStats()
+    tokens: list[int] = []
+    for chunk in stream(
+        backend, prompt_ids, max_new_tokens, sampling_config, draft, stop_token_ids, stats
+    ):
+        tokens.extend(chunk)
+    return tokens, stats
