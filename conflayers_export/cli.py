@@ -24,7 +24,9 @@ def _parse_layers(value: str) -> list[int]:
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise SkipSetError(f"--skip takes comma-separated layer indices such as 3,7,11; got {value!r}") from None
+        raise SkipSetError(
+            f"--skip takes comma-separated layer indices such as 3,7,11; got {value!r}"
+        ) from None
 
 
 @click.group()
@@ -36,23 +38,43 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Packaged name, .gguf file or Hugging Face folder.")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    show_default=True,
+    help="Packaged name, .gguf file or Hugging Face folder.",
+)
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--skip", default="", help="Layers the draft skips, e.g. 14,15,16 (empty: draft = full model).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the model's chat template.")
 @click.option("--plain", is_flag=True, help="Decode without speculation (the baseline).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-draft", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Most tokens drafted per cycle.")
+@click.option(
+    "--max-draft",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Most tokens drafted per cycle.",
+)
 @click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, type=int)
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def reference(model: str, prompt: str, skip: str, chat: bool, plain: bool, max_new_tokens: int,
-              max_draft: int, temperature: float, top_k: int, top_p: float, seed: int,
-              as_json: bool) -> None:
+def reference(
+    model: str,
+    prompt: str,
+    skip: str,
+    chat: bool,
+    plain: bool,
+    max_new_tokens: int,
+    max_draft: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    as_json: bool,
+) -> None:
     """Generate with the PyTorch reference self-speculative decoder and print text and stats."""
     from conflayers_runtime import DraftConfig, SamplingConfig
 
@@ -65,14 +87,25 @@ def reference(model: str, prompt: str, skip: str, chat: bool, plain: bool, max_n
     prompt_ids = loaded.encode(prompt, chat=chat)
     start = time.perf_counter()
     tokens, stats = speculative_generate(
-        loaded.model, loaded.architecture, prompt_ids, skip_layers, max_new_tokens, sampling,
-        None if plain else DraftConfig(max_draft_tokens=max_draft), loaded.stop_token_ids,
+        loaded.model,
+        loaded.architecture,
+        prompt_ids,
+        skip_layers,
+        max_new_tokens,
+        sampling,
+        None if plain else DraftConfig(max_draft_tokens=max_draft),
+        loaded.stop_token_ids,
     )
     seconds = time.perf_counter() - start
     text = loaded.tokenizer.decode(tokens, skip_special_tokens=True)
     result = {
-        "model": model, "skip_layers": skip_layers, "mode": "plain" if plain else "speculative",
-        "text": text, "seconds": seconds, "tokens_per_second": len(tokens) / seconds, **stats.as_dict(),
+        "model": model,
+        "skip_layers": skip_layers,
+        "mode": "plain" if plain else "speculative",
+        "text": text,
+        "seconds": seconds,
+        "tokens_per_second": len(tokens) / seconds,
+        **stats.as_dict(),
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from conflayers_runtime import DraftConfig, GenerationStats, SamplingConfig, check_skip_layers
 from conflayers_runtime import generate as run_generation
+from conflayers_runtime.speculative import DEFAULT_DRAFT, GREEDY
 from transformers import DynamicCache, PreTrainedModel
 
 from .architectures import Architecture, bypassed
@@ -68,8 +69,8 @@ def speculative_generate(
     prompt_ids: Sequence[int],
     skip_layers: Sequence[int],
     max_new_tokens: int,
-    sampling: SamplingConfig = SamplingConfig(),
-    draft: DraftConfig | None = DraftConfig(),
+    sampling: SamplingConfig = GREEDY,
+    draft: DraftConfig | None = DEFAULT_DRAFT,
     stop_token_ids: Sequence[int] = (),
 ) -> tuple[list[int], GenerationStats]:
     """Self-speculative generation with ``skip_layers`` bypassed in the draft (``draft=None``: plain)."""

@@ -43,7 +43,9 @@ class LoadedModel:
         """Token ids of a prompt; ``chat`` wraps it as one user turn with the model's chat template."""
         if chat and getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": text}]
-            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+            encoded = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_dict=True
+            )
             return list(encoded["input_ids"])
         return list(self.tokenizer(text)["input_ids"])
 

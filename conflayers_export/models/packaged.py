@@ -94,7 +94,11 @@ def _chunk_paths(model: PackagedModel) -> list[Path]:
     paths = []
     for module, relative in model.chunks:
         spec = importlib.util.find_spec(module)
-        path = Path(spec.submodule_search_locations[0]) / relative if spec and spec.submodule_search_locations else None
+        path = (
+            Path(spec.submodule_search_locations[0]) / relative
+            if spec and spec.submodule_search_locations
+            else None
+        )
         if path is None or not path.is_file():
             raise ModelSourceError(
                 f"packaged model {model.name!r} is not installed (missing {module}/{relative}); "

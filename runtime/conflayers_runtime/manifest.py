@@ -130,18 +130,20 @@ def _check_version(version: object) -> None:
         raise ManifestError(
             f"manifest has no valid schema_version (got {version!r}); was it written by conflayers-export?"
         )
-    major = version.split(".", 1)[0]
-    if major != SCHEMA_VERSION.split(".", 1)[0]:
+    major, known = version.split(".", 1)[0], SCHEMA_VERSION.split(".", 1)[0]
+    if major != known:
         raise ManifestError(
-            f"manifest schema {version} is not readable by this runtime (reads {SCHEMA_VERSION.split('.')[0]}.x): "
-            "install the conflayers-runtime version that matches the exporter that built it, or rebuild"
+            f"manifest schema {version} is not readable by this runtime (reads {known}.x): install the "
+            "conflayers-runtime version that matches the exporter that built it, or rebuild the artifact"
         )
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_NAME} in {folder}: run `conflayers-export calibrate` or `build` first")
+        raise ManifestError(
+            f"no {MANIFEST_NAME} in {folder}: run `conflayers-export calibrate` or `build` first"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

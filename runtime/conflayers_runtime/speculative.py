@@ -51,9 +51,11 @@ class DraftConfig:
         if self.max_draft_tokens < 1:
             raise GenerationError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
         if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise GenerationError(
-                f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}"
-            )
+            raise GenerationError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+
+
+GREEDY = SamplingConfig()
+DEFAULT_DRAFT = DraftConfig()
 
 
 @dataclass
@@ -107,8 +109,8 @@ def stream(
     backend: Backend,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
-    sampling_config: SamplingConfig = SamplingConfig(),
-    draft: DraftConfig | None = DraftConfig(),
+    sampling_config: SamplingConfig = GREEDY,
+    draft: DraftConfig | None = DEFAULT_DRAFT,
     stop_token_ids: Sequence[int] = (),
     stats: GenerationStats | None = None,
 ) -> Iterator[list[int]]:
@@ -197,15 +199,13 @@ def generate(
     backend: Backend,
     prompt_ids: Sequence[int],
     max_new_tokens: int,
-    sampling_config: SamplingConfig = SamplingConfig(),
-    draft: DraftConfig | None = DraftConfig(),
+    sampling_config: SamplingConfig = GREEDY,
+    draft: DraftConfig | None = DEFAULT_DRAFT,
     stop_token_ids: Sequence[int] = (),
 ) -> tuple[list[int], GenerationStats]:
     """Run :func:`stream` to the end. Returns (new token ids, stats)."""
     stats = GenerationStats()
     tokens: list[int] = []
-    for chunk in stream(
-        backend, prompt_ids, max_new_tokens, sampling_config, draft, stop_token_ids, stats
-    ):
+    for chunk in stream(backend, prompt_ids, max_new_tokens, sampling_config, draft, stop_token_ids, stats):
         tokens.extend(chunk)
     return tokens, stats
