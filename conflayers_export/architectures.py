@@ -55,6 +55,13 @@ class Architecture:
     layers_path: str = "model.layers"  # attribute path from the CausalLM to the decoder layers
     attention_name: str = "self_attn"  # block whose output is added to the residual stream
     mlp_name: str = "mlp"
+    # How the graph builder reads a layer (defaults: Llama). See export/graph.py.
+    fused_qkv: str | None = None  # one [q; k; v] projection under this name (phi3), else q/k/v_proj
+    fused_gate_up: str | None = None  # one [gate; up] projection under this name (phi3)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3, gemma3)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight); gemma stores weight - 1
+    sandwich_norms: bool = False  # extra norms on the attention and MLP outputs (gemma3)
+    rope_per_layer_type: bool = False  # sliding and full layers use different RoPE tables (gemma3)
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -135,8 +142,8 @@ def _tiny(config_class_name: str, **overrides: object) -> Callable[[], Pretraine
 register(Architecture("llama", _tiny("LlamaConfig")))
 register(Architecture("mistral", _tiny("MistralConfig", sliding_window=None)))
 register(Architecture("qwen2", _tiny("Qwen2Config")))
-register(Architecture("qwen3", _tiny("Qwen3Config", head_dim=16)))
-register(Architecture("phi3", _tiny("Phi3Config")))
+register(Architecture("qwen3", _tiny("Qwen3Config", head_dim=16), qk_norm=True))
+register(Architecture("phi3", _tiny("Phi3Config"), fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"))
 register(
     Architecture(
         "gemma3_text",
@@ -148,5 +155,9 @@ register(
             sliding_window=8,
             layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
         ),
+        qk_norm=True,
+        norm_offset=1.0,
+        sandwich_norms=True,
+        rope_per_layer_type=True,
     )
 )

@@ -120,6 +120,116 @@ def reference(
     )
 
 
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--model",
+    default=None,
+    help=f"Model to export (default: the one named in DIR's manifest, else {DEFAULT_MODEL}).",
+)
+@click.option(
+    "--skip-set", "skip_sets", multiple=True, help="Build only this draft of the manifest (repeatable)."
+)
+@click.option(
+    "--skip", default=None, help="Also build a draft skipping these layers, e.g. 3,7,11 (named 'manual')."
+)
+@click.option(
+    "--dtype",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16"]),
+    help="fp32 for CPU, fp16 for CUDA.",
+)
+@click.option(
+    "--max-seq-len",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(min=16),
+    help="KV-cache length: prompt + generated tokens must fit.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def build(
+    out_dir: str,
+    model: str | None,
+    skip_sets: tuple[str, ...],
+    skip: str | None,
+    dtype: str,
+    max_seq_len: int,
+    as_json: bool,
+) -> None:
+    """Export the full graph and one draft graph per skip set into OUT_DIR, over one weights file."""
+    from pathlib import Path
+
+    from conflayers_runtime.manifest import MANIFEST_NAME, read_manifest
+
+    from .export.build import build_artifact, manifest_for_build
+    from .models import load_model
+
+    folder = Path(out_dir)
+    hand_given = {"manual": _parse_layers(skip)} if skip is not None else None
+    if model is None:
+        model = read_manifest(folder).model.source if (folder / MANIFEST_NAME).is_file() else DEFAULT_MODEL
+    start = time.perf_counter()
+    loaded = load_model(model)
+    manifest = manifest_for_build(folder, loaded, hand_given, list(skip_sets) or None)
+    with click.progressbar(length=len(manifest.drafts) + 3, label="building", file=sys.stderr) as bar:
+
+        def progress(step: str) -> None:
+            bar.label = f"building {step}"
+            bar.update(1)
+
+        manifest = build_artifact(folder, loaded, manifest, dtype, max_seq_len, progress)
+    seconds = time.perf_counter() - start
+    files = manifest.artifacts["files"]
+    result = {
+        "folder": str(folder),
+        "seconds": seconds,
+        "dtype": dtype,
+        "drafts": list(manifest.artifacts["drafts"]),
+        "files": files,
+        "total_bytes": sum(f["size"] for f in files.values()),
+    }
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(
+        f"built {folder} in {seconds:.1f} s: full graph + {len(result['drafts'])} draft(s) "
+        f"{result['drafts']}, {result['total_bytes'] / 1e6:.1f} MB on disk "
+        f"(weights {files['weights.bin']['size'] / 1e6:.1f} MB)"
+    )
+
+
+@cli.command()
+@click.argument("artifact_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--model", default=None, help="PyTorch model to compare with (default: the manifest's source).")
+@click.option("--json", "as_json", is_flag=True, help="Print every step's result as JSON.")
+def validate(artifact_dir: str, model: str | None, as_json: bool) -> None:
+    """Re-check the artifact's file hashes and the parity of every graph with PyTorch."""
+    from dataclasses import asdict
+
+    from conflayers_runtime.manifest import read_manifest
+
+    from .export.validate import check_parity
+    from .models import load_model
+
+    manifest = read_manifest(artifact_dir)
+    loaded = load_model(model or manifest.model.source)
+    if loaded.identity.fingerprint != manifest.model.fingerprint:
+        from .errors import ManifestError
+
+        raise ManifestError(f"{artifact_dir} was built from another model than {loaded.identity.source}")
+    results = check_parity(artifact_dir, loaded)
+    if as_json:
+        click.echo(json.dumps([asdict(r) for r in results], indent=2))
+        return
+    worst = max(r.max_abs_diff for r in results)
+    graphs = sorted({r.graph for r in results})
+    click.echo(
+        f"ok: hashes match; {len(graphs)} graph(s) {graphs} agree with PyTorch on {len(results)} steps "
+        f"(worst max|diff| {worst:.2e}, every argmax equal)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (callable from tests)."""
     try:

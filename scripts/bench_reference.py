@@ -46,7 +46,11 @@ def main() -> None:
             for ids in prompts:
                 start = time.perf_counter()
                 out, stats = speculative_generate(
-                    loaded.model, loaded.architecture, ids, skip, args.max_new_tokens,
+                    loaded.model,
+                    loaded.architecture,
+                    ids,
+                    skip,
+                    args.max_new_tokens,
                     draft=None if mode == "plain" else DraftConfig(),
                 )
                 seconds += time.perf_counter() - start
@@ -60,11 +64,19 @@ def main() -> None:
                 "mean_tokens_per_full_pass": (tokens - len(prompts)) / passes,
             }
     result = {
-        "model": args.model, "skip_layers": skip, "device": "cpu", "precision": "fp32",
-        "threads": torch.get_num_threads(), "prompts": len(PROMPTS), "max_new_tokens": args.max_new_tokens,
+        "model": args.model,
+        "skip_layers": skip,
+        "device": "cpu",
+        "precision": "fp32",
+        "threads": torch.get_num_threads(),
+        "prompts": len(PROMPTS),
+        "max_new_tokens": args.max_new_tokens,
         **{
             mode: {
-                "tokens_per_s_median": statistics.median(r), "min": min(r), "max": max(r), **last_stats[mode]
+                "tokens_per_s_median": statistics.median(r),
+                "min": min(r),
+                "max": max(r),
+                **last_stats[mode],
             }
             for mode, r in rates.items()
         },

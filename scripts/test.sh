@@ -5,5 +5,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 venv="${CONFLAYERS_VENV:-$root/.venv}"
 cd "$root"
-"$venv/bin/ruff" check conflayers_export runtime tests examples
+"$venv/bin/ruff" check .
 "$venv/bin/python" -m pytest "$@"

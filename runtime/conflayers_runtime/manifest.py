@@ -163,5 +163,6 @@ def write_manifest(manifest: Manifest, folder: str | os.PathLike[str]) -> Path:
         json.dump(manifest.to_dict(), f, indent=2, sort_keys=False)
         f.write("\n")
     target = folder / MANIFEST_NAME
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     os.replace(tmp, target)
     return target

@@ -1,0 +1,217 @@
+"""``build``: write the full graph, one graph per draft, one weights file, the tokenizer and the
+updated manifest into a folder, atomically (temporary folder, then rename).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+from conflayers_runtime.artifact import file_sha256
+from conflayers_runtime.manifest import (
+    MANIFEST_NAME,
+    Draft,
+    Manifest,
+    check_skip_layers,
+    read_manifest,
+    write_manifest,
+)
+
+from .. import __version__
+from ..errors import ManifestError
+from ..models import LoadedModel
+from .graph import DTYPES, WeightStore, build_graph
+from .weights import attach_external, write_weights
+
+log = logging.getLogger(__name__)
+WEIGHTS_FILE = "weights.bin"
+FULL_GRAPH = "full.onnx"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+)
+_CHAT_SENTINEL = "\x00CONFLAYERS-USER-MESSAGE\x00"
+
+
+def draft_graph_name(name: str) -> str:
+    return f"draft.{name}.onnx"
+
+
+def build_artifact(
+    out_dir: str | os.PathLike[str],
+    loaded: LoadedModel,
+    manifest: Manifest,
+    dtype: str = "fp32",
+    max_seq_len: int = 2048,
+    progress: Callable[[str], None] = lambda step: None,
+) -> Manifest:
+    """Build every draft listed in ``manifest.drafts`` next to the full graph; returns the new manifest."""
+    if dtype not in DTYPES:
+        raise ManifestError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    num_layers = loaded.identity.num_layers
+    for draft in manifest.drafts:
+        check_skip_layers(draft.skip_layers, num_layers)
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit and max_seq_len > limit:
+        raise ManifestError(f"--max-seq-len {max_seq_len} exceeds the model's {limit} positions")
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
+    try:
+        if out_dir.is_dir():  # keep what other stages wrote there (calibration report...)
+            for item in out_dir.iterdir():
+                if item.is_dir():
+                    shutil.copytree(item, tmp / item.name)
+        new_manifest = _write(tmp, loaded, manifest, dtype, max_seq_len, progress)
+        _replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return new_manifest
+
+
+def _write(
+    folder: Path,
+    loaded: LoadedModel,
+    manifest: Manifest,
+    dtype: str,
+    max_seq_len: int,
+    progress: Callable[[str], None],
+) -> Manifest:
+    model, arch = loaded.model, loaded.architecture
+    num_layers = loaded.identity.num_layers
+    store = WeightStore()
+    graphs: dict[str, tuple[onnx.ModelProto, set[str]]] = {}
+    layers: dict[str, list[int]] = {}
+
+    progress("full graph")
+    graphs[FULL_GRAPH] = build_graph(model, arch, range(num_layers), dtype, max_seq_len, store, "full")
+    layers["full"] = list(range(num_layers))
+    drafts: dict[str, str] = {}
+    for draft in manifest.drafts:
+        progress(f"draft {draft.name}")
+        kept = [i for i in range(num_layers) if i not in set(draft.skip_layers)]
+        drafts[draft.name] = draft_graph_name(draft.name)
+        graphs[drafts[draft.name]] = build_graph(
+            model, arch, kept, dtype, max_seq_len, store, f"draft.{draft.name}"
+        )
+        layers[draft.name] = kept
+
+    progress("weights")
+    offsets = write_weights(store.arrays, folder / WEIGHTS_FILE)
+    for file_name, (graph, used) in graphs.items():
+        attach_external(graph, used, store.arrays, offsets, WEIGHTS_FILE)
+        onnx.save(graph, folder / file_name)
+
+    progress("tokenizer")
+    for name in TOKENIZER_FILES:
+        source = loaded.folder / name
+        if source.is_file():
+            shutil.copy2(source, folder / name)
+    if not (folder / "tokenizer.json").is_file():
+        raise ManifestError(
+            f"{loaded.folder} has no tokenizer.json (a fast tokenizer is required by the runtime)"
+        )
+
+    layout = arch.kv_layout(model.config)
+    files = [
+        FULL_GRAPH,
+        *drafts.values(),
+        WEIGHTS_FILE,
+        *(n for n in TOKENIZER_FILES if (folder / n).is_file()),
+    ]
+    manifest.artifacts = {
+        "dtype": dtype,
+        "max_seq_len": max_seq_len,
+        "weights": WEIGHTS_FILE,
+        "full": FULL_GRAPH,
+        "drafts": drafts,
+        "kv": {
+            "num_layers": layout.num_layers,
+            "num_kv_heads": layout.num_kv_heads,
+            "head_dim": layout.head_dim,
+            "sliding_windows": list(layout.sliding_windows),
+            "shape": ["batch", "num_kv_heads", "max_seq_len", "head_dim"],
+            "past_is_present": True,
+        },
+        "layers": layers,
+        "inputs": {
+            "input_ids": "int64 [batch, sequence]",
+            "attention_mask": "int64 [batch, total] (ones; total = cached + sequence)",
+            "past_key_values.{layer}.key|value": f"{dtype} cache, bound to the same buffer as present",
+        },
+        "outputs": {
+            "logits": "float32 [batch, sequence, vocab]",
+            "present.{layer}.key|value": "the past buffer, updated in place at [total - sequence, total)",
+        },
+        "tokenizer": {
+            "file": "tokenizer.json",
+            **_chat_affixes(loaded),
+            "stop_token_ids": loaded.stop_token_ids,
+        },
+        "files": {
+            name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+            for name in files
+        },
+    }
+    manifest.tool = {"name": "conflayers-export", "version": __version__}
+    write_manifest(manifest, folder)
+    return manifest
+
+
+def _chat_affixes(loaded: LoadedModel) -> dict[str, str | None]:
+    """The chat template rendered around one user turn, so the runtime needs no Jinja engine."""
+    try:
+        text = loaded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": _CHAT_SENTINEL}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # no template, or one that cannot render a lone user turn
+        return {"chat_prefix": None, "chat_suffix": None}
+    prefix, _, suffix = text.partition(_CHAT_SENTINEL)
+    return {"chat_prefix": prefix, "chat_suffix": suffix}
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` in for ``target``; at every moment one complete version exists on disk."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def manifest_for_build(
+    out_dir: Path, loaded: LoadedModel, skip_sets: dict[str, list[int]] | None, selected: list[str] | None
+) -> Manifest:
+    """The manifest to build from: the folder's own (checked against the model) or a new one."""
+    if (out_dir / MANIFEST_NAME).is_file():
+        manifest = read_manifest(out_dir)
+        if manifest.model.fingerprint != loaded.identity.fingerprint:
+            raise ManifestError(
+                f"{out_dir / MANIFEST_NAME} was made for another model ({manifest.model.source}, "
+                f"{manifest.model.fingerprint[:19]}...) than {loaded.identity.source}: pass the matching "
+                "--model, or build into a new folder"
+            )
+    else:
+        manifest = Manifest(model=loaded.identity)
+    if selected:
+        manifest.drafts = [manifest.draft(name) for name in selected]
+        manifest.tasks = {k: t for k, t in manifest.tasks.items() if t.draft is None or t.draft in selected}
+    for name, skip in (skip_sets or {}).items():
+        manifest.drafts = [d for d in manifest.drafts if d.name != name]
+        manifest.drafts.append(Draft(name, sorted(skip), metrics={"source": "given by hand"}))
+    return manifest

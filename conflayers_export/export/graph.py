@@ -1,0 +1,347 @@
+"""ONNX graph builder: one code path writes the full model and every layer-skipped draft.
+
+The graph is built directly from the model's weights (onnxruntime-genai style), not traced:
+- one GroupQueryAttention (com.microsoft) per layer with RoPE inside (do_rotary) and the KV
+  cache of max_seq_len positions bound as both past and present, so a runtime keeps one buffer
+  per layer and rolls back by passing a shorter attention mask;
+- one fused QKV MatMul per layer, residual adds fused into SkipSimplifiedLayerNormalization;
+- a tied output head reads the embedding table through Gemm(transB=1), so it is stored once.
+
+A draft is the same builder with some layers left out: its KV inputs are only those of the
+layers it keeps (same names as in the full graph), and its initializers are a subset of the
+full graph's, by name. Graph I/O (batch B, new tokens S, total length T):
+    input_ids [B, S] int64, attention_mask [B, T] int64 (ones; T = cached + S),
+    past_key_values.{i}.key/value [B, kv_heads, max_seq_len, head_dim]
+ -> logits [B, S, vocab] float32, present.{i}.key/value (same buffers as past).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..architectures import Architecture
+
+OPSET = 21
+DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+
+
+@dataclass
+class WeightStore:
+    """Named weight arrays shared by every graph of one artifact (each stored once)."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, name: str, array: np.ndarray) -> str:
+        if name not in self.arrays:
+            self.arrays[name] = np.ascontiguousarray(array)
+        return name
+
+
+class _GraphBuilder:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        architecture: Architecture,
+        dtype: str,
+        max_seq_len: int,
+        weights: WeightStore,
+    ):
+        self.model = model
+        self.arch = architecture
+        self.config = model.config
+        self.np_dtype, self.onnx_dtype = DTYPES[dtype]
+        self.max_seq_len = max_seq_len
+        self.weights = weights
+        self.layout = architecture.kv_layout(model.config)
+        self.nodes: list[onnx.NodeProto] = []
+        self.used: set[str] = set()  # weights this graph reads (stored externally)
+        self.constants: dict[str, np.ndarray] = {}  # small shape/index constants (stored inline)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        name: str,
+        outputs: int | list[str] = 1,
+        domain: str = "",
+        **attrs: object,
+    ) -> list[str]:
+        outs = outputs if isinstance(outputs, list) else [f"{name}/output_{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def weight(self, name: str, tensor: torch.Tensor | np.ndarray, keep_dtype: bool = False) -> str:
+        array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
+        if not keep_dtype:
+            array = array.astype(self.np_dtype)
+        self.used.add(name)
+        return self.weights.add(name, array)
+
+    def const(self, name: str, values: Sequence[int] | int) -> str:
+        self.constants[name] = np.asarray(values, dtype=np.int64)
+        return name
+
+    def linear(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, name: str, wname: str) -> str:
+        # HF stores [out, in]; MatMul wants [in, out]: transposed once here, at build time.
+        y = self.op("MatMul", [x, self.weight(wname + ".weight", weight.T)], f"{name}/MatMul")[0]
+        if bias is not None:
+            y = self.op("Add", [y, self.weight(wname + ".bias", bias)], f"{name}/Add")[0]
+        return y
+
+    def norm_weight(self, name: str, module: torch.nn.Module) -> str:
+        return self.weight(name, module.weight.detach().float() + self.arch.norm_offset)
+
+    def rms_norm(self, x: str, module: torch.nn.Module, name: str, wname: str) -> str:
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        return self.op(
+            "SimplifiedLayerNormalization",
+            [x, self.norm_weight(wname, module)],
+            name,
+            axis=-1,
+            epsilon=eps,
+            stash_type=1,
+        )[0]
+
+    def skip_norm(
+        self, x: str, residual: str, module: torch.nn.Module, name: str, wname: str
+    ) -> tuple[str, str]:
+        """(x + residual, rms_norm(x + residual)) in one fused op."""
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        out = self.op(
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, self.norm_weight(wname, module)],
+            name,
+            outputs=4,
+            domain="com.microsoft",
+            epsilon=eps,
+        )
+        return out[3], out[0]
+
+    # -- model pieces ------------------------------------------------------------------------
+    def rope_tables(self) -> dict[str, tuple[str, str]]:
+        """cos/sin caches [max_seq_len, rotary_dim / 2] per RoPE kind, computed by the model's own
+        rotary module (so every scaling scheme it implements is honoured)."""
+        rotary = self.model.model.rotary_emb
+        positions = torch.arange(self.max_seq_len).unsqueeze(0)
+        dummy = torch.zeros(1, dtype=torch.float32)
+        kinds = sorted(set(self.config.layer_types)) if self.arch.rope_per_layer_type else ["default"]
+        tables = {}
+        for kind in kinds:
+            with torch.no_grad():
+                cos, sin = rotary(dummy, positions, kind) if kind != "default" else rotary(dummy, positions)
+            half = cos.shape[-1] // 2  # HF tables repeat the frequencies twice
+            tables[kind] = (
+                self.weight(f"rope.{kind}.cos", cos[0, :, :half]),
+                self.weight(f"rope.{kind}.sin", sin[0, :, :half]),
+            )
+        return tables
+
+    def attention(self, i: int, x: str, seqlens_k: str, total: str, rope: tuple[str, str]) -> str:
+        attn = self.arch.blocks(self.arch.decoder_layers(self.model)[i])[0]
+        name, wname = f"/model/layers.{i}/attn", f"model.layers.{i}.attn"
+        heads, kv_heads, head_dim = (
+            self.config.num_attention_heads,
+            self.layout.num_kv_heads,
+            self.layout.head_dim,
+        )
+        if self.arch.fused_qkv:
+            proj = getattr(attn, self.arch.fused_qkv)
+            weight, bias = proj.weight, proj.bias
+        else:
+            projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+            weight = torch.cat([p.weight for p in projs], dim=0)
+            bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
+        qkv = self.linear(x, weight, bias, f"{name}/qkv", f"{wname}.qkv")
+        if self.arch.qk_norm:
+            sizes = self.const(
+                f"{wname}.qkv_split", [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+            )
+            q, k, v = self.op("Split", [qkv, sizes], f"{name}/qkv/Split", outputs=3, axis=-1)
+            q = self._head_norm(q, attn.q_norm, f"{name}/q_norm", f"{wname}.q_norm.weight", head_dim)
+            k = self._head_norm(k, attn.k_norm, f"{name}/k_norm", f"{wname}.k_norm.weight", head_dim)
+            qkv_inputs = [q, k, v]
+        else:
+            qkv_inputs = [qkv, "", ""]  # packed QKV: GroupQueryAttention splits it itself
+        window = self.layout.sliding_windows[i]
+        out = self.op(
+            "GroupQueryAttention",
+            [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, *rope],
+            f"{name}/GroupQueryAttention",
+            domain="com.microsoft",
+            outputs=[f"{name}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            scale=float(attn.scaling),
+            do_rotary=1,
+            rotary_interleaved=0,
+            # Same meaning as transformers' sliding_window (checked by the gemma3 parity test).
+            local_window_size=-1 if window is None else window,
+        )
+        return self.linear(out[0], attn.o_proj.weight, attn.o_proj.bias, f"{name}/o_proj", f"{wname}.o_proj")
+
+    def _head_norm(self, x: str, module: torch.nn.Module, name: str, wname: str, head_dim: int) -> str:
+        shaped = self.op("Reshape", [x, self.const("shape.heads", [0, 0, -1, head_dim])], f"{name}/Reshape")[
+            0
+        ]
+        normed = self.rms_norm(shaped, module, f"{name}/Norm", wname)
+        return self.op("Reshape", [normed, self.const("shape.flat", [0, 0, -1])], f"{name}/Flatten")[0]
+
+    def mlp(self, i: int, x: str) -> str:
+        mlp = self.arch.blocks(self.arch.decoder_layers(self.model)[i])[1]
+        name, wname = f"/model/layers.{i}/mlp", f"model.layers.{i}.mlp"
+        if self.arch.fused_gate_up:
+            gate_up = getattr(mlp, self.arch.fused_gate_up).weight
+            gate_w, up_w = gate_up.chunk(2, dim=0)
+        else:
+            gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight
+        gate = self.linear(x, gate_w, None, f"{name}/gate_proj", f"{wname}.gate_proj")
+        up = self.linear(x, up_w, None, f"{name}/up_proj", f"{wname}.up_proj")
+        act = getattr(self.config, "hidden_activation", None) or self.config.hidden_act
+        if act == "silu":
+            sig = self.op("Sigmoid", [gate], f"{name}/act/Sigmoid")[0]
+            gate = self.op("Mul", [gate, sig], f"{name}/act/Mul")[0]
+        elif act in ("gelu_pytorch_tanh", "gelu_new"):
+            gate = self.op("Gelu", [gate], f"{name}/act/Gelu", approximate="tanh")[0]
+        else:
+            raise NotImplementedError(f"activation {act!r} is not supported by the graph builder")
+        hidden = self.op("Mul", [gate, up], f"{name}/Mul")[0]
+        return self.linear(hidden, mlp.down_proj.weight, None, f"{name}/down_proj", f"{wname}.down_proj")
+
+    def build(self, keep_layers: Sequence[int], graph_name: str) -> onnx.ModelProto:
+        layers = self.arch.decoder_layers(self.model)
+        inner = self.model.model
+        # seqlens_k = cached + S - 1 and total = cached + S, both from the mask (as onnxruntime-genai).
+        mask_sum = self.op(
+            "ReduceSum", ["attention_mask", self.const("axes.1", [1])], "/model/mask/ReduceSum", keepdims=0
+        )[0]
+        seqlens = self.op("Sub", [mask_sum, self.const("one", [1])], "/model/mask/Sub")[0]
+        seqlens_k = self.op("Cast", [seqlens], "/model/mask/seqlens_k", to=TensorProto.INT32)[0]
+        shape = self.op("Shape", ["attention_mask"], "/model/mask/Shape")[0]
+        total64 = self.op("Gather", [shape, self.const("index.1", 1)], "/model/mask/Gather", axis=0)[0]
+        total = self.op("Cast", [total64], "/model/mask/total", to=TensorProto.INT32)[0]
+        rope = self.rope_tables()
+
+        embed = self.weight("model.embed_tokens.weight", inner.embed_tokens.weight)
+        residual = self.op("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")[0]
+        scale = getattr(inner.embed_tokens, "scalar_embed_scale", None)
+        if scale is not None:  # gemma multiplies embeddings by sqrt(hidden) in the weights' dtype
+            factor = self.weight("model.embed_scale", np.asarray(scale, dtype=np.float32))
+            residual = self.op("Mul", [residual, factor], "/model/embed_tokens/Scale")[0]
+
+        pending: str | None = None  # the last block output, not yet added to the residual
+        for i in keep_layers:
+            layer = layers[i]
+            prefix, wprefix = f"/model/layers.{i}", f"model.layers.{i}"
+            if pending is None:
+                x = self.rms_norm(
+                    residual,
+                    layer.input_layernorm,
+                    f"{prefix}/input_norm",
+                    f"{wprefix}.input_layernorm.weight",
+                )
+            else:
+                residual, x = self.skip_norm(
+                    pending,
+                    residual,
+                    layer.input_layernorm,
+                    f"{prefix}/input_norm",
+                    f"{wprefix}.input_layernorm.weight",
+                )
+            kind = self.config.layer_types[i] if self.arch.rope_per_layer_type else "default"
+            attn_out = self.attention(i, x, seqlens_k, total, rope[kind])
+            if self.arch.sandwich_norms:
+                attn_out = self.rms_norm(
+                    attn_out,
+                    layer.post_attention_layernorm,
+                    f"{prefix}/post_attn_norm",
+                    f"{wprefix}.post_attention_layernorm.weight",
+                )
+                pre_mlp, pre_mlp_name = layer.pre_feedforward_layernorm, "pre_feedforward_layernorm"
+            else:
+                pre_mlp, pre_mlp_name = layer.post_attention_layernorm, "post_attention_layernorm"
+            residual, x = self.skip_norm(
+                attn_out, residual, pre_mlp, f"{prefix}/pre_mlp_norm", f"{wprefix}.{pre_mlp_name}.weight"
+            )
+            pending = self.mlp(i, x)
+            if self.arch.sandwich_norms:
+                pending = self.rms_norm(
+                    pending,
+                    layer.post_feedforward_layernorm,
+                    f"{prefix}/post_mlp_norm",
+                    f"{wprefix}.post_feedforward_layernorm.weight",
+                )
+        _, x = self.skip_norm(pending, residual, inner.norm, "/model/norm", "model.norm.weight")
+
+        head = self.model.lm_head.weight
+        tied = head.data_ptr() == inner.embed_tokens.weight.data_ptr()
+        head_name = embed if tied else self.weight("lm_head.weight", head)
+        flat = self.op(
+            "Reshape", [x, self.const("shape.rows", [-1, self.config.hidden_size])], "/lm_head/Rows"
+        )[0]
+        logits = self.op("Gemm", [flat, head_name], "/lm_head/Gemm", transB=1)[0]
+        out_shape = self.op(
+            "Concat",
+            [
+                self.op("Shape", ["input_ids"], "/lm_head/Shape")[0],
+                self.const("vocab", [self.config.vocab_size]),
+            ],
+            "/lm_head/OutShape",
+            axis=0,
+        )[0]
+        logits = self.op("Reshape", [logits, out_shape], "/lm_head/Reshape")[0]
+        if self.onnx_dtype != TensorProto.FLOAT:
+            logits = self.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)[0]
+        self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Output"))
+        return self._model(keep_layers, graph_name)
+
+    def _model(self, keep_layers: Sequence[int], graph_name: str) -> onnx.ModelProto:
+        kv_shape = ["batch", self.layout.num_kv_heads, self.max_seq_len, self.layout.head_dim]
+        inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+        ]
+        outputs = [
+            helper.make_tensor_value_info(
+                "logits", TensorProto.FLOAT, ["batch", "sequence", self.config.vocab_size]
+            )
+        ]
+        for i in keep_layers:
+            for kind in ("key", "value"):
+                inputs.append(
+                    helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", self.onnx_dtype, kv_shape)
+                )
+                outputs.append(
+                    helper.make_tensor_value_info(f"present.{i}.{kind}", self.onnx_dtype, kv_shape)
+                )
+        # Weights are attached later as external data (see weights.py); constants live inline.
+        constants = [numpy_helper.from_array(v, name) for name, v in self.constants.items()]
+        graph = helper.make_graph(self.nodes, graph_name, inputs, outputs, initializer=constants)
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
+            producer_name="conflayers-export",
+        )
+        model.ir_version = 10
+        return model
+
+
+def build_graph(
+    model: torch.nn.Module,
+    architecture: Architecture,
+    keep_layers: Sequence[int],
+    dtype: str,
+    max_seq_len: int,
+    weights: WeightStore,
+    graph_name: str,
+) -> tuple[onnx.ModelProto, set[str]]:
+    """Build one graph that runs ``keep_layers``; returns it and the names of the weights it reads."""
+    builder = _GraphBuilder(model, architecture, dtype, max_seq_len, weights)
+    graph = builder.build(list(keep_layers), graph_name)
+    return graph, builder.used

@@ -1,0 +1,87 @@
+"""ONNX Runtime backend: the full graph and one draft graph over device-resident KV caches.
+
+Each layer owns one preallocated key and one value buffer [1, kv_heads, max_seq_len, head_dim]
+on the execution provider's device, bound through IOBinding as both ``past_key_values.{i}.*``
+and ``present.{i}.*``; GroupQueryAttention writes the new positions in place. The draft graph
+binds only the layers it keeps (the same buffers). Rolling back a rejected draft is passing a
+shorter attention mask next time. What crosses the bus per call: the new token ids (8 bytes
+each) on the way in, the logits rows on the way out; the attention mask is a view of a
+preallocated device buffer of ones, and the caches never move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import GenerationError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_seq_len: int
+    dtype: str  # "fp32" or "fp16"
+
+
+def device_type(device: str) -> str:
+    return "cuda" if device == "cuda" else "cpu"
+
+
+class OnnxBackend:
+    """Implements :class:`conflayers_runtime.Backend` over a full and an optional draft session."""
+
+    def __init__(
+        self, full: ort.InferenceSession, draft: ort.InferenceSession | None, kv: KVSpec, device: str = "cpu"
+    ):
+        self.kv = kv
+        self.device = device_type(device)
+        shape = [1, kv.num_kv_heads, kv.max_seq_len, kv.head_dim]
+        dtype = _NP_DTYPES[kv.dtype]
+        self.caches = {
+            (i, kind): ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
+            for i in range(kv.num_layers)
+            for kind in ("key", "value")
+        }
+        self.ones = ort.OrtValue.ortvalue_from_numpy(np.ones((1, kv.max_seq_len), np.int64), self.device, 0)
+        self.bindings = {False: self._bind(full), True: self._bind(draft) if draft is not None else None}
+        self.sessions = {False: full, True: draft}
+
+    def _bind(self, session: ort.InferenceSession) -> ort.IOBinding:
+        binding = session.io_binding()
+        # Logits first: get_outputs() lists outputs in binding order (rebinding keeps the slot).
+        binding.bind_output("logits", "cpu")
+        for node in session.get_inputs():
+            if node.name.startswith("past_key_values."):
+                _, layer, kind = node.name.split(".")
+                cache = self.caches[(int(layer), kind)]
+                binding.bind_ortvalue_input(node.name, cache)
+                binding.bind_ortvalue_output(f"present.{layer}.{kind}", cache)
+        return binding
+
+    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray:
+        total = start + len(token_ids)
+        if total > self.kv.max_seq_len:
+            raise GenerationError(
+                f"sequence of {total} tokens exceeds the artifact's max_seq_len {self.kv.max_seq_len}: "
+                "shorten the prompt or max_new_tokens, or rebuild with a larger --max-seq-len"
+            )
+        binding = self.bindings[draft]
+        if binding is None:
+            raise GenerationError("this backend was opened without a draft graph")
+        binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
+        # A [1, total] view of the preallocated ones: the mask tells the graph the valid length.
+        binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.ones.data_ptr())
+        # Rebound on every call so ORT allocates logits of this call's shape [1, S, V].
+        binding.bind_output("logits", "cpu")
+        self.sessions[draft].run_with_iobinding(binding)
+        # [S, V]; a view of ORT's output buffer, valid until the next forward (callers consume it first).
+        return binding.get_outputs()[0].numpy()[0]
