@@ -25,6 +25,29 @@ def make_tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_folder(make_tiny, tmp_path_factory):
+    """tiny_folder(model_type) -> a Hugging Face folder (weights + a one-letter-per-token tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folders = {}
+
+    def build(model_type: str):
+        if model_type not in folders:
+            model, _ = make_tiny(model_type)
+            folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            model.save_pretrained(folder)
+            vocab = {chr(ord("a") + i): i for i in range(26)} | {"[UNK]": 26}
+            tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+            tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+            PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+            folders[model_type] = folder
+        return folders[model_type]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The packaged SmolLM2-135M-Instruct (converted once, then read from the cache)."""
     from conflayers_export.models import load_model

@@ -1,0 +1,168 @@
+"""`build` and `validate`: paired graphs over one weights file, in-place KV caches, proven parity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conflayers_runtime import DraftConfig, GenerationError, ManifestError, SkipSetError, generate, read_manifest
+from conflayers_runtime.artifact import open_backend, verify_files
+
+from conflayers_export.cli import main
+from conflayers_export.export import build as build_module
+from conflayers_export.export.build import build_artifact, manifest_for_build
+from conflayers_export.export.validate import TOLERANCE, check_parity
+from conflayers_export.models import load_model
+from tests.test_architectures import TESTED_ARCHITECTURES
+
+
+def _build(folder, loaded, skip_sets, **kwargs):
+    manifest = manifest_for_build(folder, loaded, skip_sets, None)
+    return build_artifact(folder, loaded, manifest, max_seq_len=kwargs.pop("max_seq_len", 64), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(tiny_folder, tmp_path_factory):
+    """model_type -> (artifact folder, loaded model), built once per architecture."""
+    built = {}
+
+    def get(model_type):
+        if model_type not in built:
+            loaded = load_model(str(tiny_folder(model_type)))
+            folder = tmp_path_factory.mktemp(f"artifact-{model_type}")
+            _build(folder, loaded, {"mid": [1, 2], "one": [2]})
+            built[model_type] = folder, loaded
+        return built[model_type]
+
+    return get
+
+
+@pytest.mark.parametrize("model_type", TESTED_ARCHITECTURES)
+def test_full_and_draft_graphs_match_pytorch_step_by_step(tiny_artifacts, model_type):
+    folder, loaded = tiny_artifacts(model_type)
+    results = check_parity(folder, loaded)  # raises ParityError on any failure
+    assert {r.graph for r in results} == {"full", "draft.mid", "draft.one"}
+    assert len(results) == 18 and all(r.argmax_equal for r in results)
+    assert max(r.max_abs_diff for r in results) <= TOLERANCE["fp32"]
+
+
+@pytest.mark.parametrize("model_type", TESTED_ARCHITECTURES)
+def test_onnx_speculative_greedy_equals_pytorch_greedy(tiny_artifacts, model_type):
+    folder, loaded = tiny_artifacts(model_type)
+    prompt = [5, 17, 3, 9, 10, 7, 8, 9, 10, 11, 12]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        expected = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                                         do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()  # fmt: skip
+    manifest = read_manifest(folder)
+    for draft in ("mid", "one"):
+        backend = open_backend(folder, manifest, draft)
+        tokens, stats = generate(backend, prompt, 40, draft=DraftConfig())
+        assert tokens == expected, draft
+        assert stats.cycles > 0
+    plain, _ = generate(open_backend(folder, manifest), prompt, 40, draft=None)
+    assert plain == expected
+
+
+def test_weights_are_stored_once_and_drafts_point_into_them(tiny_artifacts):
+    folder, loaded = tiny_artifacts("llama")
+    full = onnx.load(folder / "full.onnx", load_external_data=False)
+    entries = {t.name: {e.key: e.value for e in t.external_data} for t in full.graph.initializer if t.external_data}
+    for name in ("draft.mid.onnx", "draft.one.onnx"):
+        draft = onnx.load(folder / name, load_external_data=False)
+        draft_entries = {t.name: {e.key: e.value for e in t.external_data}
+                         for t in draft.graph.initializer if t.external_data}  # fmt: skip
+        assert draft_entries and all(entries[n] == e for n, e in draft_entries.items()), name
+        assert len(draft_entries) < len(entries)
+        assert {e["location"] for e in draft_entries.values()} == {"weights.bin"}
+    one_copy = sum(p.numel() * p.element_size() for p in loaded.model.parameters())  # tied: counted once
+    rope = 2 * 64 * 8 * 4  # cos and sin tables, [max_seq_len, head_dim / 2] fp32
+    assert (folder / "weights.bin").stat().st_size <= 1.02 * (one_copy + rope) + 4096 * len(entries)
+
+
+def test_smollm2_artifact_size_and_parity(smollm2, tmp_path):
+    manifest = _build(tmp_path / "smol", smollm2, {"mid3": [14, 15, 16]}, max_seq_len=256)
+    files = manifest.artifacts["files"]
+    one_copy = sum(p.numel() * p.element_size() for p in smollm2.model.parameters())
+    tokenizer = sum(f["size"] for n, f in files.items() if n.startswith(("tokenizer", "chat_template")))
+    assert sum(f["size"] for f in files.values()) <= 1.02 * one_copy + tokenizer
+    results = check_parity(tmp_path / "smol", smollm2)
+    assert max(r.max_abs_diff for r in results) <= TOLERANCE["fp32"]
+
+
+def test_a_failed_build_leaves_the_existing_artifact_untouched(tiny_folder, tmp_path, monkeypatch):
+    loaded = load_model(str(tiny_folder("qwen2")))
+    folder = tmp_path / "art"
+    _build(folder, loaded, {"mid": [1, 2]})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build_module, "write_weights", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _build(folder, loaded, {"other": [1]})
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"], "temporary folder left behind"
+
+
+def test_a_damaged_file_is_reported_by_name(tiny_artifacts, tmp_path):
+    folder, _ = tiny_artifacts("mistral")
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in folder.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    data = bytearray((copy / "weights.bin").read_bytes())
+    data[5000] ^= 0xFF
+    (copy / "weights.bin").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="weights.bin does not match its sha256.*conflayers-export build"):
+        verify_files(copy, read_manifest(copy))
+    (copy / "draft.mid.onnx").unlink()
+    with pytest.raises(ManifestError, match="draft.mid.onnx is missing"):
+        verify_files(copy, read_manifest(copy))
+
+
+def test_a_manifest_for_another_model_is_refused(tiny_artifacts, tiny_folder):
+    folder, _ = tiny_artifacts("llama")
+    other = load_model(str(tiny_folder("qwen2")))
+    with pytest.raises(ManifestError, match="made for another model.*pass the matching --model"):
+        manifest_for_build(folder, other, None, None)
+
+
+@pytest.mark.parametrize("skip, error", [([0], "invalid layers \\[0\\]"), ([3], "invalid layers \\[3\\]"),
+                                         ([9], "invalid layers \\[9\\]")])  # fmt: skip
+def test_bad_skip_sets_are_refused(tiny_folder, tmp_path, skip, error):
+    loaded = load_model(str(tiny_folder("llama")))
+    with pytest.raises(SkipSetError, match=error):
+        _build(tmp_path / "art", loaded, {"bad": skip})
+    assert not (tmp_path / "art").exists()
+
+
+def test_unsupported_dtype_is_refused(tiny_folder, tmp_path):
+    loaded = load_model(str(tiny_folder("llama")))
+    with pytest.raises(ManifestError, match="unsupported dtype 'int3'"):
+        _build(tmp_path / "art", loaded, {}, dtype="int3")
+
+
+def test_too_long_sequence_is_refused_by_the_backend(tiny_artifacts):
+    folder, _ = tiny_artifacts("llama")
+    backend = open_backend(folder, read_manifest(folder))
+    with pytest.raises(GenerationError, match="exceeds the artifact's max_seq_len 64.*--max-seq-len"):
+        backend.forward(list(range(65)), 0, draft=False)
+
+
+def test_cli_build_and_validate(tiny_folder, tmp_path, capsys):
+    folder = tmp_path / "art"
+    argv = ["build", str(folder), "--model", str(tiny_folder("phi3")), "--skip", "1,2", "--max-seq-len", "64",
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["drafts"] == ["manual"] and "weights.bin" in result["files"]
+    assert main(["validate", str(folder)]) == 0
+    assert capsys.readouterr().out.startswith("ok: hashes match; 2 graph(s)")
+    manifest = read_manifest(folder)
+    assert manifest.artifacts["layers"]["manual"] == [0, 3]
+    np.testing.assert_array_equal(manifest.draft("manual").skip_layers, [1, 2])
