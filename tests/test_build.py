@@ -8,7 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conflayers_runtime import DraftConfig, GenerationError, ManifestError, SkipSetError, generate, read_manifest
+from conflayers_runtime import (
+    DraftConfig,
+    GenerationError,
+    ManifestError,
+    SkipSetError,
+    generate,
+    read_manifest,
+)
 from conflayers_runtime.artifact import open_backend, verify_files
 
 from conflayers_export.cli import main
@@ -55,8 +62,9 @@ def test_onnx_speculative_greedy_equals_pytorch_greedy(tiny_artifacts, model_typ
     prompt = [5, 17, 3, 9, 10, 7, 8, 9, 10, 11, 12]
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        expected = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
-                                         do_sample=False, eos_token_id=None)[0, len(prompt):].tolist()  # fmt: skip
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
+                                    do_sample=False, eos_token_id=None)  # fmt: skip
+    expected = out[0, len(prompt) :].tolist()
     manifest = read_manifest(folder)
     for draft in ("mid", "one"):
         backend = open_backend(folder, manifest, draft)
@@ -67,14 +75,17 @@ def test_onnx_speculative_greedy_equals_pytorch_greedy(tiny_artifacts, model_typ
     assert plain == expected
 
 
+def _external_entries(model):
+    tensors = [t for t in model.graph.initializer if t.external_data]
+    return {t.name: {e.key: e.value for e in t.external_data} for t in tensors}
+
+
 def test_weights_are_stored_once_and_drafts_point_into_them(tiny_artifacts):
     folder, loaded = tiny_artifacts("llama")
     full = onnx.load(folder / "full.onnx", load_external_data=False)
-    entries = {t.name: {e.key: e.value for e in t.external_data} for t in full.graph.initializer if t.external_data}
+    entries = _external_entries(full)
     for name in ("draft.mid.onnx", "draft.one.onnx"):
-        draft = onnx.load(folder / name, load_external_data=False)
-        draft_entries = {t.name: {e.key: e.value for e in t.external_data}
-                         for t in draft.graph.initializer if t.external_data}  # fmt: skip
+        draft_entries = _external_entries(onnx.load(folder / name, load_external_data=False))
         assert draft_entries and all(entries[n] == e for n, e in draft_entries.items()), name
         assert len(draft_entries) < len(entries)
         assert {e["location"] for e in draft_entries.values()} == {"weights.bin"}
