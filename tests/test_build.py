@@ -177,3 +177,27 @@ def test_cli_build_and_validate(tiny_folder, tmp_path, capsys):
     manifest = read_manifest(folder)
     assert manifest.artifacts["layers"]["manual"] == [0, 3]
     np.testing.assert_array_equal(manifest.draft("manual").skip_layers, [1, 2])
+
+
+def test_the_minimal_example_driver_reproduces_greedy_output(tiny_artifacts):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, _ = tiny_artifacts("qwen3")
+    prompt = [5, 17, 3, 9, 10, 7]
+    expected, _ = generate(open_backend(folder, read_manifest(folder)), prompt, 24, draft=None)
+    driver = Path(__file__).parent.parent / "examples" / "driver.py"
+    args = [
+        sys.executable,
+        str(driver),
+        str(folder),
+        ",".join(map(str, prompt)),
+        "--draft",
+        "one",
+        "--new-tokens",
+        "24",
+    ]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == expected

@@ -13,8 +13,7 @@ from conflayers_export.cli import main
 
 def test_help_does_not_import_torch():
     code = (
-        "import sys; from conflayers_export.cli import main; main(['--help']); "
-        "print('torch' in sys.modules)"
+        "import sys; from conflayers_export.cli import main; main(['--help']); print('torch' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip().endswith("False"), result.stderr

@@ -4,6 +4,7 @@ updated manifest into a folder, atomically (temporary folder, then rename).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ from conflayers_runtime.manifest import (
 )
 
 from .. import __version__
+from ..architectures import KVLayout
 from ..errors import ManifestError
 from ..models import LoadedModel
 from .graph import DTYPES, WeightStore, build_graph
@@ -31,6 +33,7 @@ from .weights import attach_external, write_weights
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights.bin"
 FULL_GRAPH = "full.onnx"
+GENAI_CONFIG = "genai_config.json"  # makes the folder loadable by onnxruntime-genai
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -122,8 +125,10 @@ def _write(
         )
 
     layout = arch.kv_layout(model.config)
+    _write_genai_config(folder, loaded, layout, max_seq_len)
     files = [
         FULL_GRAPH,
+        GENAI_CONFIG,
         *drafts.values(),
         WEIGHTS_FILE,
         *(n for n in TOKENIZER_FILES if (folder / n).is_file()),
@@ -165,6 +170,56 @@ def _write(
     manifest.tool = {"name": "conflayers-export", "version": __version__}
     write_manifest(manifest, folder)
     return manifest
+
+
+def _write_genai_config(folder: Path, loaded: LoadedModel, layout: KVLayout, max_seq_len: int) -> None:
+    """Let onnxruntime-genai run the full graph unmodified (its own decoding loop, no drafts)."""
+    config = loaded.model.config
+    stops = loaded.stop_token_ids
+    genai = {
+        "model": {
+            "type": config.model_type,
+            "vocab_size": config.vocab_size,
+            "context_length": max_seq_len,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": stops if len(stops) != 1 else stops[0],
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else stops[0],
+            "decoder": {
+                "filename": FULL_GRAPH,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": layout.head_dim,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads,
+                "num_hidden_layers": layout.num_layers,
+                "num_key_value_heads": layout.num_kv_heads,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "max_length": max_seq_len,
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+            "repetition_penalty": 1.0,
+            "early_stopping": True,
+        },
+    }
+    (folder / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
 
 
 def _chat_affixes(loaded: LoadedModel) -> dict[str, str | None]:
