@@ -201,3 +201,10 @@ def test_the_minimal_example_driver_reproduces_greedy_output(tiny_artifacts):
     result = subprocess.run(args, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == expected
+
+
+def test_fp16_graphs_match_pytorch_within_the_stated_tolerance(tiny_folder, tmp_path):
+    loaded = load_model(str(tiny_folder("gemma3_text")))
+    _build(tmp_path / "fp16", loaded, {"mid": [1, 2]}, dtype="fp16")
+    results = check_parity(tmp_path / "fp16", loaded)
+    assert max(r.max_abs_diff for r in results) <= TOLERANCE["fp16"]

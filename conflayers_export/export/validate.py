@@ -22,9 +22,11 @@ from ..models import LoadedModel
 from ..reference import TorchBackend
 
 # fp32: the graphs compute what PyTorch computes, up to summation order.
-# fp16: weights and activations are rounded to 11 significant bits, so logits of magnitude ~10-30
-# move by a few 1e-2; argmax must still agree except at near-ties (checked separately).
-TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+# fp16 (compared with the fp32 PyTorch model): weights and activations keep 11 significant bits;
+# on SmolLM2 the logits (magnitude ~20) then move by up to 0.13 over 30 layers, so 0.25 leaves 2x
+# headroom. An argmax may differ only at a near-tie: where the fp32 logit of the fp16 graph's choice
+# is within the tolerance of the fp32 maximum.
+TOLERANCE = {"fp32": 1e-3, "fp16": 0.25}
 
 
 class ParityError(ConflayersError):
@@ -50,6 +52,22 @@ def _call_script(vocab_size: int, seed: int = 0) -> list[tuple[str, list[int], i
         ("verify-5", tokens[19:24], 19),
         ("rollback-3-step", tokens[21:22], 21),  # positions 21..23 are discarded and rewritten
     ]
+
+
+def _argmax_agrees(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> bool:
+    chosen = actual.argmax(-1)
+    exact = chosen == expected.argmax(-1)
+    near_tie = np.take_along_axis(expected, chosen[:, None], -1)[:, 0] >= expected.max(-1) - tolerance
+    return bool((exact | (near_tie if tolerance > TOLERANCE["fp32"] else exact)).all())
+
+
+def _argmax_agrees(actual: np.ndarray, expected: np.ndarray, dtype: str) -> bool:
+    chosen = actual.argmax(-1)
+    agrees = chosen == expected.argmax(-1)
+    if dtype == "fp16":  # accept a different choice only at a near-tie of the fp32 reference
+        chosen_logit = np.take_along_axis(expected, chosen[:, None], -1)[:, 0]
+        agrees |= chosen_logit >= expected.max(-1) - TOLERANCE["fp16"]
+    return bool(agrees.all())
 
 
 def check_parity(
@@ -78,7 +96,7 @@ def check_parity(
                     label,
                     step,
                     float(np.abs(actual - expected).max()),
-                    bool((actual.argmax(-1) == expected.argmax(-1)).all()),
+                    _argmax_agrees(actual, expected, section["dtype"]),
                 )
             )
     failures = [r for r in results if r.max_abs_diff > tolerance or not r.argmax_equal]
