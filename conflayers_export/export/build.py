@@ -148,6 +148,12 @@ def _write(
             "past_is_present": True,
         },
         "layers": layers,
+        # Where each weight lives in the weights file, and which graph reads which: enough for a
+        # runtime to hand both sessions the same device-resident tensors.
+        "weights_index": {
+            name: [str(a.dtype), list(a.shape), *offsets[name]] for name, a in store.arrays.items()
+        },
+        "graph_weights": {file_name: sorted(used) for file_name, (_, used) in graphs.items()},
         "inputs": {
             "input_ids": "int64 [batch, sequence]",
             "attention_mask": "int64 [batch, total] (ones; total = cached + sequence)",

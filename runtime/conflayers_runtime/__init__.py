@@ -15,8 +15,9 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
+from .model import GenerationResult, Model, load
 from .sampling import SamplingConfig
-from .speculative import Backend, DraftConfig, GenerationStats, generate, stream
+from .speculative import Backend, DraftConfig, GenerationStats, SpeedGuard, generate, stream
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,10 @@ __all__ = [
     "Draft",
     "DraftConfig",
     "GenerationError",
+    "GenerationResult",
     "GenerationStats",
+    "Model",
+    "SpeedGuard",
     "Manifest",
     "ManifestError",
     "ModelIdentity",
@@ -37,6 +41,7 @@ __all__ = [
     "Task",
     "check_skip_layers",
     "generate",
+    "load",
     "read_manifest",
     "stream",
     "write_manifest",

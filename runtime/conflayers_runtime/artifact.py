@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from .errors import ManifestError
@@ -69,10 +70,24 @@ def kv_spec(manifest: Manifest) -> KVSpec:
     )
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+# "prepacked": each session keeps its own prepacked copy of the weights it reads (fastest on
+# CPU; a pair takes ~1.7x the memory of the full graph alone). "shared": both sessions read the
+# weights file through one memory map without copies (1.0x), but ONNX Runtime then repacks every
+# weight on each multi-token call, which makes verify passes ~3x slower on CPU (docs/BENCHMARKS.md).
+WEIGHT_MODES = ("prepacked", "shared")
+
+
+def session_options(threads: int | None = None, weights: str = "prepacked") -> ort.SessionOptions:
+    if weights not in WEIGHT_MODES:
+        raise ManifestError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # Threads still spin inside a run (fast) but stop when it ends: otherwise the idle session's
+    # spinning pool steals the cores from the other one (measured: speculation 22 -> 40 tok/s).
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if weights == "shared":
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -93,20 +108,46 @@ def open_backend(
     draft: str | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    weights: str | None = None,
 ) -> OnnxBackend:
-    """Sessions for the full graph and (optionally) one draft, over shared device-resident caches."""
+    """Sessions for the full graph and (optionally) one draft, over shared device-resident caches.
+
+    ``weights`` defaults to "prepacked" on CPU and "shared" on CUDA, where both sessions get the
+    same user-owned device tensors (one copy in GPU memory; CUDA kernels do not prepack).
+    """
     folder = Path(folder)
     section = artifact_section(manifest)
     providers = providers_for(device)
-    options = session_options(threads)
-
-    def session(graph: str) -> ort.InferenceSession:
-        return ort.InferenceSession(str(folder / graph), options, providers=providers)
-
-    draft_session = None
+    weights = weights or ("shared" if device == "cuda" else "prepacked")
+    graphs = {"full": section["full"]}
     if draft is not None:
         if draft not in section["drafts"]:
             known = ", ".join(section["drafts"]) or "none"
             raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
-        draft_session = session(section["drafts"][draft])
-    return OnnxBackend(session(section["full"]), draft_session, kv_spec(manifest), device)
+        graphs["draft"] = section["drafts"][draft]
+    device_weights = (
+        _device_weights(folder, section, device) if device != "cpu" and weights == "shared" else {}
+    )
+    sessions = {}
+    for role, graph in graphs.items():
+        options = session_options(threads, weights)
+        if device_weights:
+            names = section["graph_weights"][graph]
+            options.add_external_initializers(names, [device_weights[n] for n in names])
+        sessions[role] = ort.InferenceSession(str(folder / graph), options, providers=providers)
+    return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device)
+
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "uint8": np.uint8,
+                 "int8": np.int8}  # fmt: skip
+
+
+def _device_weights(folder: Path, section: dict[str, Any], device: str) -> dict[str, ort.OrtValue]:
+    """Every weight of the artifact copied once to the device, as user-owned OrtValues."""
+    index = section["weights_index"]
+    mapped = np.memmap(folder / section["weights"], dtype=np.uint8, mode="r")
+    values = {}
+    for name, (dtype, shape, offset, length) in index.items():
+        array = mapped[offset : offset + length].view(_NUMPY_DTYPES[dtype]).reshape(shape)
+        values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+    return values

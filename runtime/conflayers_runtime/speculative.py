@@ -17,6 +17,7 @@ One cycle (gpt-fast / Leviathan et al. style):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -113,11 +114,14 @@ def stream(
     draft: DraftConfig | None = DEFAULT_DRAFT,
     stop_token_ids: Sequence[int] = (),
     stats: GenerationStats | None = None,
+    guard: SpeedGuard | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens in chunks as they are decided (one chunk per cycle).
 
     ``draft=None`` decodes plainly with the full model. Greedy output is identical either way;
-    sampled output is distributed exactly as plain sampling.
+    sampled output is distributed exactly as plain sampling. A ``guard`` may turn drafting off
+    for some cycles (when speculation is measured slower than plain decoding); that changes
+    speed only, never the output distribution.
     """
     if not prompt_ids:
         raise GenerationError("the prompt is empty: give at least one token")
@@ -145,6 +149,9 @@ def stream(
     while produced < max_new_tokens:
         # Leave room for the full model's own token: a cycle emits accepted drafts + 1.
         budget = 0 if draft is None else min(draft.max_draft_tokens, max_new_tokens - produced - 1)
+        if guard is not None and not guard.allow_draft():
+            budget = 0
+        started = time.perf_counter()
         drafted, q_rows = _draft(backend, pending, cached, budget, draft, sampling_config, rng)
         stats.draft_passes += len(drafted)
 
@@ -159,6 +166,8 @@ def stream(
             stats.record_cycle(len(drafted), accepted)
 
         chunk = [*drafted[:accepted], next_token]
+        if guard is not None:
+            guard.record(bool(drafted), 1 + accepted, time.perf_counter() - started)
         stop_at = next((i for i, t in enumerate(chunk) if t in stops), None)
         if stop_at is not None:
             chunk = chunk[: stop_at + 1]
@@ -169,6 +178,54 @@ def stream(
         yield chunk
         if stop_at is not None:
             return
+
+
+class SpeedGuard:
+    """Decodes plainly while speculation is measured slower than plain decoding, probing again later.
+
+    It keeps an exponential moving average of seconds per emitted token for speculative cycles
+    and for plain steps. The first ``warmup`` steps are plain (the baseline); then it drafts as
+    long as speculation is not slower than plain, else it decodes plainly for ``probe_every``
+    steps before trying speculation again, doubling that wait after each consecutive loss so a
+    losing draft costs ever less.
+    """
+
+    def __init__(self, warmup: int = 2, probe_every: int = 16, smoothing: float = 0.3, max_wait: int = 512):
+        self.warmup = warmup
+        self.probe_every = probe_every
+        self.smoothing = smoothing
+        self.plain: float | None = None  # seconds per token
+        self.speculative: float | None = None
+        self.plain_steps = 0
+        self.plain_until_probe = 0
+        self.wait = probe_every
+        self.max_wait = max_wait
+        self.switches = 0
+
+    def allow_draft(self) -> bool:
+        if self.plain_steps < self.warmup:
+            return False
+        if self.plain_until_probe > 0:
+            self.plain_until_probe -= 1
+            return False
+        return True
+
+    def record(self, drafted: bool, tokens: int, seconds: float) -> None:
+        per_token = seconds / tokens
+        if not drafted:
+            self.plain_steps += 1
+            self.plain = self._mix(self.plain, per_token)
+            return
+        self.speculative = self._mix(self.speculative, per_token)
+        if self.plain is not None and self.speculative > self.plain:
+            self.plain_until_probe = self.wait
+            self.wait = min(2 * self.wait, self.max_wait)
+            self.switches += 1
+        else:
+            self.wait = self.probe_every
+
+    def _mix(self, average: float | None, value: float) -> float:
+        return value if average is None else (1 - self.smoothing) * average + self.smoothing * value
 
 
 def _draft(

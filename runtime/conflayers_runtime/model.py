@@ -1,0 +1,159 @@
+"""The user-facing runtime: load an artifact, generate or stream text.
+
+model = conflayers_runtime.load("artifact/", device="cpu")
+for piece in model.stream("Write a haiku.", max_new_tokens=64):
+    print(piece, end="")
+print(model.last_stats.as_dict())
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from . import speculative
+from .artifact import artifact_section, open_backend, verify_files
+from .errors import GenerationError, ManifestError
+from .manifest import Manifest, read_manifest
+from .onnx_backend import OnnxBackend
+from .sampling import SamplingConfig
+from .speculative import DraftConfig, GenerationStats
+
+MODES = ("auto", "speculative", "plain")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    seconds: float
+    mode: str  # the mode actually used: "speculative" or "plain"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds else 0.0
+
+
+class Model:
+    """A loaded artifact: tokenizer, full graph and (optionally) one draft, on one device."""
+
+    def __init__(self, folder: Path, manifest: Manifest, backend: OnnxBackend, tokenizer: Tokenizer,
+                 draft: str | None):  # fmt: skip
+        self.folder = folder
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.draft = draft
+        self.last_stats = GenerationStats()
+        self.last_token_ids: list[int] = []
+        tok = artifact_section(manifest)["tokenizer"]
+        self.chat_prefix: str | None = tok.get("chat_prefix")
+        self.chat_suffix: str | None = tok.get("chat_suffix")
+        self.stop_token_ids: list[int] = list(tok.get("stop_token_ids", []))
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.backend.kv.max_seq_len
+
+    def encode(self, text: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt; ``chat`` wraps it as one user turn of the model's chat template."""
+        if chat and self.chat_prefix is not None:
+            text = f"{self.chat_prefix}{text}{self.chat_suffix}"
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text).ids
+
+    def resolve_mode(self, mode: str) -> str:
+        """'auto' follows the manifest: plain unless the chosen draft is recommended."""
+        if mode not in MODES:
+            raise GenerationError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode == "speculative" and self.draft is None:
+            raise GenerationError("speculative mode needs a draft: this artifact was loaded without one")
+        if mode == "auto":
+            recommended = self.draft is not None and self.manifest.draft(self.draft).recommended
+            return "speculative" if recommended else "plain"
+        return mode
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, *, chat: bool = True,
+               sampling: SamplingConfig = speculative.GREEDY, mode: str = "auto",
+               draft_config: DraftConfig = speculative.DEFAULT_DRAFT, stop_strings: Sequence[str] = (),
+               guard: bool = True) -> Iterator[str]:  # fmt: skip
+        """Yield text pieces as they are decided. Stats of the run land in ``self.last_stats``."""
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        if len(ids) + max_new_tokens > self.max_seq_len:
+            raise GenerationError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the artifact's "
+                f"max_seq_len {self.max_seq_len}: shorten them or rebuild with a larger --max-seq-len"
+            )
+        used = self.resolve_mode(mode)
+        policy = speculative.SpeedGuard() if guard and used == "speculative" and mode == "auto" else None
+        self.last_stats = GenerationStats()
+        tokens = self.last_token_ids = []
+        emitted = ""
+        for chunk in speculative.stream(
+            self.backend, ids, max_new_tokens, sampling, draft_config if used == "speculative" else None,
+            self.stop_token_ids, self.last_stats, policy,
+        ):  # fmt: skip
+            tokens.extend(chunk)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            cut = _first_stop(text, stop_strings, len(emitted))
+            if cut is not None:
+                yield text[len(emitted) : cut]
+                return
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+                continue
+            yield text[len(emitted) :]
+            emitted = text
+
+    def generate(
+        self, prompt: str | Sequence[int], max_new_tokens: int = 128, **kwargs: object
+    ) -> GenerationResult:
+        """Generate to the end; returns text, token ids, stats and wall time."""
+        start = time.perf_counter()
+        text = "".join(self.stream(prompt, max_new_tokens, **kwargs))  # type: ignore[arg-type]
+        seconds = time.perf_counter() - start
+        mode = self.resolve_mode(str(kwargs.get("mode", "auto")))
+        return GenerationResult(text, list(self.last_token_ids), self.last_stats, seconds, mode)
+
+
+def _first_stop(text: str, stop_strings: Sequence[str], search_from: int) -> int | None:
+    """Index where the earliest stop string starts (searching only text not yet emitted, plus overlap)."""
+    hits = []
+    for stop in stop_strings:
+        at = text.find(stop, max(0, search_from - len(stop) + 1))
+        if at >= 0:
+            hits.append(at)
+    return min(hits) if hits else None
+
+
+def load(folder: str | os.PathLike[str], device: str = "cpu", draft: str | None = "default",
+         threads: int | None = None, weights: str = "prepacked", verify: bool = True) -> Model:  # fmt: skip
+    """Open an artifact built by ``conflayers-export build``.
+
+    ``draft``: a draft name, ``"default"`` (the draft of the manifest's ``default`` task, else the
+    first built draft) or None (plain decoding only). ``verify`` checks every file's sha256 first.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    section = artifact_section(manifest)
+    if verify:
+        verify_files(folder, manifest)
+    if draft == "default":
+        task = manifest.tasks.get("default")
+        built = list(section["drafts"])
+        draft = task.draft if task is not None and task.draft in built else (built[0] if built else None)
+    backend = open_backend(folder, manifest, draft, device, threads, weights)
+    tokenizer_file = folder / section["tokenizer"]["file"]
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+        raise ManifestError(
+            f"cannot read the tokenizer {tokenizer_file} ({exc}); rebuild the artifact"
+        ) from exc
+    return Model(folder, manifest, backend, tokenizer, draft)
