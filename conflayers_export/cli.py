@@ -230,6 +230,53 @@ def validate(artifact_dir: str, model: str | None, as_json: bool) -> None:
     )
 
 
+@cli.command()
+@click.argument("artifact_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the model's chat template.")
+@click.option(
+    "--mode",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "speculative", "plain"]),
+    help="auto: speculative when the manifest recommends it, with a speed guard.",
+)
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int)
+@click.option("--top-p", default=1.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def generate(
+    artifact_dir: str,
+    prompt: str,
+    chat: bool,
+    mode: str,
+    device: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    as_json: bool,
+) -> None:
+    """Stream text from a built artifact with ONNX Runtime, then print speed and acceptance."""
+    from conflayers_runtime import SamplingConfig
+    from conflayers_runtime.cli import generate_and_report
+
+    generate_and_report(
+        artifact_dir,
+        prompt,
+        chat=chat,
+        mode=mode,
+        device=device,
+        max_new_tokens=max_new_tokens,
+        sampling=SamplingConfig(temperature, top_k, top_p, seed),
+        as_json=as_json,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (callable from tests)."""
     try:

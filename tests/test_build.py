@@ -62,8 +62,9 @@ def test_onnx_speculative_greedy_equals_pytorch_greedy(tiny_artifacts, model_typ
     prompt = [5, 17, 3, 9, 10, 7, 8, 9, 10, 11, 12]
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
-                                    do_sample=False, eos_token_id=None)  # fmt: skip
+        out = loaded.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False, eos_token_id=None
+        )
     expected = out[0, len(prompt) :].tolist()
     manifest = read_manifest(folder)
     for draft in ("mid", "one"):
@@ -143,8 +144,10 @@ def test_a_manifest_for_another_model_is_refused(tiny_artifacts, tiny_folder):
         manifest_for_build(folder, other, None, None)
 
 
-@pytest.mark.parametrize("skip, error", [([0], "invalid layers \\[0\\]"), ([3], "invalid layers \\[3\\]"),
-                                         ([9], "invalid layers \\[9\\]")])  # fmt: skip
+@pytest.mark.parametrize(
+    "skip, error",
+    [([0], "invalid layers \\[0\\]"), ([3], "invalid layers \\[3\\]"), ([9], "invalid layers \\[9\\]")],
+)
 def test_bad_skip_sets_are_refused(tiny_folder, tmp_path, skip, error):
     loaded = load_model(str(tiny_folder("llama")))
     with pytest.raises(SkipSetError, match=error):
@@ -167,8 +170,17 @@ def test_too_long_sequence_is_refused_by_the_backend(tiny_artifacts):
 
 def test_cli_build_and_validate(tiny_folder, tmp_path, capsys):
     folder = tmp_path / "art"
-    argv = ["build", str(folder), "--model", str(tiny_folder("phi3")), "--skip", "1,2", "--max-seq-len", "64",
-            "--json"]  # fmt: skip
+    argv = [
+        "build",
+        str(folder),
+        "--model",
+        str(tiny_folder("phi3")),
+        "--skip",
+        "1,2",
+        "--max-seq-len",
+        "64",
+        "--json",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["drafts"] == ["manual"] and "weights.bin" in result["files"]

@@ -20,8 +20,19 @@ def test_help_does_not_import_torch():
 
 
 def test_reference_prints_json_stats(tiny_folder, capsys):
-    argv = ["reference", "--model", str(tiny_folder("llama")), "--prompt", "hello", "--no-chat",
-            "--skip", "1,2", "--max-new-tokens", "12", "--json"]  # fmt: skip
+    argv = [
+        "reference",
+        "--model",
+        str(tiny_folder("llama")),
+        "--prompt",
+        "hello",
+        "--no-chat",
+        "--skip",
+        "1,2",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["new_tokens"] == 12 and result["skip_layers"] == [1, 2]

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.real_model
 
 def test_onnxruntime_genai_generates_what_pytorch_generates(smollm2, tmp_path):
     folder = tmp_path / "smol"
-    build_artifact(folder, smollm2, manifest_for_build(folder, smollm2, {"mid3": [14, 15, 16]}, None),
-                   max_seq_len=256)  # fmt: skip
+    build_artifact(
+        folder, smollm2, manifest_for_build(folder, smollm2, {"mid3": [14, 15, 16]}, None), max_seq_len=256
+    )
     ids = smollm2.encode("Write a short poem about the sea.")
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)

@@ -138,8 +138,13 @@ def open_backend(
     return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device)
 
 
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "uint8": np.uint8,
-                 "int8": np.int8}  # fmt: skip
+_NUMPY_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "int8": np.int8,
+}
 
 
 def _device_weights(folder: Path, section: dict[str, Any], device: str) -> dict[str, ort.OrtValue]:

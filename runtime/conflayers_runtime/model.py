@@ -44,8 +44,9 @@ class GenerationResult:
 class Model:
     """A loaded artifact: tokenizer, full graph and (optionally) one draft, on one device."""
 
-    def __init__(self, folder: Path, manifest: Manifest, backend: OnnxBackend, tokenizer: Tokenizer,
-                 draft: str | None):  # fmt: skip
+    def __init__(
+        self, folder: Path, manifest: Manifest, backend: OnnxBackend, tokenizer: Tokenizer, draft: str | None
+    ):
         self.folder = folder
         self.manifest = manifest
         self.backend = backend
@@ -80,10 +81,18 @@ class Model:
             return "speculative" if recommended else "plain"
         return mode
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, *, chat: bool = True,
-               sampling: SamplingConfig = speculative.GREEDY, mode: str = "auto",
-               draft_config: DraftConfig = speculative.DEFAULT_DRAFT, stop_strings: Sequence[str] = (),
-               guard: bool = True) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 128,
+        *,
+        chat: bool = True,
+        sampling: SamplingConfig = speculative.GREEDY,
+        mode: str = "auto",
+        draft_config: DraftConfig = speculative.DEFAULT_DRAFT,
+        stop_strings: Sequence[str] = (),
+        guard: bool = True,
+    ) -> Iterator[str]:
         """Yield text pieces as they are decided. Stats of the run land in ``self.last_stats``."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         if len(ids) + max_new_tokens > self.max_seq_len:
@@ -97,9 +106,15 @@ class Model:
         tokens = self.last_token_ids = []
         emitted = ""
         for chunk in speculative.stream(
-            self.backend, ids, max_new_tokens, sampling, draft_config if used == "speculative" else None,
-            self.stop_token_ids, self.last_stats, policy,
-        ):  # fmt: skip
+            self.backend,
+            ids,
+            max_new_tokens,
+            sampling,
+            draft_config if used == "speculative" else None,
+            self.stop_token_ids,
+            self.last_stats,
+            policy,
+        ):
             tokens.extend(chunk)
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             cut = _first_stop(text, stop_strings, len(emitted))
@@ -132,8 +147,14 @@ def _first_stop(text: str, stop_strings: Sequence[str], search_from: int) -> int
     return min(hits) if hits else None
 
 
-def load(folder: str | os.PathLike[str], device: str = "cpu", draft: str | None = "default",
-         threads: int | None = None, weights: str = "prepacked", verify: bool = True) -> Model:  # fmt: skip
+def load(
+    folder: str | os.PathLike[str],
+    device: str = "cpu",
+    draft: str | None = "default",
+    threads: int | None = None,
+    weights: str = "prepacked",
+    verify: bool = True,
+) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
     ``draft``: a draft name, ``"default"`` (the draft of the manifest's ``default`` task, else the
