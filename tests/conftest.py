@@ -26,23 +26,25 @@ def make_tiny():
 
 @pytest.fixture(scope="session")
 def tiny_folder(make_tiny, tmp_path_factory):
-    """tiny_folder(model_type) -> a Hugging Face folder (weights + a one-letter-per-token tokenizer)."""
+    """tiny_folder(model_type, seed=0, **config) -> a Hugging Face folder (weights + a
+    one-letter-per-token tokenizer), made once per distinct arguments."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folders = {}
 
-    def build(model_type: str):
-        if model_type not in folders:
-            model, _ = make_tiny(model_type)
+    def build(model_type: str, seed: int = 0, **overrides):
+        key = (model_type, seed, tuple(sorted(overrides.items())))
+        if key not in folders:
+            model, _ = make_tiny(model_type, seed, **overrides)
             folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
             model.save_pretrained(folder)
             vocab = {chr(ord("a") + i): i for i in range(26)} | {"[UNK]": 26}
             tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
             tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
             PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
-            folders[model_type] = folder
-        return folders[model_type]
+            folders[key] = folder
+        return folders[key]
 
     return build
 

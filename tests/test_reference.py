@@ -91,7 +91,7 @@ VOCAB = 8
 SAMPLING = SamplingConfig(temperature=1.0)
 
 
-def _exact_first_two(model, prompt):
+def exact_first_two(model, prompt):
     """Exact joint distribution [V, V] of the first two sampled tokens under plain sampling."""
     with torch.no_grad():
         first = torch.softmax(model(torch.tensor([prompt])).logits[0, -1].double(), -1)
@@ -100,9 +100,8 @@ def _exact_first_two(model, prompt):
     return (first[:, None] * second).numpy()
 
 
-def _speculative_first_two(model, architecture, prompt, skip, samples):
+def speculative_first_two(backend, prompt, samples):
     counts = np.zeros((VOCAB, VOCAB))
-    backend = TorchBackend(model, architecture, skip)
     # The first token comes from prefill; the next two are drafted in one cycle and go through
     # the acceptance rule (the second of them too, as a draft or as the resample).
     draft = DraftConfig(max_draft_tokens=2, confidence_threshold=0.0)
@@ -113,7 +112,7 @@ def _speculative_first_two(model, architecture, prompt, skip, samples):
     return counts
 
 
-def _chi_square_p_value(counts, expected_probs):
+def chi_square_p_value(counts, expected_probs):
     expected = expected_probs.ravel() * counts.sum()
     observed = counts.ravel()
     rare = expected < 5  # pool rare cells so the chi-square approximation holds
@@ -122,11 +121,16 @@ def _chi_square_p_value(counts, expected_probs):
     return chisquare(observed, expected).pvalue
 
 
+def always_accept(p, q, drafted, rng):
+    """A deliberately wrong acceptance rule: keeps every drafted token."""
+    return len(drafted), sampling.sample(p[len(drafted)], rng)
+
+
 @pytest.fixture(scope="module")
 def sampling_setup(make_tiny):
     model, architecture = make_tiny("llama", seed=3, vocab_size=VOCAB)
     prompt, skip = [1, 2, 3, 4], [1, 2]
-    expected = _exact_first_two(model, prompt)
+    expected = exact_first_two(model, prompt)
     # Precondition: the draft must disagree with the full model, or a wrong rule could not fail.
     with torch.no_grad():
         p = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
@@ -139,19 +143,16 @@ def sampling_setup(make_tiny):
 
 def test_speculative_sampling_matches_plain_sampling(sampling_setup):
     model, architecture, prompt, skip, expected = sampling_setup
-    counts = _speculative_first_two(model, architecture, prompt, skip, 3000)
-    assert _chi_square_p_value(counts, expected) > 1e-3
+    counts = speculative_first_two(TorchBackend(model, architecture, skip), prompt, 3000)
+    assert chi_square_p_value(counts, expected) > 1e-3
 
 
 def test_a_wrong_acceptance_rule_fails_the_same_test(sampling_setup, monkeypatch):
     model, architecture, prompt, skip, expected = sampling_setup
 
-    def always_accept(p, q, drafted, rng):
-        return len(drafted), sampling.sample(p[len(drafted)], rng)
-
     monkeypatch.setattr(sampling, "accept_sampled", always_accept)
-    counts = _speculative_first_two(model, architecture, prompt, skip, 3000)
-    assert _chi_square_p_value(counts, expected) < 1e-6
+    counts = speculative_first_two(TorchBackend(model, architecture, skip), prompt, 3000)
+    assert chi_square_p_value(counts, expected) < 1e-6
 
 
 def test_same_seed_same_sample(make_tiny):

@@ -27,12 +27,13 @@ def generate_and_report(
     sampling: SamplingConfig | None = None,
     threads: int | None = None,
     as_json: bool = False,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
 ) -> dict[str, object]:
     """Stream the answer to ``out`` (or print JSON), then the speed and acceptance to ``err``."""
     import time
 
+    out, err = out or sys.stdout, err or sys.stderr  # looked up per call (tests replace them)
     model = load(folder, device=device, threads=threads)
     used = model.resolve_mode(mode)
     start = time.perf_counter()

@@ -1,0 +1,246 @@
+"""The ONNX Runtime decoder: exact greedy output, exact sampling distribution, the user API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conflayers_runtime import (
+    GenerationError,
+    ManifestError,
+    SpeedGuard,
+    Task,
+    load,
+    read_manifest,
+    sampling,
+    write_manifest,
+)
+from conflayers_runtime.artifact import open_backend
+from conflayers_runtime.cli import main as run_main
+
+from conflayers_export.cli import main as export_main
+from conflayers_export.export.build import build_artifact, manifest_for_build
+from conflayers_export.models import load_model
+from conflayers_export.reference import speculative_generate
+from tests.test_reference import (
+    VOCAB,
+    always_accept,
+    chi_square_p_value,
+    exact_first_two,
+    speculative_first_two,
+)
+
+PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is 17 times 23? Explain step by step.",
+    "Summarize the plot of Romeo and Juliet in three sentences.",
+    "Write a Python function that reverses a string.",
+]
+
+
+def _build(folder, loaded, skip_sets, max_seq_len=64):
+    manifest = manifest_for_build(folder, loaded, skip_sets, None)
+    return build_artifact(folder, loaded, manifest, max_seq_len=max_seq_len)
+
+
+@pytest.fixture(scope="module")
+def smol_artifact(smollm2, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("smol") / "artifact"
+    # "mid3" is accepted often; "every-other" (12 layers) is rejected often and exercises rollback.
+    _build(folder, smollm2, {"mid3": [14, 15, 16], "every-other": list(range(3, 27, 2))}, max_seq_len=256)
+    return folder
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("draft", ["mid3", "every-other"])
+def test_smollm2_speculative_equals_plain_and_pytorch(smollm2, smol_artifact, draft):
+    model = load(smol_artifact, draft=draft)
+    rejected = 0
+    for prompt in PROMPTS:
+        ids = model.encode(prompt)
+        assert ids == smollm2.encode(prompt), "the runtime's chat formatting must match transformers'"
+        reference, _ = speculative_generate(
+            smollm2.model,
+            smollm2.architecture,
+            ids,
+            [],
+            64,
+            draft=None,
+            stop_token_ids=smollm2.stop_token_ids,
+        )
+        speculative = model.generate(ids, 64, mode="speculative")
+        plain = model.generate(ids, 64, mode="plain")
+        assert speculative.token_ids == plain.token_ids == reference
+        rejected += speculative.stats.drafted_tokens - speculative.stats.accepted_tokens
+    assert rejected > 0
+
+
+@pytest.fixture(scope="module")
+def sampling_artifact(tiny_folder, tmp_path_factory):
+    folder = tiny_folder("llama", seed=3, vocab_size=VOCAB)
+    loaded = load_model(str(folder))
+    artifact = tmp_path_factory.mktemp("sampling") / "artifact"
+    _build(artifact, loaded, {"mid": [1, 2]})
+    return loaded, artifact
+
+
+def test_onnx_speculative_sampling_matches_plain_sampling(sampling_artifact):
+    loaded, artifact = sampling_artifact
+    backend = open_backend(artifact, read_manifest(artifact), "mid")
+    prompt = [1, 2, 3, 4]
+    counts = speculative_first_two(backend, prompt, 3000)
+    assert chi_square_p_value(counts, exact_first_two(loaded.model, prompt)) > 1e-3
+
+
+def test_onnx_sampling_with_a_wrong_rule_fails(sampling_artifact, monkeypatch):
+    loaded, artifact = sampling_artifact
+    backend = open_backend(artifact, read_manifest(artifact), "mid")
+    monkeypatch.setattr(sampling, "accept_sampled", always_accept)
+    prompt = [1, 2, 3, 4]
+    counts = speculative_first_two(backend, prompt, 3000)
+    assert chi_square_p_value(counts, exact_first_two(loaded.model, prompt)) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_folder, tmp_path_factory):
+    artifact = tmp_path_factory.mktemp("tiny") / "artifact"
+    _build(artifact, load_model(str(tiny_folder("qwen2"))), {"mid": [1, 2]})
+    return artifact
+
+
+def test_stream_pieces_make_the_generated_text(tiny_artifact):
+    model = load(tiny_artifact)
+    pieces = list(model.stream("abc", 20, chat=False, mode="speculative"))
+    result = model.generate("abc", 20, chat=False, mode="speculative")
+    assert "".join(pieces) == result.text and len(result.token_ids) == 20
+    assert result.text == model.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+
+
+def test_stop_strings_cut_the_text(tiny_artifact):
+    model = load(tiny_artifact)
+    full = model.generate("abc", 20, chat=False, mode="plain").text
+    stop = full[5:7]
+    cut = model.generate("abc", 20, chat=False, mode="plain", stop_strings=[stop]).text
+    assert cut == full[: full.index(stop)]
+
+
+def test_too_long_prompt_names_the_limit_and_the_fix(tiny_artifact):
+    model = load(tiny_artifact)
+    with pytest.raises(GenerationError, match=r"exceeds the artifact's max_seq_len 64.*--max-seq-len"):
+        model.generate("a" * 60, 10, chat=False)
+
+
+def test_auto_mode_follows_the_manifest(tiny_artifact, tmp_path):
+    assert load(tiny_artifact).resolve_mode("auto") == "speculative"
+    manifest = read_manifest(tiny_artifact)
+    manifest.drafts[0].recommended = False
+    manifest.tasks = {"default": Task(None, "speculation not recommended")}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for item in tiny_artifact.iterdir():
+        (copy / item.name).write_bytes(item.read_bytes())
+    write_manifest(manifest, copy)
+    model = load(copy, verify=False)
+    assert model.draft == "mid" and model.resolve_mode("auto") == "plain"
+    assert load(copy, draft=None, verify=False).draft is None
+    with pytest.raises(GenerationError, match="needs a draft"):
+        load(copy, draft=None, verify=False).resolve_mode("speculative")
+
+
+def test_cuda_without_the_gpu_build_is_a_clear_error(tiny_artifact):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    with pytest.raises(ManifestError, match="needs CUDAExecutionProvider.*onnxruntime-gpu"):
+        load(tiny_artifact, device="cuda")
+
+
+def test_speed_guard_falls_back_and_probes_again():
+    guard = SpeedGuard(warmup=2, probe_every=4)
+    assert [guard.allow_draft() for _ in range(1)] == [False]
+    guard.record(False, 1, 0.010)
+    guard.record(False, 1, 0.010)
+    assert guard.allow_draft()
+    guard.record(True, 2, 0.030)  # 15 ms per token: slower than plain's 10
+    assert [guard.allow_draft() for _ in range(5)] == [False, False, False, False, True]
+    guard.record(True, 2, 0.030)  # loses again: waits twice as long
+    assert [guard.allow_draft() for _ in range(9)] == [False] * 8 + [True]
+    guard.record(True, 8, 0.008)  # 1 ms per token, but the average (10.8 ms) still loses
+    assert [guard.allow_draft() for _ in range(17)] == [False] * 16 + [True]
+    guard.record(True, 8, 0.008)  # now the average (7.9 ms) beats plain: keep drafting
+    assert guard.speculative < guard.plain
+    assert [guard.allow_draft() for _ in range(3)] == [True] * 3
+    assert guard.wait == 4 and guard.switches == 3
+
+
+def test_conflayers_run_and_export_generate(tiny_artifact, capsys):
+    assert (
+        run_main([str(tiny_artifact), "--prompt", "abc", "--no-chat", "--max-new-tokens", "8", "--json"]) == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["new_tokens"] == 8 and result["mode"] == "speculative"
+    argv = [
+        "generate",
+        str(tiny_artifact),
+        "--prompt",
+        "abc",
+        "--no-chat",
+        "--max-new-tokens",
+        "8",
+        "--mode",
+        "plain",
+    ]
+    assert export_main(argv) == 0
+    captured = capsys.readouterr()
+    assert "[plain] 8 tokens" in captured.err
+    assert run_main([str(tiny_artifact / "nope"), "--prompt", "x"]) == 1
+    assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_runtime_loads_and_generates_without_torch(tiny_artifact):
+    script = textwrap.dedent(
+        f"""
+        import sys
+        for name in ("torch", "transformers", "onnx"):
+            sys.modules[name] = None  # importing them now raises ImportError
+        import conflayers_runtime as rt
+        model = rt.load({str(tiny_artifact)!r})
+        print(len(model.generate("abc", 12, chat=False).token_ids))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "12"
+
+
+_MEMORY_PROBE = """
+import sys, conflayers_runtime as rt
+def pss_mb():
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("Pss:")) / 1024
+base = pss_mb()
+model = rt.load(sys.argv[1], draft=None if sys.argv[2] == "full" else "mid3", weights="shared", verify=False)
+model.generate("Hello there", 8, mode="plain")
+print(pss_mb() - base)
+"""
+
+
+@pytest.mark.real_model
+def test_the_pair_shares_weights_in_memory(smol_artifact):
+    if not os.path.exists("/proc/self/smaps_rollup"):
+        pytest.skip("needs Linux /proc (PSS)")
+    usage = {}
+    for role in ("full", "pair"):
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, str(smol_artifact), role],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        usage[role] = float(out.stdout.strip().splitlines()[-1])
+    assert usage["pair"] <= 1.3 * usage["full"], usage
