@@ -121,6 +121,119 @@ def reference(
 
 
 @cli.command()
+@click.option(
+    "--model", default=DEFAULT_MODEL, show_default=True, help="Packaged name, .gguf file or HF folder."
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option(
+    "--data",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Calibration prompts (.jsonl with prompt/messages, or .txt one per line). Default: shipped set.",
+)
+@click.option(
+    "--task", "task_files", multiple=True, metavar="NAME=FILE", help="One skip set per task (repeatable)."
+)
+@click.option(
+    "--skip-ratio", default=0.4, show_default=True, type=float, help="Target share of layers skipped."
+)
+@click.option("--context-window", default=32, show_default=True, type=int, help="Tokens scored per profile.")
+@click.option(
+    "--search-interval", default=25, show_default=True, type=int, help="Verify cycles per iteration."
+)
+@click.option("--max-iter", default=20, show_default=True, type=int, help="Search iterations per task.")
+@click.option(
+    "--max-new-tokens", default=48, show_default=True, type=int, help="Tokens generated per prompt."
+)
+@click.option(
+    "--cost",
+    default="bytes",
+    show_default=True,
+    type=click.Choice(["bytes", "measured"]),
+    help="Draft cost model: weight bytes read per token, or timed passes.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random baselines.")
+@click.option("--force", is_flag=True, help="Replace a folder that holds another model's manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def calibrate(
+    model: str,
+    out_dir: str,
+    data: str | None,
+    task_files: tuple[str, ...],
+    skip_ratio: float,
+    context_window: int,
+    search_interval: int,
+    max_iter: int,
+    max_new_tokens: int,
+    cost: str,
+    seed: int,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Search the layers to skip (ConfLayers) and write the manifest and a report into --out."""
+    from .calibrate import CalibrationSettings
+    from .calibrate import calibrate as run_calibration
+    from .calibrate.data import default_prompts, load_prompts
+    from .errors import CalibrationError
+    from .models import load_model
+
+    settings = CalibrationSettings(
+        skip_ratio=skip_ratio,
+        context_window=context_window,
+        search_interval=search_interval,
+        max_iter=max_iter,
+        max_new_tokens=max_new_tokens,
+        cost=cost,
+        seed=seed,
+    )
+    tasks = {}
+    for spec in task_files:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CalibrationError(f"--task takes NAME=FILE, got {spec!r}")
+        tasks[name] = load_prompts(path)
+    if not tasks:
+        tasks["default"] = load_prompts(data) if data else default_prompts()
+    from .calibrate import check_settings
+
+    check_settings(settings)  # before the model loads: bad flags fail fast
+    loaded = load_model(model)
+    echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
+    manifest, results = run_calibration(out_dir, loaded, tasks, settings, force, echo)
+    summary = [
+        {
+            "task": r.task,
+            "skip_layers": r.chosen.skip,
+            "recommended": r.recommended,
+            "acceptance_rate": r.chosen.acceptance_rate,
+            "mean_tokens_per_cycle": r.chosen.mean_tokens_per_cycle,
+            "c_draft": r.chosen.c_draft,
+            "expected_speedup": r.chosen.expected_speedup,
+            "best_baseline": max(r.baselines, key=lambda b: b.expected_speedup).__dict__,
+            "conflayers_beats_baselines": r.conflayers_beats_baselines,
+            "seconds": r.seconds,
+        }
+        for r in results
+    ]
+    if as_json:
+        click.echo(json.dumps({"out": out_dir, "tasks": summary}, indent=2))
+        return
+    for r in results:
+        c = r.chosen
+        if r.recommended:
+            click.echo(
+                f"{r.task}: skip {c.skip} -> expected speedup {c.expected_speedup:.2f}x "
+                f"(acceptance {c.acceptance_rate:.2f}, {c.mean_tokens_per_cycle:.2f} tokens per full pass)"
+            )
+        else:
+            click.echo(
+                f"{r.task}: speculation not recommended for {model}: the best skip set {c.skip} "
+                f"is expected to run at {c.expected_speedup:.2f}x plain decoding."
+            )
+    click.echo(f"wrote {out_dir}/manifest.json and {out_dir}/calibration/report.md")
+
+
+@cli.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option(
     "--model",

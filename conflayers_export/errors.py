@@ -16,3 +16,7 @@ class ModelSourceError(ConflayersError):
 
 class UnsupportedArchitectureError(ConflayersError):
     """The model's architecture has no adapter in the registry."""
+
+
+class CalibrationError(ConflayersError):
+    """Calibration input or settings are invalid (data file, skip ratio, output folder)."""

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .. import __version__
 from ..architectures import KVLayout
 from ..errors import ManifestError
 from ..models import LoadedModel
+from ..staging import replace_folder
 from .graph import DTYPES, WeightStore, build_graph
 from .weights import attach_external, write_weights
 
@@ -65,19 +65,8 @@ def build_artifact(
     if limit and max_seq_len > limit:
         raise ManifestError(f"--max-seq-len {max_seq_len} exceeds the model's {limit} positions")
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.build-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the artifact is meant to be shared
-    try:
-        if out_dir.is_dir():  # keep what other stages wrote there (calibration report...)
-            for item in out_dir.iterdir():
-                if item.is_dir():
-                    shutil.copytree(item, tmp / item.name)
-        new_manifest = _write(tmp, loaded, manifest, dtype, max_seq_len, progress)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replace_folder(Path(out_dir), carry_subfolders=True) as staging:
+        new_manifest = _write(staging, loaded, manifest, dtype, max_seq_len, progress)
     return new_manifest
 
 
@@ -238,21 +227,6 @@ def _chat_affixes(loaded: LoadedModel) -> dict[str, str | None]:
         return {"chat_prefix": None, "chat_suffix": None}
     prefix, _, suffix = text.partition(_CHAT_SENTINEL)
     return {"chat_prefix": prefix, "chat_suffix": suffix}
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` in for ``target``; at every moment one complete version exists on disk."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except OSError:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def manifest_for_build(

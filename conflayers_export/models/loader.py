@@ -39,10 +39,11 @@ class LoadedModel:
     identity: ModelIdentity
     folder: Path  # Hugging Face-format folder the model was loaded from (config, weights, tokenizer)
 
-    def encode(self, text: str, chat: bool = True) -> list[int]:
-        """Token ids of a prompt; ``chat`` wraps it as one user turn with the model's chat template."""
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            messages = [{"role": "user", "content": text}]
+    def encode(self, text: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        """Token ids of a prompt: text (``chat`` wraps it as one user turn with the model's chat
+        template) or a list of chat messages."""
+        if isinstance(text, list) or (chat and getattr(self.tokenizer, "chat_template", None)):
+            messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
             encoded = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, return_dict=True
             )

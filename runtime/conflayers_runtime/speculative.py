@@ -79,15 +79,34 @@ class GenerationStats:
     @property
     def mean_tokens_per_cycle(self) -> float:
         """Tokens emitted per full-model pass after prefill (1.0 for plain decoding)."""
-        return (self.new_tokens - 1) / self.verify_passes if self.verify_passes else 0.0
+        after_prefill = self.new_tokens - self.prefill_passes  # each prefill emits one token
+        return after_prefill / self.verify_passes if self.verify_passes else 0.0
 
     def record_cycle(self, drafted: int, accepted: int) -> None:
         self.cycles += 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
+        self._count(accepted, 1)
+
+    def _count(self, accepted: int, cycles: int) -> None:
         while len(self.accepted_histogram) <= accepted:
             self.accepted_histogram.append(0)
-        self.accepted_histogram[accepted] += 1
+        self.accepted_histogram[accepted] += cycles
+
+    def merge(self, other: GenerationStats) -> None:
+        """Add another generation's counts to these (to report a prompt set as a whole)."""
+        for name in (
+            "new_tokens",
+            "cycles",
+            "drafted_tokens",
+            "accepted_tokens",
+            "prefill_passes",
+            "draft_passes",
+            "verify_passes",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for accepted, cycles in enumerate(other.accepted_histogram):
+            self._count(accepted, cycles)
 
     def as_dict(self) -> dict[str, object]:
         return {

@@ -1,0 +1,121 @@
+"""ConfLayers' layer scores and adaptive threshold (arXiv 2604.14612; reference code WA225/ConfLayers).
+
+Pure numpy functions on per-layer arrays, so each step can be checked on hand-worked inputs:
+    confidence(h)      = 1 - H(softmax(h over the hidden dimension)) / log(hidden), token-averaged
+    layer score s_i    = confidence(attention output) + confidence(MLP output), layers 1..L-2
+    skip layer i       when s_i < mean(neighbours) - lambda * std(neighbours), where the
+                       neighbourhood width grows with the (normalised) curvature of s.
+The torch part (hooks that collect block outputs) is :func:`profile_layers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def block_confidence(outputs: np.ndarray) -> float:
+    """outputs [tokens, hidden] -> 1 - mean token entropy of softmax over hidden / log(hidden)."""
+    z = outputs.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=-1, keepdims=True)
+    entropy = -(p * np.log(p + 1e-12)).sum(axis=-1)  # [tokens]
+    return float(1.0 - entropy.mean() / np.log(outputs.shape[-1]))
+
+
+def z_normalise(scores: np.ndarray) -> np.ndarray:
+    return (scores - scores.mean()) / (scores.std() + 1e-6)
+
+
+def leading_run(values: np.ndarray) -> int:
+    """Length of the run of values equal to the first one, at the start of the array."""
+    different = np.nonzero(values != values[0])[0]
+    return int(different[0]) if different.size else len(values)
+
+
+def mean_half(x: np.ndarray) -> np.ndarray:
+    """Affine map of x (already in [0, 1]) whose mean is 0.5, as wide as fits, clipped to [0, 1]."""
+    mu, lo, hi = x.mean(), x.min(), x.max()
+    if np.isclose(lo, hi):
+        return np.full_like(x, 0.5)
+    scale = min(0.5 / (hi - mu), 0.5 / (mu - lo))
+    return np.clip(scale * (x - mu) + 0.5, 0.0, 1.0)
+
+
+def curvature_weights(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """(g in [0, 1] with mean 0.5 from the second difference of the scores, its leading-run length)."""
+    second = np.gradient(np.gradient(scores))
+    run = leading_run(second)
+    spread = second.max() - second.min()
+    return mean_half((second - second.min()) / (spread + 1e-8)), run
+
+
+def window_sizes(g: np.ndarray, run: int, num_layers: int, qwen: bool = False) -> np.ndarray:
+    """w_i = 2 + int(alpha * g_i * (i + 1) / L), alpha = 5 * run (Qwen: capped at L // 3)."""
+    alpha = min(num_layers // 3, 5 * run) if qwen else 5 * run
+    return np.array([2 + int(alpha * gi * position / num_layers) for position, gi in enumerate(g, start=1)])
+
+
+def select_skips(
+    scores: Sequence[float], num_layers: int, lam: float, qwen: bool = False
+) -> dict[str, np.ndarray]:
+    """Apply the adaptive threshold to the scores of layers 1..L-2 (in order).
+
+    Returns the skipped layer indices and the intermediate arrays (for the report's plot).
+    """
+    s = z_normalise(np.asarray(scores, dtype=np.float64))
+    g, run = curvature_weights(s)
+    windows = window_sizes(g, run, num_layers, qwen)
+    thresholds = np.empty_like(s)
+    for i, w in enumerate(windows):
+        half = int(w) // 2
+        neighbours = np.concatenate([s[max(0, i - half) : i], s[i + 1 : i + half + 1]])
+        mean, std = (neighbours.mean(), neighbours.std()) if neighbours.size else (0.0, 0.0)
+        thresholds[i] = mean - lam * std
+    skip = np.nonzero(s < thresholds)[0] + 1  # eligible position i is decoder layer i + 1
+    return {"skip": skip, "scores": s, "thresholds": thresholds, "windows": windows, "curvature": g}
+
+
+def adapt_lambda(lam: float, skipped: int, eligible: int, target_ratio: float, step: float = 0.05) -> float:
+    """Move lambda toward the target skip ratio: raise it when far too many layers are skipped."""
+    ratio = skipped / eligible
+    if ratio > target_ratio + 0.25:
+        return lam + step
+    if ratio < target_ratio:
+        return lam - step
+    return lam
+
+
+def profile_layers(model, architecture, token_ids: Sequence[int], window: int) -> np.ndarray:
+    """Scores s_i for layers 1..L-2 from one full-model pass over ``token_ids`` (a prompt and the
+    text the model generated for it), from the raw attention and MLP block outputs of the last
+    ``window`` tokens (which attend to everything before them)."""
+    import torch
+
+    layers = architecture.decoder_layers(model)
+    eligible = range(1, len(layers) - 1)
+    captured: dict[tuple[int, str], np.ndarray] = {}
+
+    def hook(key):
+        def store(_module, _inputs, output):
+            tensor = output[0] if isinstance(output, tuple) else output
+            captured[key] = tensor[0, -window:].detach().float().numpy()  # [window, hidden]
+
+        return store
+
+    handles = []
+    for i in eligible:
+        attention, mlp = architecture.blocks(layers[i])
+        handles.append(attention.register_forward_hook(hook((i, "attn"))))
+        handles.append(mlp.register_forward_hook(hook((i, "mlp"))))
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([list(token_ids)]), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return np.array(
+        [block_confidence(captured[(i, "attn")]) + block_confidence(captured[(i, "mlp")]) for i in eligible]
+    )

@@ -1,0 +1,104 @@
+"""calibration/report.json, report.md and confidence.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .search import Candidate, TaskResult
+
+
+def write_reports(folder: Path, results: list[TaskResult], header: dict[str, object]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(
+        json.dumps({**header, "tasks": [r.as_dict() for r in results]}, indent=2) + "\n"
+    )
+    (folder / "report.md").write_text(_markdown(results, header))
+    _plot(folder / "confidence.png", results)
+
+
+def _row(c: Candidate, chosen: bool) -> str:
+    mark = " **(chosen)**" if chosen else ""
+    return (
+        f"| {c.origin}{mark} | {len(c.skip)} | {','.join(map(str, c.skip)) or '-'} | "
+        f"{c.acceptance_rate:.3f} | "
+        f"{c.mean_tokens_per_cycle:.2f} | {c.draft_passes_per_cycle:.2f} | {c.c_draft:.3f} | "
+        f"{c.expected_speedup:.3f} |"
+    )
+
+
+def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
+    lines = [
+        f"# Calibration report: {header['model']}",
+        "",
+        f"Settings: `{json.dumps(header['settings'])}`",
+        "",
+    ]
+    for r in results:
+        verdict = (
+            f"recommended: expected speedup {r.chosen.expected_speedup:.3f}x"
+            if r.recommended
+            else f"**speculation not recommended**: the best set's expected speedup is "
+            f"{r.chosen.expected_speedup:.3f}x (below 1)"
+        )
+        beat = "beat" if r.conflayers_beats_baselines else "did **not** beat"
+        lines += [
+            f"## Task `{r.task}`",
+            "",
+            f"Chosen skip set: {r.chosen.skip} ({verdict}). ConfLayers {beat} the best baseline "
+            f"(expected speedup {max(b.expected_speedup for b in r.baselines):.3f}x). "
+            f"Search took {r.seconds:.0f} s.",
+            "",
+            "| candidate | layers | skip set | acceptance | tokens / full pass | drafts / cycle | c_draft "
+            "| expected speedup |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            *(_row(c, c is r.chosen) for c in r.finalists),
+            *(_row(c, False) for c in r.baselines),
+            "",
+            "Search iterations:",
+            "",
+            "| iteration | lambda | layers skipped | acceptance | accepted / cycle | expected speedup |",
+            "| --- | --- | --- | --- | --- | --- |",
+            *(
+                f"| {it['iteration']} | {it['lambda']:+.2f} | {len(it['skip'])} | "
+                f"{it['acceptance_rate']:.3f} | "
+                f"{it['accepted_per_cycle']:.2f} | {it['expected_speedup']:.3f} |"
+                for it in r.iterations
+            ),
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def _plot(path: Path, results: list[TaskResult]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.2 * len(results)), squeeze=False)
+    for (left, right), r in zip(axes, results, strict=True):
+        layers = list(range(1, len(r.profile.get("scores", [])) + 1))
+        if layers:
+            left.plot(layers, r.profile["scores"], "o-", label="confidence score (z-normalised)")
+            left.plot(layers, r.profile["thresholds"], "--", label="adaptive threshold (first iteration)")
+            chosen = [i for i in r.chosen.skip if i in layers]
+            left.scatter(
+                chosen,
+                [r.profile["scores"][i - 1] for i in chosen],
+                s=120,
+                facecolors="none",
+                edgecolors="red",
+                label="chosen skip set",
+            )
+        left.set(title=f"{r.task}: per-layer confidence", xlabel="decoder layer", ylabel="score")
+        left.legend(fontsize=8)
+        its = [it["iteration"] for it in r.iterations]
+        right.plot(its, [it["acceptance_rate"] for it in r.iterations], "o-", label="acceptance rate")
+        right.plot(its, [it["expected_speedup"] for it in r.iterations], "s-", label="expected speedup")
+        right.axhline(1.0, color="grey", lw=0.8)
+        right.set(title=f"{r.task}: search iterations", xlabel="iteration")
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,215 @@
+"""`calibrate`: each step of the ConfLayers search on hand-worked arrays, then the whole command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conflayers_runtime import GenerationStats, read_manifest
+
+from conflayers_export.calibrate import CalibrationSettings, calibrate
+from conflayers_export.calibrate.confidence import (
+    adapt_lambda,
+    block_confidence,
+    leading_run,
+    mean_half,
+    select_skips,
+    window_sizes,
+    z_normalise,
+)
+from conflayers_export.calibrate.data import default_prompts, load_prompts
+from conflayers_export.calibrate.search import expected_speedup
+from conflayers_export.cli import main
+from conflayers_export.errors import CalibrationError
+from conflayers_export.export.build import build_artifact, manifest_for_build
+from conflayers_export.models import load_model
+
+# --- the method, step by step ------------------------------------------------------------------
+
+
+def test_block_confidence_is_zero_for_flat_and_near_one_for_peaked_outputs():
+    assert block_confidence(np.zeros((3, 64))) == pytest.approx(0.0, abs=1e-9)
+    peaked = np.zeros((2, 64))
+    peaked[:, 5] = 50.0
+    assert block_confidence(peaked) > 0.99
+
+
+def test_z_normalisation():
+    np.testing.assert_allclose(z_normalise(np.array([1.0, 2.0, 3.0])), [-1.224744, 0.0, 1.224744], atol=1e-5)
+
+
+def test_leading_run_of_equal_values():
+    assert leading_run(np.array([0.0, 0.0, 1.0, 0.0])) == 2
+    assert leading_run(np.array([4.0, 4.0, 4.0])) == 3
+
+
+def test_mean_half_maps_to_mean_one_half_within_unit_interval():
+    y = mean_half(np.array([0.0, 0.25, 1.0]))
+    # mu = 5/12; scale = min(0.5 / (1 - mu), 0.5 / mu) = 6/7; y = 6/7 (x - mu) + 0.5
+    np.testing.assert_allclose(y, [1 / 7, 5 / 14, 1.0], atol=1e-9)
+    assert y.mean() == pytest.approx(0.5)
+    np.testing.assert_allclose(mean_half(np.array([0.3, 0.3])), [0.5, 0.5])
+
+
+def test_window_sizes_grow_with_curvature_and_depth():
+    g = np.array([0.5, 1.0, 0.0])
+    # alpha = 5 * run = 5: w = 2 + int(5 * g_i * (i + 1) / L) with L = 5
+    np.testing.assert_array_equal(window_sizes(g, run=1, num_layers=5), [2, 4, 2])
+    # Qwen caps alpha at L // 3 = 1
+    np.testing.assert_array_equal(window_sizes(g, run=1, num_layers=5, qwen=True), [2, 2, 2])
+
+
+def test_select_skips_on_a_hand_worked_profile():
+    # Layers 1..5 of a 7-layer model; layer 3 is much less confident than its neighbours.
+    result = select_skips([1.0, 1.0, 0.0, 1.0, 1.0], num_layers=7, lam=0.0)
+    np.testing.assert_allclose(result["scores"], [0.5, 0.5, -2.0, 0.5, 0.5], atol=1e-5)
+    # second difference [-1.25, 0, 1.25, 0, -1.25] -> [0, .5, 1, .5, 0] -> mean 0.5: [1/6, 7/12, 1, 7/12, 1/6]
+    np.testing.assert_allclose(result["curvature"], [1 / 6, 7 / 12, 1.0, 7 / 12, 1 / 6], atol=1e-6)
+    np.testing.assert_array_equal(result["windows"], [2, 2, 4, 3, 2])
+    # thresholds = mean of the neighbours (lambda 0); only layer 3 falls below its own
+    np.testing.assert_allclose(result["thresholds"], [0.5, -0.75, 0.5, -0.75, 0.5], atol=1e-5)
+    assert result["skip"].tolist() == [3]
+    # lambda lowers each threshold by lambda * std(neighbours): layer 3's neighbours agree (std 0),
+    # so it stays skipped, while layer 2's threshold drops from -0.75 to -0.75 - 3 * 1.25.
+    raised = select_skips([1.0, 1.0, 0.0, 1.0, 1.0], num_layers=7, lam=3.0)
+    assert raised["skip"].tolist() == [3]
+    assert raised["thresholds"][1] == pytest.approx(-0.75 - 3 * 1.25, abs=1e-4)
+
+
+def test_lambda_moves_toward_the_target_ratio():
+    assert adapt_lambda(0.0, 20, 28, 0.4) == pytest.approx(0.05)  # 0.71 > 0.4 + 0.25: skip fewer
+    assert adapt_lambda(0.0, 5, 28, 0.4) == pytest.approx(-0.05)  # 0.18 < 0.4: skip more
+    assert adapt_lambda(0.1, 14, 28, 0.4) == pytest.approx(0.1)  # 0.5 is inside the band
+
+
+def test_expected_speedup_formula():
+    stats = GenerationStats(new_tokens=31, prefill_passes=1, verify_passes=10, draft_passes=20)
+    # 3 tokens per full pass / (2 drafts per cycle * 0.5 + 1) = 1.5
+    assert expected_speedup(stats, c_draft=0.5, c_verify=1.0) == pytest.approx(1.5)
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def test_default_data_ships_varied_prompts():
+    prompts = default_prompts()
+    assert 28 <= len(prompts) <= 40 and len(set(prompts)) == len(prompts)
+
+
+def test_data_formats_and_errors_name_the_line(tmp_path):
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    assert load_prompts(tmp_path / "p.txt") == ["first prompt", "second prompt"]
+    chat = [{"role": "user", "content": "hi"}]
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"prompt": "a"}) + "\n" + json.dumps({"messages": chat}) + "\n"
+    )
+    assert load_prompts(tmp_path / "c.jsonl") == ["a", chat]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "a"}) + "\n{oops\n")
+    with pytest.raises(CalibrationError, match="bad.jsonl, line 2: not valid JSON"):
+        load_prompts(tmp_path / "bad.jsonl")
+    (tmp_path / "nofield.jsonl").write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(CalibrationError, match="line 1: expected an object with a non-empty 'prompt'"):
+        load_prompts(tmp_path / "nofield.jsonl")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(CalibrationError, match="holds no prompts"):
+        load_prompts(tmp_path / "empty.txt")
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_prompts(tmp_path / "missing.jsonl")
+
+
+# --- the command --------------------------------------------------------------------------------
+
+SMALL = CalibrationSettings(
+    max_iter=3, search_interval=6, max_new_tokens=12, eval_prompts=2, context_window=8, ranked_sizes=(1,)
+)  # fmt: skip
+PROMPTS = ["abc", "hello world", "the quick fox", "zebra"]
+
+
+def _calibrate(out, loaded, **kwargs):
+    return calibrate(out, loaded, {"default": PROMPTS, "other": PROMPTS[::-1]}, SMALL, **kwargs)
+
+
+def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, tmp_path):
+    loaded = load_model(str(tiny_folder("llama")))
+    manifest, results = _calibrate(tmp_path / "a", loaded)
+    assert [d.name for d in manifest.drafts] == ["default", "other"]
+    for name in ("report.json", "report.md", "confidence.png"):
+        assert (tmp_path / "a" / "calibration" / name).stat().st_size > 0
+    written = read_manifest(tmp_path / "a")
+    draft = written.draft("default")
+    assert set(draft.metrics) >= {"acceptance_rate", "mean_tokens_per_cycle", "c_draft", "expected_speedup"}
+    assert draft.recommended == (draft.metrics["expected_speedup"] > 1)
+    assert written.tasks["default"].draft == "default"
+    assert written.calibration["settings"]["skip_ratio"] == 0.4
+    report = json.loads((tmp_path / "a" / "calibration" / "report.json").read_text())
+    origins = {b["origin"] for b in report["tasks"][0]["baselines"]}
+    assert {"start set", "random #1", "random #2", "random #3"} <= origins
+    assert any(o.startswith("early exit") for o in origins)
+    assert "## Task `default`" in (tmp_path / "a" / "calibration" / "report.md").read_text()
+
+    again, _ = _calibrate(tmp_path / "b", loaded)
+    assert again.to_dict() == manifest.to_dict()
+
+    # The manifest feeds build directly.
+    built = build_artifact(tmp_path / "a", loaded, manifest_for_build(tmp_path / "a", loaded, None, None),
+                           max_seq_len=64)  # fmt: skip
+    assert set(built.artifacts["drafts"]) == {"default", "other"}
+    assert (tmp_path / "a" / "calibration" / "report.md").is_file(), "build must keep the report"
+
+
+def test_calibrate_refuses_another_models_folder_unless_forced(tiny_folder, tmp_path):
+    _calibrate(tmp_path / "out", load_model(str(tiny_folder("llama"))))
+    other = load_model(str(tiny_folder("qwen2")))
+    with pytest.raises(CalibrationError, match="another model.*--force"):
+        _calibrate(tmp_path / "out", other)
+    manifest, _ = _calibrate(tmp_path / "out", other, force=True)
+    assert read_manifest(tmp_path / "out").model.architecture == "qwen2"
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.2, 1.5])
+def test_skip_ratio_outside_0_1_is_refused(tiny_folder, tmp_path, ratio, capsys):
+    argv = [
+        "calibrate",
+        "--model",
+        str(tiny_folder("llama")),
+        "--out",
+        str(tmp_path / "o"),
+        "--skip-ratio",
+        str(ratio),
+    ]
+    assert main(argv) == 1
+    assert "--skip-ratio must be in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_calibrate_json(tiny_folder, tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("abc\nhello\n")
+    argv = ["calibrate", "--model", str(tiny_folder("mistral")), "--out", str(tmp_path / "o")]
+    argv += [
+        "--data",
+        str(data),
+        "--max-iter",
+        "2",
+        "--search-interval",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["tasks"][0]["task"] == "default" and "expected_speedup" in result["tasks"][0]
+
+
+@pytest.mark.real_model
+def test_calibrate_on_smollm2_runs_and_says_whether_to_speculate(smollm2, tmp_path):
+    settings = CalibrationSettings(
+        max_iter=2, search_interval=8, max_new_tokens=16, eval_prompts=1, finalists=1, ranked_sizes=()
+    )  # fmt: skip
+    manifest, results = calibrate(tmp_path / "s", smollm2, {"default": default_prompts()[:3]}, settings)
+    result = results[0]
+    assert 1 <= len(result.chosen.skip) <= 28 and 0 not in result.chosen.skip and 29 not in result.chosen.skip
+    assert manifest.drafts[0].recommended == (result.chosen.expected_speedup > 1)
+    assert 0 < result.chosen.c_draft < 1
