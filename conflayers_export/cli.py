@@ -390,6 +390,85 @@ def generate(
     )
 
 
+@cli.command()
+@click.argument("artifact_dir", type=click.Path(file_okay=False, exists=True))
+@click.option(
+    "--prompts",
+    "prompts_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Prompts (.jsonl or .txt); default: 4 built-in chat prompts.",
+)
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=2))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="For every engine.")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option("--no-transformers", is_flag=True, help="Skip the transformers generate baseline.")
+@click.option("--no-genai", is_flag=True, help="Skip the onnxruntime-genai baseline.")
+@click.option(
+    "--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the result here."
+)
+@click.option(
+    "--plot", "plot_out", default=None, type=click.Path(dir_okay=False), help="Write a bar chart here."
+)
+def bench(
+    artifact_dir: str,
+    prompts_file: str | None,
+    max_new_tokens: int,
+    repeats: int,
+    threads: int,
+    device: str,
+    no_transformers: bool,
+    no_genai: bool,
+    json_out: str | None,
+    plot_out: str | None,
+) -> None:
+    """Benchmark plain and speculative decoding against transformers and onnxruntime-genai."""
+    from pathlib import Path
+
+    from .bench import DEFAULT_PROMPTS, plot, run_bench
+    from .calibrate.data import load_prompts
+
+    prompts = load_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
+    if any(not isinstance(p, str) for p in prompts):
+        from .errors import CalibrationError
+
+        raise CalibrationError(
+            "bench prompts must be plain text (one user turn each), not chat message lists"
+        )
+    result = run_bench(
+        artifact_dir,
+        prompts,
+        max_new_tokens,
+        repeats,
+        threads,
+        device,
+        not no_transformers,
+        not no_genai,
+        progress=lambda line: click.echo(line, err=True),
+    )
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    if plot_out:
+        plot(result, plot_out)
+    click.echo(
+        f"{result['model']} {result['dtype']} on {device}, {threads} threads, {len(prompts)} prompts x "
+        f"{max_new_tokens} tokens, median of {repeats} (min-max):"
+    )
+    for name, r in result["engines"].items():
+        tps = r["decode_tokens_per_s"]
+        extra = ""
+        if "acceptance_rate" in r and r["acceptance_rate"]:
+            extra = f"  acceptance {r['acceptance_rate']:.2f}, {r['mean_tokens_per_cycle']:.2f} tok/pass"
+        if "analytic_speedup" in r:
+            extra += f", analytic {r['analytic_speedup']:.2f}x, measured {r['measured_speedup']:.2f}x"
+        click.echo(
+            f"  {name:32s} {tps['median']:6.1f} ({tps['min']:.1f}-{tps['max']:.1f}) tok/s  "
+            f"{r['over_ours_plain']:.2f}x plain  "
+            f"ttft {r['time_to_first_token_s']['median'] * 1000:.0f} ms{extra}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (callable from tests)."""
     try:

@@ -122,7 +122,7 @@ def test_data_formats_and_errors_name_the_line(tmp_path):
 
 SMALL = CalibrationSettings(
     max_iter=3, search_interval=6, max_new_tokens=12, eval_prompts=2, context_window=8, ranked_sizes=(1,)
-)  # fmt: skip
+)
 PROMPTS = ["abc", "hello world", "the quick fox", "zebra"]
 
 
@@ -152,8 +152,9 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
     assert again.to_dict() == manifest.to_dict()
 
     # The manifest feeds build directly.
-    built = build_artifact(tmp_path / "a", loaded, manifest_for_build(tmp_path / "a", loaded, None, None),
-                           max_seq_len=64)  # fmt: skip
+    built = build_artifact(
+        tmp_path / "a", loaded, manifest_for_build(tmp_path / "a", loaded, None, None), max_seq_len=64
+    )
     assert set(built.artifacts["drafts"]) == {"default", "other"}
     assert (tmp_path / "a" / "calibration" / "report.md").is_file(), "build must keep the report"
 
@@ -207,7 +208,7 @@ def test_cli_calibrate_json(tiny_folder, tmp_path, capsys):
 def test_calibrate_on_smollm2_runs_and_says_whether_to_speculate(smollm2, tmp_path):
     settings = CalibrationSettings(
         max_iter=2, search_interval=8, max_new_tokens=16, eval_prompts=1, finalists=1, ranked_sizes=()
-    )  # fmt: skip
+    )
     manifest, results = calibrate(tmp_path / "s", smollm2, {"default": default_prompts()[:3]}, settings)
     result = results[0]
     assert 1 <= len(result.chosen.skip) <= 28 and 0 not in result.chosen.skip and 29 not in result.chosen.skip

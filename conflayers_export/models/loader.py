@@ -25,6 +25,7 @@ from .packaged import PACKAGED, file_sha256, packaged_gguf
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "CONFLAYERS_CACHE"
+CACHE_FORMAT = 2  # bump when the converted folder's content changes, so stale caches are not reused
 
 
 def cache_dir() -> Path:
@@ -113,7 +114,7 @@ def _folder_fingerprint(folder: Path) -> str:
 
 def _from_gguf(gguf: Path) -> tuple[Path, str]:
     sha = file_sha256(gguf)
-    target = cache_dir() / "models" / sha[:24]
+    target = cache_dir() / "models" / f"{sha[:24]}-v{CACHE_FORMAT}"
     if not (target / "source.json").is_file():
         _convert_gguf(gguf, sha, target)
     return target, "sha256:" + sha
@@ -130,7 +131,10 @@ def _convert_gguf(gguf: Path, sha: str, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types for unreadable GGUFs
         raise ModelSourceError(f"cannot read {gguf} as a GGUF model ({exc}); check the file") from exc
-    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config.
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config. The weights
+    # are dequantized now, so the config must not claim a GGUF quantization (other tools refuse it).
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
     plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=True)
     target.parent.mkdir(parents=True, exist_ok=True)

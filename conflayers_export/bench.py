@@ -1,0 +1,299 @@
+"""``bench``: our plain and speculative decoding against transformers and onnxruntime-genai, on the
+same weights, in one run, interleaved and repeated (median, min, max).
+
+Decode tokens/s excludes the time to the first token (prefill + first step), which is reported
+separately. The analytic speedup of each draft is computed from the acceptance measured in this
+run and the per-pass costs measured on the same sessions:
+    S = tokens per full pass / (draft passes per cycle * c_draft + c_verify)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from conflayers_runtime import GenerationStats, load, read_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = [
+    "Write a short poem about the sea.",
+    "What is 17 times 23? Explain step by step.",
+    "Summarize the plot of Romeo and Juliet in three sentences.",
+    "Write a Python function that reverses a string.",
+]
+
+
+@dataclass
+class EngineRuns:
+    decode_tps: list[float] = field(default_factory=list)  # one value per repeat (all prompts together)
+    ttft: list[float] = field(default_factory=list)  # seconds, median over prompts per repeat
+    stats: GenerationStats | None = None  # our engines: acceptance etc. of the last repeat
+
+    def summary(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "decode_tokens_per_s": _spread(self.decode_tps),
+            "time_to_first_token_s": _spread(self.ttft),
+        }
+        if self.stats is not None:
+            out |= {
+                "acceptance_rate": self.stats.acceptance_rate,
+                "mean_tokens_per_cycle": self.stats.mean_tokens_per_cycle,
+                "draft_passes_per_cycle": self.stats.draft_passes / max(self.stats.verify_passes, 1),
+            }
+        return out
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)} if values else {}
+
+
+Timed = tuple[
+    int, float, float, GenerationStats | None
+]  # tokens, seconds to first token, total seconds, stats
+
+
+def run_bench(
+    artifact: str | os.PathLike[str],
+    prompts: list[str],
+    max_new_tokens: int = 128,
+    repeats: int = 3,
+    threads: int = 2,
+    device: str = "cpu",
+    with_transformers: bool = True,
+    with_genai: bool = True,
+    progress: Callable[[str], None] = lambda line: None,
+) -> dict[str, object]:
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    engines: dict[str, Callable[[str], Timed]] = {}
+    plain_model = load(artifact, device=device, draft=None, threads=threads)
+    engines["ours plain"] = lambda p: _ours(plain_model, p, max_new_tokens, "plain")
+    drafts = list(manifest.artifacts["drafts"])
+    spec_models = {d: load(artifact, device=device, draft=d, threads=threads, verify=False) for d in drafts}
+    for name, model in spec_models.items():
+        engines[f"ours speculative ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "speculative")
+        engines[f"ours auto ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "auto")
+    if with_transformers:
+        engines["transformers generate"] = _transformers_engine(
+            manifest.model.source, plain_model, max_new_tokens, threads
+        )
+    if with_genai:
+        genai = _genai_engine(manifest.model.source, artifact, plain_model, max_new_tokens, threads, progress)
+        if genai is not None:
+            engines["onnxruntime-genai"] = genai
+
+    runs = {name: EngineRuns() for name in engines}
+    for repeat in range(repeats):
+        for name, engine in engines.items():  # interleaved: load drift hits every engine alike
+            tokens = decode_seconds = 0.0
+            ttfts = []
+            total_stats = GenerationStats() if not name.startswith(("transformers", "onnxruntime")) else None
+            for prompt in prompts:
+                n, first, total, stats = engine(prompt)
+                tokens += n - 1
+                decode_seconds += total - first
+                ttfts.append(first)
+                if total_stats is not None and stats is not None:
+                    total_stats.merge(stats)
+            runs[name].decode_tps.append(tokens / decode_seconds)
+            runs[name].ttft.append(statistics.median(ttfts))
+            runs[name].stats = total_stats
+            progress(f"repeat {repeat + 1}/{repeats} {name}: {tokens / decode_seconds:.1f} tok/s")
+
+    results = {name: r.summary() for name, r in runs.items()}
+    plain = results["ours plain"]["decode_tokens_per_s"]["median"]  # type: ignore[index]
+    for name, model in spec_models.items():
+        c_draft, c_verify = measure_pass_costs(model)
+        spec = results[f"ours speculative ({name})"]
+        analytic = spec["mean_tokens_per_cycle"] / (spec["draft_passes_per_cycle"] * c_draft + c_verify)  # type: ignore[operator]
+        measured = spec["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
+        spec |= {
+            "c_draft_measured": c_draft,
+            "c_verify_measured": c_verify,
+            "analytic_speedup": analytic,
+            "measured_speedup": measured,
+            "measured_over_analytic": measured / analytic,
+        }
+        auto = results[f"ours auto ({name})"]
+        auto["over_plain"] = auto["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
+    for r in results.values():
+        r["over_ours_plain"] = r["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
+    return {
+        "artifact": str(artifact),
+        "model": manifest.model.source,
+        "dtype": manifest.artifacts["dtype"],
+        "device": device,
+        "threads": threads,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "machine": _machine(),
+        "engines": results,
+    }
+
+
+def _ours(model, prompt: str, max_new_tokens: int, mode: str) -> Timed:
+    start = time.perf_counter()
+    first = None
+    for _ in model.stream(prompt, max_new_tokens, mode=mode):
+        if first is None:
+            first = time.perf_counter() - start
+    total = time.perf_counter() - start
+    return model.last_stats.new_tokens, first or total, total, model.last_stats
+
+
+def measure_pass_costs(model, repeats: int = 15) -> tuple[float, float]:
+    """(c_draft, c_verify): a draft pass and a 4-token verify pass, relative to one full-model step."""
+    backend = model.backend
+    prompt = list(range(100, 164))
+    backend.forward(prompt, 0, draft=False)
+
+    def timed(tokens: list[int], draft: bool) -> float:
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            backend.forward(tokens, len(prompt), draft)
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples))
+
+    step = timed([101], draft=False)
+    return timed([101], draft=True) / step, timed([101, 102, 103, 104], draft=False) / step
+
+
+def _transformers_engine(source: str, model, max_new_tokens: int, threads: int) -> Callable[[str], Timed]:
+    import torch
+
+    from .models import load_model
+
+    torch.set_num_threads(threads)
+    loaded = load_model(source)
+
+    def run(prompt: str) -> Timed:
+        ids = torch.tensor([model.encode(prompt)])
+        mask = torch.ones_like(ids)
+        kwargs = dict(
+            attention_mask=mask,
+            do_sample=False,
+            eos_token_id=loaded.stop_token_ids,
+            pad_token_id=loaded.stop_token_ids[0],
+        )
+        with torch.inference_mode():
+            start = time.perf_counter()
+            loaded.model.generate(ids, max_new_tokens=1, **kwargs)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            out = loaded.model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)
+            total = time.perf_counter() - start
+        return out.shape[1] - ids.shape[1], first, total, None
+
+    return run
+
+
+def genai_model_folder(source_folder: Path, target: Path, threads: int) -> Path:
+    """Build the model with onnxruntime-genai's own builder (fp32, CPU), once, offline."""
+    if not (target / "genai_config.json").is_file():
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        command = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-m",
+            str(source_folder),
+            "-i",
+            str(source_folder),
+            "-o",
+            str(target),
+            "-p",
+            "fp32",
+            "-e",
+            "cpu",
+            "-c",
+            str(target / ".cache"),
+            "--extra_options",
+            "hf_token=false",
+        ]
+        subprocess.run(command, check=True, env=env, capture_output=True)
+    config_path = target / "genai_config.json"
+    config = json.loads(config_path.read_text())
+    # Same thread count as every other engine (its default runs at about one thread here).
+    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    config_path.write_text(json.dumps(config, indent=2))
+    return target
+
+
+def _genai_engine(
+    source: str, artifact: Path, model, max_new_tokens: int, threads: int, progress: Callable[[str], None]
+) -> Callable[[str], Timed] | None:
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        progress("onnxruntime-genai not installed (pip install -e .[interop]): skipped")
+        return None
+    from .models import cache_dir, load_model
+
+    loaded = load_model(source)
+    folder = genai_model_folder(loaded.folder, cache_dir() / "genai" / loaded.folder.name, threads)
+    genai_model = og.Model(str(folder))
+
+    def run(prompt: str) -> Timed:
+        ids = model.encode(prompt)
+        params = og.GeneratorParams(genai_model)
+        params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+        start = time.perf_counter()
+        generator = og.Generator(genai_model, params)
+        generator.append_tokens(ids)
+        generator.generate_next_token()
+        first = time.perf_counter() - start
+        n = 1
+        while not generator.is_done():
+            generator.generate_next_token()
+            n += 1
+        return n, first, time.perf_counter() - start, None
+
+    return run
+
+
+def _machine() -> dict[str, object]:
+    import platform
+
+    import onnxruntime
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def plot(result: dict[str, object], path: str | os.PathLike[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = result["engines"]  # type: ignore[assignment]
+    names = list(engines)
+    medians = [engines[n]["decode_tokens_per_s"]["median"] for n in names]
+    lows = [m - engines[n]["decode_tokens_per_s"]["min"] for n, m in zip(names, medians, strict=True)]
+    highs = [engines[n]["decode_tokens_per_s"]["max"] - m for n, m in zip(names, medians, strict=True)]
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(names) + 1.5))
+    ax.barh(names, medians, xerr=[lows, highs], color="tab:blue")
+    ax.set(
+        xlabel="decode tokens/s (median, min-max)",
+        title=f"{result['model']} {result['dtype']} {result['device']}",
+    )
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
