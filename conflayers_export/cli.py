@@ -315,8 +315,9 @@ def build(
 @cli.command()
 @click.argument("artifact_dir", type=click.Path(file_okay=False, exists=True))
 @click.option("--model", default=None, help="PyTorch model to compare with (default: the manifest's source).")
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print every step's result as JSON.")
-def validate(artifact_dir: str, model: str | None, as_json: bool) -> None:
+def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -> None:
     """Re-check the artifact's file hashes and the parity of every graph with PyTorch."""
     from dataclasses import asdict
 
@@ -331,7 +332,7 @@ def validate(artifact_dir: str, model: str | None, as_json: bool) -> None:
         from .errors import ManifestError
 
         raise ManifestError(f"{artifact_dir} was built from another model than {loaded.identity.source}")
-    results = check_parity(artifact_dir, loaded)
+    results = check_parity(artifact_dir, loaded, device)
     if as_json:
         click.echo(json.dumps([asdict(r) for r in results], indent=2))
         return
@@ -485,5 +486,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m conflayers_export.cli
     sys.exit(main())
