@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from conflayers_runtime import GenerationStats, load, read_manifest
+from conflayers_runtime.speculative import measure_pass_costs
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def run_bench(
     results = {name: r.summary() for name, r in runs.items()}
     plain = results["ours plain"]["decode_tokens_per_s"]["median"]  # type: ignore[index]
     for name, model in spec_models.items():
-        c_draft, c_verify = measure_pass_costs(model)
+        c_draft, c_verify = measure_pass_costs(model.backend)
         spec = results[f"ours speculative ({name})"]
         analytic = spec["mean_tokens_per_cycle"] / (spec["draft_passes_per_cycle"] * c_draft + c_verify)  # type: ignore[operator]
         measured = spec["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
@@ -150,24 +150,6 @@ def _ours(model, prompt: str, max_new_tokens: int, mode: str) -> Timed:
             first = time.perf_counter() - start
     total = time.perf_counter() - start
     return model.last_stats.new_tokens, first or total, total, model.last_stats
-
-
-def measure_pass_costs(model, repeats: int = 15) -> tuple[float, float]:
-    """(c_draft, c_verify): a draft pass and a 4-token verify pass, relative to one full-model step."""
-    backend = model.backend
-    prompt = list(range(100, 164))
-    backend.forward(prompt, 0, draft=False)
-
-    def timed(tokens: list[int], draft: bool) -> float:
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            backend.forward(tokens, len(prompt), draft)
-            samples.append(time.perf_counter() - start)
-        return float(np.median(samples))
-
-    step = timed([101], draft=False)
-    return timed([101], draft=True) / step, timed([101, 102, 103, 104], draft=False) / step
 
 
 def _transformers_engine(source: str, model, max_new_tokens: int, threads: int) -> Callable[[str], Timed]:

@@ -6,14 +6,19 @@ Library errors (:class:`ConflayersError`) become one red line and exit code 1.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import click
 from conflayers_runtime.errors import ConflayersError, SkipSetError
+
+if TYPE_CHECKING:
+    from conflayers_runtime import SamplingConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -27,6 +32,27 @@ def _parse_layers(value: str) -> list[int]:
         raise SkipSetError(
             f"--skip takes comma-separated layer indices such as 3,7,11; got {value!r}"
         ) from None
+
+
+def _sampling_options(command: Callable[..., None]) -> Callable[..., None]:
+    """--temperature, --top-k, --top-p and --seed, handed to the command as one ``sampling`` config."""
+
+    @functools.wraps(command)
+    def with_sampling(
+        *args: object, temperature: float, top_k: int, top_p: float, seed: int, **kwargs: object
+    ):
+        from conflayers_runtime import SamplingConfig
+
+        return command(*args, sampling=SamplingConfig(temperature, top_k, top_p, seed), **kwargs)
+
+    with_sampling = click.option("--seed", default=0, show_default=True, type=int)(with_sampling)
+    with_sampling = click.option("--top-p", default=1.0, show_default=True, type=float)(with_sampling)
+    with_sampling = click.option("--top-k", default=0, show_default=True, type=int, help="0 = off.")(
+        with_sampling
+    )
+    return click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")(
+        with_sampling
+    )
 
 
 @click.group()
@@ -56,10 +82,7 @@ def cli(verbose: bool) -> None:
     type=click.IntRange(min=1),
     help="Most tokens drafted per cycle.",
 )
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int)
-@click.option("--top-p", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
+@_sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def reference(
     model: str,
@@ -69,20 +92,16 @@ def reference(
     plain: bool,
     max_new_tokens: int,
     max_draft: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int,
+    sampling: SamplingConfig,
     as_json: bool,
 ) -> None:
     """Generate with the PyTorch reference self-speculative decoder and print text and stats."""
-    from conflayers_runtime import DraftConfig, SamplingConfig
+    from conflayers_runtime import DraftConfig
 
     from .models import load_model
     from .reference import speculative_generate
 
     skip_layers = _parse_layers(skip)
-    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     loaded = load_model(model)
     prompt_ids = loaded.encode(prompt, chat=chat)
     start = time.perf_counter()
@@ -357,10 +376,7 @@ def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -
 )
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, show_default=True, type=float, help="0 = greedy.")
-@click.option("--top-k", default=0, show_default=True, type=int)
-@click.option("--top-p", default=1.0, show_default=True, type=float)
-@click.option("--seed", default=0, show_default=True, type=int)
+@_sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def generate(
     artifact_dir: str,
@@ -369,14 +385,10 @@ def generate(
     mode: str,
     device: str,
     max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int,
+    sampling: SamplingConfig,
     as_json: bool,
 ) -> None:
     """Stream text from a built artifact with ONNX Runtime, then print speed and acceptance."""
-    from conflayers_runtime import SamplingConfig
     from conflayers_runtime.cli import generate_and_report
 
     generate_and_report(
@@ -386,7 +398,7 @@ def generate(
         mode=mode,
         device=device,
         max_new_tokens=max_new_tokens,
-        sampling=SamplingConfig(temperature, top_k, top_p, seed),
+        sampling=sampling,
         as_json=as_json,
     )
 

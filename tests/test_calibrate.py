@@ -214,3 +214,19 @@ def test_calibrate_on_smollm2_runs_and_says_whether_to_speculate(smollm2, tmp_pa
     assert 1 <= len(result.chosen.skip) <= 28 and 0 not in result.chosen.skip and 29 not in result.chosen.skip
     assert manifest.drafts[0].recommended == (result.chosen.expected_speedup > 1)
     assert 0 < result.chosen.c_draft < 1
+
+
+def test_measured_costs_time_the_passes_and_are_cached(tiny_folder):
+    from conflayers_export.calibrate.search import Calibrator
+
+    loaded = load_model(str(tiny_folder("llama")))
+    calibrator = Calibrator(loaded, CalibrationSettings(cost="measured"))
+    c_draft, c_verify = calibrator.cost([1, 2])
+    assert c_draft > 0 and c_verify > 0  # timings of a tiny model on a busy CPU: only their sign is stable
+    assert calibrator.cost([2, 1]) == (c_draft, c_verify)  # same set, cached: not timed again
+    # The bytes model: (bytes of the kept layers + the output head) / (all layers + head).
+    layers = [sum(p.numel() * 4 for p in layer.parameters()) for layer in loaded.model.model.layers]
+    head = loaded.model.lm_head.weight.numel() * 4
+    expected = (layers[0] + layers[3] + head) / (sum(layers) + head)
+    bytes_model = Calibrator(loaded, CalibrationSettings(cost="bytes")).cost([1, 2])
+    assert bytes_model == (pytest.approx(expected), 1.0)

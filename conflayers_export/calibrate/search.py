@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from conflayers_runtime import DraftConfig, GenerationStats
-from conflayers_runtime.speculative import stream
+from conflayers_runtime.speculative import measure_pass_costs, stream
 
 from ..models import LoadedModel
 from ..reference import TorchBackend
@@ -121,21 +121,8 @@ class Calibrator:
                 self._costs[key] = ((kept + self._head_bytes) / full, 1.0)
         return self._costs[key]
 
-    def _measured_cost(self, skip: Sequence[int], repeats: int = 7) -> tuple[float, float]:
-        backend = TorchBackend(self.loaded.model, self.loaded.architecture, skip)
-        prompt = list(range(10, 74))
-        backend.forward(prompt, 0, draft=False)
-
-        def timed(tokens: list[int], draft: bool) -> float:
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                backend.forward(tokens, len(prompt), draft)
-                samples.append(time.perf_counter() - start)
-            return float(np.median(samples))
-
-        step = timed([11], draft=False)
-        return timed([11], draft=True) / step, timed([11, 12, 13, 14], draft=False) / step
+    def _measured_cost(self, skip: Sequence[int]) -> tuple[float, float]:
+        return measure_pass_costs(TorchBackend(self.loaded.model, self.loaded.architecture, skip), repeats=7)
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(

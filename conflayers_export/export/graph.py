@@ -99,7 +99,7 @@ class _GraphBuilder:
         return self.weight(name, module.weight.detach().float() + self.arch.norm_offset)
 
     def rms_norm(self, x: str, module: torch.nn.Module, name: str, wname: str) -> str:
-        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        eps = _epsilon(module)
         return self.op(
             "SimplifiedLayerNormalization",
             [x, self.norm_weight(wname, module)],
@@ -113,7 +113,7 @@ class _GraphBuilder:
         self, x: str, residual: str, module: torch.nn.Module, name: str, wname: str
     ) -> tuple[str, str]:
         """(x + residual, rms_norm(x + residual)) in one fused op."""
-        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        eps = _epsilon(module)
         out = self.op(
             "SkipSimplifiedLayerNormalization",
             [x, residual, self.norm_weight(wname, module)],
@@ -330,6 +330,11 @@ class _GraphBuilder:
         )
         model.ir_version = 10
         return model
+
+
+def _epsilon(norm: torch.nn.Module) -> float:
+    """RMSNorm epsilon: Llama-style modules call it variance_epsilon, Gemma-style ones eps."""
+    return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
 def build_graph(

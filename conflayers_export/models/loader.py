@@ -17,11 +17,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from conflayers_runtime.artifact import file_sha256
 from conflayers_runtime.manifest import ModelIdentity
 
 from ..architectures import Architecture, get_architecture
 from ..errors import ModelSourceError
-from .packaged import PACKAGED, file_sha256, packaged_gguf
+from .packaged import PACKAGED, packaged_gguf
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "CONFLAYERS_CACHE"

@@ -82,14 +82,6 @@ PACKAGED: dict[str, PackagedModel] = {
 }
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _chunk_paths(model: PackagedModel) -> list[Path]:
     paths = []
     for module, relative in model.chunks:

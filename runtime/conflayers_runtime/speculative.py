@@ -285,3 +285,22 @@ def generate(
     for chunk in stream(backend, prompt_ids, max_new_tokens, sampling_config, draft, stop_token_ids, stats):
         tokens.extend(chunk)
     return tokens, stats
+
+
+def measure_pass_costs(backend: Backend, repeats: int = 15, context: int = 64) -> tuple[float, float]:
+    """(c_draft, c_verify): the median time of one draft pass and of one 4-token verify pass,
+    relative to one full-model decoding step, after a ``context``-token prefill."""
+    prompt = list(range(100, 100 + context))
+    backend.forward(prompt, 0, draft=False)
+
+    def median_seconds(tokens: list[int], draft: bool) -> float:
+        backend.forward(tokens, context, draft)  # warm-up: first calls allocate
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            backend.forward(tokens, context, draft)
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples))
+
+    step = median_seconds([101], draft=False)
+    return median_seconds([101], draft=True) / step, median_seconds([101, 102, 103, 104], draft=False) / step
