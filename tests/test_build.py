@@ -220,3 +220,16 @@ def test_fp16_graphs_match_pytorch_within_the_stated_tolerance(tiny_folder, tmp_
     _build(tmp_path / "fp16", loaded, {"mid": [1, 2]}, dtype="fp16")
     results = check_parity(tmp_path / "fp16", loaded)
     assert max(r.max_abs_diff for r in results) <= TOLERANCE["fp16"]
+
+
+def test_an_output_head_equal_to_the_embeddings_is_stored_once(make_tiny):
+    from conflayers_export.export.graph import WeightStore, build_graph
+
+    model, architecture = make_tiny("llama")
+    for copy_embeddings in (False, True):
+        if copy_embeddings:
+            with torch.no_grad():
+                model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        store = WeightStore()
+        build_graph(model, architecture, range(4), "fp32", 32, store, "full")
+        assert ("lm_head.weight" in store.arrays) is not copy_embeddings

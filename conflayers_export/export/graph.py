@@ -280,7 +280,10 @@ class _GraphBuilder:
         _, x = self.skip_norm(pending, residual, inner.norm, "/model/norm", "model.norm.weight")
 
         head = self.model.lm_head.weight
-        tied = head.data_ptr() == inner.embed_tokens.weight.data_ptr()
+        table = inner.embed_tokens.weight
+        # Tied, or untied with equal values (GGUF files often carry the output head as a copy of
+        # the embeddings): either way the head reads the embedding table, stored once.
+        tied = head.data_ptr() == table.data_ptr() or (head.shape == table.shape and torch.equal(head, table))
         head_name = embed if tied else self.weight("lm_head.weight", head)
         flat = self.op(
             "Reshape", [x, self.const("shape.rows", [-1, self.config.hidden_size])], "/lm_head/Rows"
