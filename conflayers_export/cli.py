@@ -6,6 +6,7 @@ Library errors (:class:`ConflayersError`) become one red line and exit code 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -190,7 +191,7 @@ def calibrate(
     as_json: bool,
 ) -> None:
     """Search the layers to skip (ConfLayers) and write the manifest and a report into --out."""
-    from .calibrate import CalibrationSettings
+    from .calibrate import CalibrationSettings, check_settings
     from .calibrate import calibrate as run_calibration
     from .calibrate.data import default_prompts, load_prompts
     from .errors import CalibrationError
@@ -205,6 +206,7 @@ def calibrate(
         cost=cost,
         seed=seed,
     )
+    check_settings(settings)  # before the data and the model load: bad flags fail fast
     tasks = {}
     for spec in task_files:
         name, sep, path = spec.partition("=")
@@ -213,12 +215,9 @@ def calibrate(
         tasks[name] = load_prompts(path)
     if not tasks:
         tasks["default"] = load_prompts(data) if data else default_prompts()
-    from .calibrate import check_settings
-
-    check_settings(settings)  # before the model loads: bad flags fail fast
     loaded = load_model(model)
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
-    manifest, results = run_calibration(out_dir, loaded, tasks, settings, force, echo)
+    _, results = run_calibration(out_dir, loaded, tasks, settings, force, echo)
     summary = [
         {
             "task": r.task,
@@ -228,7 +227,7 @@ def calibrate(
             "mean_tokens_per_cycle": r.chosen.mean_tokens_per_cycle,
             "c_draft": r.chosen.c_draft,
             "expected_speedup": r.chosen.expected_speedup,
-            "best_baseline": max(r.baselines, key=lambda b: b.expected_speedup).__dict__,
+            "best_baseline": dataclasses.asdict(max(r.baselines, key=lambda b: b.expected_speedup)),
             "conflayers_beats_baselines": r.conflayers_beats_baselines,
             "seconds": r.seconds,
         }
@@ -374,6 +373,7 @@ def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -
     type=click.Choice(["auto", "speculative", "plain"]),
     help="auto: speculative when the manifest recommends it, with a speed guard.",
 )
+@click.option("--draft", default=None, help="Draft name (default: the manifest's default task).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @_sampling_options
@@ -383,6 +383,7 @@ def generate(
     prompt: str,
     chat: bool,
     mode: str,
+    draft: str | None,
     device: str,
     max_new_tokens: int,
     sampling: SamplingConfig,
@@ -397,6 +398,7 @@ def generate(
         chat=chat,
         mode=mode,
         device=device,
+        draft=draft,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         as_json=as_json,

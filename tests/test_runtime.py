@@ -139,15 +139,17 @@ def test_auto_mode_follows_the_manifest(tiny_artifact, tmp_path):
     assert load(tiny_artifact).resolve_mode("auto") == "speculative"
     manifest = read_manifest(tiny_artifact)
     manifest.drafts[0].recommended = False
-    manifest.tasks = {"default": Task(None, "speculation not recommended")}
+    manifest.tasks = {"default": Task("mid", "speculation not recommended")}
     copy = tmp_path / "copy"
     copy.mkdir()
     for item in tiny_artifact.iterdir():
         (copy / item.name).write_bytes(item.read_bytes())
     write_manifest(manifest, copy)
-    model = load(copy, verify=False)
-    assert model.draft == "mid" and model.resolve_mode("auto") == "plain"
-    assert load(copy, draft=None, verify=False).draft is None
+    # The default draft is not recommended: load() opens no draft session, auto decodes plainly.
+    assert load(copy, verify=False).draft is None
+    forced = load(copy, draft="mid", verify=False)  # naming it still loads it
+    assert forced.draft == "mid" and forced.resolve_mode("auto") == "plain"
+    assert forced.resolve_mode("speculative") == "speculative"
     with pytest.raises(GenerationError, match="needs a draft"):
         load(copy, draft=None, verify=False).resolve_mode("speculative")
 

@@ -15,13 +15,14 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
-from .model import GenerationResult, Model, load
+from .model import DEFAULT_DRAFT, GenerationResult, Model, load
 from .sampling import SamplingConfig
 from .speculative import Backend, DraftConfig, GenerationStats, SpeedGuard, generate, stream
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_DRAFT",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "Backend",

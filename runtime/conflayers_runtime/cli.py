@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from .errors import ConflayersError
-from .model import MODES, load
+from .manifest import read_manifest
+from .model import DEFAULT_DRAFT, MODES, default_draft, load
 from .sampling import SamplingConfig
 
 
@@ -26,6 +27,7 @@ def generate_and_report(
     max_new_tokens: int = 128,
     sampling: SamplingConfig | None = None,
     threads: int | None = None,
+    draft: str | None = None,
     as_json: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
@@ -34,7 +36,9 @@ def generate_and_report(
     import time
 
     out, err = out or sys.stdout, err or sys.stderr  # looked up per call (tests replace them)
-    model = load(folder, device=device, threads=threads)
+    if draft is None and mode == "speculative":  # forced: use the default draft even if not recommended
+        draft = default_draft(read_manifest(folder))
+    model = load(folder, device=device, threads=threads, draft=draft or DEFAULT_DRAFT)
     used = model.resolve_mode(mode)
     start = time.perf_counter()
     pieces = []
@@ -74,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--mode", choices=MODES, default="auto")
+    parser.add_argument("--draft", default=None, help="draft name (default: the manifest's default task)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -94,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             sampling=sampling,
             threads=args.threads,
+            draft=args.draft,
             as_json=args.as_json,
         )
     except ConflayersError as exc:

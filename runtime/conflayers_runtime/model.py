@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -34,7 +34,6 @@ class GenerationResult:
     stats: GenerationStats
     seconds: float
     mode: str  # the mode actually used: "speculative" or "plain"
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -147,28 +146,48 @@ def _first_stop(text: str, stop_strings: Sequence[str], search_from: int) -> int
     return min(hits) if hits else None
 
 
+class _DefaultDraft:
+    """Type of DEFAULT_DRAFT: a sentinel, since a draft may well be named "default"."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_DRAFT"
+
+
+DEFAULT_DRAFT = _DefaultDraft()
+
+
+def default_draft(manifest: Manifest) -> str | None:
+    """The built draft of the manifest's ``default`` task, else the first built draft, else None."""
+    task = manifest.tasks.get("default")
+    built = list(artifact_section(manifest)["drafts"])
+    return task.draft if task is not None and task.draft in built else (built[0] if built else None)
+
+
 def load(
     folder: str | os.PathLike[str],
     device: str = "cpu",
-    draft: str | None = "default",
+    draft: str | None | _DefaultDraft = DEFAULT_DRAFT,
     threads: int | None = None,
     weights: str = "prepacked",
     verify: bool = True,
 ) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
-    ``draft``: a draft name, ``"default"`` (the draft of the manifest's ``default`` task, else the
-    first built draft) or None (plain decoding only). ``verify`` checks every file's sha256 first.
+    ``draft``: a draft name, ``DEFAULT_DRAFT`` (the draft of the manifest's ``default`` task, else the
+    first built draft, unless calibration did not recommend it) or None (plain decoding only).
+    ``verify`` checks every file's sha256 first.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
     section = artifact_section(manifest)
     if verify:
         verify_files(folder, manifest)
-    if draft == "default":
-        task = manifest.tasks.get("default")
-        built = list(section["drafts"])
-        draft = task.draft if task is not None and task.draft in built else (built[0] if built else None)
+    if isinstance(draft, _DefaultDraft):
+        draft = default_draft(manifest)
+        if draft is not None and not manifest.draft(draft).recommended:
+            # auto would decode plainly anyway; a lone session also decodes faster (its threads
+            # may spin between runs) and takes half the memory. Name the draft to force it.
+            draft = None
     backend = open_backend(folder, manifest, draft, device, threads, weights)
     tokenizer_file = folder / section["tokenizer"]["file"]
     try:

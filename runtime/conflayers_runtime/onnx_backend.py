@@ -54,11 +54,11 @@ class OnnxBackend:
         self.ones = ort.OrtValue.ortvalue_from_numpy(np.ones((1, kv.max_seq_len), np.int64), self.device, 0)
         self.bindings = {False: self._bind(full), True: self._bind(draft) if draft is not None else None}
         self.sessions = {False: full, True: draft}
+        self.vocab_size = int(full.get_outputs()[0].shape[-1])
+        self._logits: dict[int, ort.OrtValue] = {}
 
     def _bind(self, session: ort.InferenceSession) -> ort.IOBinding:
         binding = session.io_binding()
-        # Logits first: get_outputs() lists outputs in binding order (rebinding keeps the slot).
-        binding.bind_output("logits", "cpu")
         for node in session.get_inputs():
             if node.name.startswith("past_key_values."):
                 _, layer, kind = node.name.split(".")
@@ -80,8 +80,20 @@ class OnnxBackend:
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         # A [1, total] view of the preallocated ones: the mask tells the graph the valid length.
         binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.ones.data_ptr())
-        # Rebound on every call so ORT allocates logits of this call's shape [1, S, V].
-        binding.bind_output("logits", "cpu")
+        logits = self._logits_buffer(len(token_ids))
+        binding.bind_ortvalue_output("logits", logits)
         self.sessions[draft].run_with_iobinding(binding)
-        # [S, V]; a view of ORT's output buffer, valid until the next forward (callers consume it first).
-        return binding.get_outputs()[0].numpy()[0]
+        # [S, V]: a view of the reused host buffer, valid until the next forward of the same length
+        # (callers consume it first). Reading it directly avoids wrapping every bound output.
+        return logits.numpy()[0]
+
+    def _logits_buffer(self, rows: int) -> ort.OrtValue:
+        """A host buffer [1, rows, vocab] for the logits; kept for the short steps that repeat."""
+        buffer = self._logits.get(rows)
+        if buffer is None:
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(
+                [1, rows, self.vocab_size], np.float32, "cpu", 0
+            )
+            if rows <= 16:  # draft/plain steps and verify passes; prefills vary and are not kept
+                self._logits[rows] = buffer
+        return buffer
