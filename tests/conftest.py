@@ -26,8 +26,8 @@ def make_tiny():
 
 @pytest.fixture(scope="session")
 def tiny_folder(make_tiny, tmp_path_factory):
-    """tiny_folder(model_type, seed=0, **config) -> a Hugging Face folder (weights + a
-    one-letter-per-token tokenizer), made once per distinct arguments."""
+    """tiny_folder(model_type, seed=0, **config) -> a Hugging Face folder (weights + a word-level
+    tokenizer covering the whole vocabulary), made once per distinct arguments."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,10 +39,13 @@ def tiny_folder(make_tiny, tmp_path_factory):
             model, _ = make_tiny(model_type, seed, **overrides)
             folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
             model.save_pretrained(folder)
-            vocab = {chr(ord("a") + i): i for i in range(26)} | {"[UNK]": 26}
-            tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+            # Letters are ids 0-25; every other id of the model decodes to "<id>", so any
+            # generated sequence has text (26 doubles as the unknown token).
+            vocab = {chr(ord("a") + i): i for i in range(26)}
+            vocab |= {f"<{i}>": i for i in range(26, model.config.vocab_size)}
+            tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<26>"))
             tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-            PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+            PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<26>").save_pretrained(folder)
             folders[key] = folder
         return folders[key]
 

@@ -76,6 +76,8 @@ def test_smollm2_speculative_equals_plain_and_pytorch(smollm2, smol_artifact, dr
         speculative = model.generate(ids, 64, mode="speculative")
         plain = model.generate(ids, 64, mode="plain")
         assert speculative.token_ids == plain.token_ids == reference
+        # the streamed text pieces add up to the decoded tokens (incremental detokenization)
+        assert speculative.text == model.tokenizer.decode(speculative.token_ids, skip_special_tokens=True)
         rejected += speculative.stats.drafted_tokens - speculative.stats.accepted_tokens
     assert rejected > 0
 

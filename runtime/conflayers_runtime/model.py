@@ -102,8 +102,10 @@ class Model:
         used = self.resolve_mode(mode)
         policy = speculative.SpeedGuard() if guard and used == "speculative" and mode == "auto" else None
         self.last_stats = GenerationStats()
-        tokens = self.last_token_ids = []
-        emitted = ""
+        self.last_token_ids = []
+        text = _Detokenizer(self.tokenizer, self.last_token_ids)
+        longest_stop = max((len(stop) for stop in stop_strings), default=0)
+        tail = ""  # the end of the emitted text, where a stop string may begin
         for chunk in speculative.stream(
             self.backend,
             ids,
@@ -114,16 +116,17 @@ class Model:
             self.last_stats,
             policy,
         ):
-            tokens.extend(chunk)
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = _first_stop(text, stop_strings, len(emitted))
-            if cut is not None:
-                yield text[len(emitted) : cut]
-                return
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its next bytes
+            piece = text.add(chunk)
+            if piece is None:  # an incomplete UTF-8 sequence: wait for its next bytes
                 continue
-            yield text[len(emitted) :]
-            emitted = text
+            if longest_stop:
+                window = tail + piece
+                cut = _first_stop(window, stop_strings, len(tail))
+                if cut is not None:
+                    yield window[len(tail) : cut]
+                    return
+                tail = window[-(longest_stop - 1) :] if longest_stop > 1 else ""
+            yield piece
 
     def generate(
         self, prompt: str | Sequence[int], max_new_tokens: int = 128, **kwargs: object
@@ -134,6 +137,27 @@ class Model:
         seconds = time.perf_counter() - start
         mode = self.resolve_mode(str(kwargs.get("mode", "auto")))
         return GenerationResult(text, list(self.last_token_ids), self.last_stats, seconds, mode)
+
+
+class _Detokenizer:
+    """Incremental decoding in O(chunk) per step: decode the new tokens with one earlier chunk of
+    left context (a slice that starts mid-text can lose a leading space) and emit the difference."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens: list[int]):
+        self.tokenizer = tokenizer
+        self.tokens = tokens  # shared with the caller, which reads the ids
+        self.prefix = 0  # start of the context slice
+        self.read = 0  # tokens whose text has been emitted
+
+    def add(self, chunk: Sequence[int]) -> str | None:
+        self.tokens.extend(chunk)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        if after.endswith("\ufffd"):
+            return None
+        self.prefix, self.read = self.read, len(self.tokens)
+        return after[len(before) :]
 
 
 def _first_stop(text: str, stop_strings: Sequence[str], search_from: int) -> int | None:
