@@ -117,7 +117,7 @@ def run_bench(
     results = {name: r.summary() for name, r in runs.items()}
     plain = results["ours plain"]["decode_tokens_per_s"]["median"]  # type: ignore[index]
     for name, model in spec_models.items():
-        c_draft, c_verify = measure_pass_costs(model.backend)
+        c_draft, c_verify = measure_pass_costs(model.backend, context=min(64, model.max_seq_len // 2))
         spec = results[f"ours speculative ({name})"]
         analytic = spec["mean_tokens_per_cycle"] / (spec["draft_passes_per_cycle"] * c_draft + c_verify)  # type: ignore[operator]
         measured = spec["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
@@ -206,7 +206,10 @@ def genai_model_folder(source_folder: Path, target: Path, threads: int) -> Path:
             "--extra_options",
             "hf_token=false",
         ]
-        subprocess.run(command, check=True, env=env, capture_output=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"onnxruntime-genai's builder failed on this model: {last}")
     config_path = target / "genai_config.json"
     config = json.loads(config_path.read_text())
     # Same thread count as every other engine (its default runs at about one thread here).
@@ -226,7 +229,11 @@ def _genai_engine(
     from .models import cache_dir, load_model
 
     loaded = load_model(source)
-    folder = genai_model_folder(loaded.folder, cache_dir() / "genai" / loaded.folder.name, threads)
+    try:
+        folder = genai_model_folder(loaded.folder, cache_dir() / "genai" / loaded.folder.name, threads)
+    except RuntimeError as exc:  # report and bench the other engines
+        progress(f"{exc}: onnxruntime-genai skipped")
+        return None
     genai_model = og.Model(str(folder))
 
     def run(prompt: str) -> Timed:

@@ -235,3 +235,37 @@ def test_the_pair_shares_weights_in_memory(smol_artifact):
     full, _ = measure(str(smol_artifact), None, "shared")
     pair, _ = measure(str(smol_artifact), "mid3", "shared")
     assert pair <= 1.3 * full, (full, pair)
+
+
+def test_bench_reports_every_engine_with_its_ratios(tiny_artifact, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("abc\nhello\n")
+    out = tmp_path / "bench.json"
+    argv = [
+        "bench",
+        str(tiny_artifact),
+        "--prompts",
+        str(prompts),
+        "--max-new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--no-genai",
+        "--json",
+        str(out),
+    ]
+    assert export_main(argv) == 0
+    result = json.loads(out.read_text())
+    engines = result["engines"]
+    assert set(engines) >= {
+        "ours plain",
+        "ours speculative (mid)",
+        "ours auto (mid)",
+        "transformers generate",
+    }
+    spec = engines["ours speculative (mid)"]
+    assert spec["measured_speedup"] == pytest.approx(
+        spec["decode_tokens_per_s"]["median"] / engines["ours plain"]["decode_tokens_per_s"]["median"]
+    )
+    assert spec["c_draft_measured"] > 0 and spec["analytic_speedup"] > 0
+    assert "ours plain" in capsys.readouterr().out
