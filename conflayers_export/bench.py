@@ -10,7 +10,6 @@ run and the per-pass costs measured on the same sessions:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import statistics
 import subprocess
@@ -22,8 +21,6 @@ from pathlib import Path
 
 from conflayers_runtime import GenerationStats, load, read_manifest
 from conflayers_runtime.speculative import measure_pass_costs
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = [
     "Write a short poem about the sea.",
@@ -87,12 +84,14 @@ def run_bench(
     # What a user gets from load(ARTIFACT): the default task's draft (only if recommended), mode auto.
     auto_model = load(artifact, device=device, threads=threads, verify=False)
     engines["ours auto (load defaults)"] = lambda p: _ours(auto_model, p, max_new_tokens, "auto")
+    if with_transformers or with_genai:
+        from .models import load_model
+
+        loaded = load_model(manifest.model.source)  # the same weights, once for both baselines
     if with_transformers:
-        engines["transformers generate"] = _transformers_engine(
-            manifest.model.source, plain_model, max_new_tokens, threads
-        )
+        engines["transformers generate"] = _transformers_engine(loaded, plain_model, max_new_tokens, threads)
     if with_genai:
-        genai = _genai_engine(manifest.model.source, artifact, plain_model, max_new_tokens, threads, progress)
+        genai = _genai_engine(loaded, plain_model, max_new_tokens, threads, progress)
         if genai is not None:
             engines["onnxruntime-genai"] = genai
 
@@ -154,13 +153,10 @@ def _ours(model, prompt: str, max_new_tokens: int, mode: str) -> Timed:
     return model.last_stats.new_tokens, first or total, total, model.last_stats
 
 
-def _transformers_engine(source: str, model, max_new_tokens: int, threads: int) -> Callable[[str], Timed]:
+def _transformers_engine(loaded, model, max_new_tokens: int, threads: int) -> Callable[[str], Timed]:
     import torch
 
-    from .models import load_model
-
     torch.set_num_threads(threads)
-    loaded = load_model(source)
 
     def run(prompt: str) -> Timed:
         ids = torch.tensor([model.encode(prompt)])
@@ -219,16 +215,15 @@ def genai_model_folder(source_folder: Path, target: Path, threads: int) -> Path:
 
 
 def _genai_engine(
-    source: str, artifact: Path, model, max_new_tokens: int, threads: int, progress: Callable[[str], None]
+    loaded, model, max_new_tokens: int, threads: int, progress: Callable[[str], None]
 ) -> Callable[[str], Timed] | None:
     try:
         import onnxruntime_genai as og
     except ImportError:
         progress("onnxruntime-genai not installed (pip install -e .[interop]): skipped")
         return None
-    from .models import cache_dir, load_model
+    from .models import cache_dir
 
-    loaded = load_model(source)
     try:
         folder = genai_model_folder(loaded.folder, cache_dir() / "genai" / loaded.folder.name, threads)
     except RuntimeError as exc:  # report and bench the other engines

@@ -14,7 +14,6 @@ start set, LayerSkip-style early exits, random sets of the same size).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,6 @@ from ..models import LoadedModel
 from ..reference import TorchBackend
 from .confidence import adapt_lambda, profile_layers, select_skips
 
-log = logging.getLogger(__name__)
 COST_MODELS = ("bytes", "measured")
 
 

@@ -5,7 +5,6 @@ updated manifest into a folder, atomically (temporary folder, then rename).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -30,7 +29,6 @@ from ..staging import replace_folder
 from .graph import DTYPES, WeightStore, build_graph
 from .weights import attach_external, write_weights
 
-log = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights.bin"
 FULL_GRAPH = "full.onnx"
 GENAI_CONFIG = "genai_config.json"  # makes the folder loadable by onnxruntime-genai

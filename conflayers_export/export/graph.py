@@ -42,6 +42,9 @@ class WeightStore:
             self.arrays[name] = np.ascontiguousarray(array)
         return name
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
 
 class _GraphBuilder:
     def __init__(
@@ -78,10 +81,12 @@ class _GraphBuilder:
         return outs
 
     def weight(self, name: str, tensor: torch.Tensor | np.ndarray, keep_dtype: bool = False) -> str:
+        self.used.add(name)
+        if name in self.weights:  # an earlier graph of the artifact converted it already
+            return name
         array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
         if not keep_dtype:
             array = array.astype(self.np_dtype)
-        self.used.add(name)
         return self.weights.add(name, array)
 
     def const(self, name: str, values: Sequence[int] | int) -> str:

@@ -5,7 +5,8 @@ The ``artifacts`` section of the manifest (written by ``conflayers-export build`
     dtype, max_seq_len, weights (file name), full (graph file), drafts {name: graph file},
     files {name: {size, sha256}}, kv {num_layers, num_kv_heads, head_dim},
     layers {"full": [...], "<draft>": [kept layer indices]}, inputs/outputs (name patterns),
-    tokenizer {file, chat_prefix, chat_suffix, stop_token_ids}
+    tokenizer {file, chat_prefix, chat_suffix, stop_token_ids},
+    weights_index {tensor: [dtype, shape, offset, length]}, graph_weights {graph file: [tensors]}
 """
 
 from __future__ import annotations

@@ -192,14 +192,16 @@ def load(
     device: str = "cpu",
     draft: str | None | _DefaultDraft = DEFAULT_DRAFT,
     threads: int | None = None,
-    weights: str = "prepacked",
+    weights: str | None = None,
     verify: bool = True,
 ) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
     ``draft``: a draft name, ``DEFAULT_DRAFT`` (the draft of the manifest's ``default`` task, else the
     first built draft, unless calibration did not recommend it) or None (plain decoding only).
-    ``verify`` checks every file's sha256 first.
+    ``weights``: "prepacked" or "shared" (see artifact.WEIGHT_MODES); None picks the device's
+    default (prepacked on CPU, shared device tensors on CUDA). ``verify`` checks every file's
+    sha256 first.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
