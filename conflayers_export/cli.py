@@ -265,11 +265,23 @@ def calibrate(
     "--skip", default=None, help="Also build a draft skipping these layers, e.g. 3,7,11 (named 'manual')."
 )
 @click.option(
+    "--draft-precision",
+    default=None,
+    type=click.Choice(["base", "int8", "int4"]),
+    help="Weights of the 'manual' draft (base: the artifact's dtype).",
+)
+@click.option(
+    "--draft-vocab",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Pruned output vocabulary of the 'manual' draft (needs calibrate's ranking).",
+)
+@click.option(
     "--dtype",
     default="fp32",
     show_default=True,
-    type=click.Choice(["fp32", "fp16"]),
-    help="fp32 for CPU, fp16 for CUDA.",
+    type=click.Choice(["fp32", "fp16", "int4"]),
+    help="fp32 for CPU, fp16 for CUDA, int4: MatMulNBits weights with fp32 activations.",
 )
 @click.option(
     "--max-seq-len",
@@ -284,20 +296,26 @@ def build(
     model: str | None,
     skip_sets: tuple[str, ...],
     skip: str | None,
+    draft_precision: str | None,
+    draft_vocab: int | None,
     dtype: str,
     max_seq_len: int,
     as_json: bool,
 ) -> None:
-    """Export the full graph and one draft graph per skip set into OUT_DIR, over one weights file."""
+    """Export the full graph and one draft graph per draft into OUT_DIR, over one weights file."""
     from pathlib import Path
 
     from conflayers_runtime.manifest import MANIFEST_NAME, read_manifest
 
-    from .export.build import build_artifact, manifest_for_build
+    from .export.build import build_artifact, hand_draft, manifest_for_build
     from .models import load_model
 
     folder = Path(out_dir)
-    hand_given = {"manual": _parse_layers(skip)} if skip is not None else None
+    hand_given = []
+    if skip is not None or draft_precision is not None or draft_vocab is not None:
+        hand_given.append(
+            hand_draft("manual", _parse_layers(skip or ""), draft_precision or "base", draft_vocab)
+        )
     if model is None:
         model = read_manifest(folder).model.source if (folder / MANIFEST_NAME).is_file() else DEFAULT_MODEL
     start = time.perf_counter()

@@ -26,11 +26,22 @@ from .architectures import Architecture, bypassed
 class TorchBackend:
     """Full model and layer-skipped draft over one shared ``DynamicCache``."""
 
-    def __init__(self, model: PreTrainedModel, architecture: Architecture, skip_layers: Sequence[int] = ()):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        architecture: Architecture,
+        skip_layers: Sequence[int] = (),
+        draft_model: PreTrainedModel | None = None,
+        draft_token_ids: np.ndarray | None = None,
+    ):
+        """``draft_model``: another model over the same cache for the draft (e.g. with quantized
+        weights; default ``model``); ``draft_token_ids``: the draft's pruned vocabulary."""
         check_skip_layers(list(skip_layers), model.config.num_hidden_layers)
         self.model = model
+        self.draft_model = draft_model if draft_model is not None else model
         self.architecture = architecture
         self.skip_layers = tuple(sorted(skip_layers))
+        self.draft_token_ids = draft_token_ids
         # No config: every layer is a plain growing layer that can be cropped. Sliding-window
         # layers still attend only inside their window, because the attention masks apply it.
         self.cache = DynamicCache()
@@ -42,16 +53,18 @@ class TorchBackend:
     def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray:
         self._truncate(start)
         positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)  # [1, S]
+        model = self.draft_model if draft else self.model
         skip = self.skip_layers if draft else ()
-        context = bypassed(self.model, self.architecture, skip) if skip else contextlib.nullcontext()
+        context = bypassed(model, self.architecture, skip) if skip else contextlib.nullcontext()
         with context:
-            out = self.model(
+            out = model(
                 input_ids=torch.tensor([list(token_ids)]),
                 position_ids=positions,
                 cache=self.cache,
                 use_cache=True,
             )
-        return out.logits[0].float().numpy()  # [S, V]
+        logits = out.logits[0].float().numpy()  # [S, V]
+        return logits[:, self.draft_token_ids] if draft and self.draft_token_ids is not None else logits
 
     def _truncate(self, length: int) -> None:
         if length == 0:

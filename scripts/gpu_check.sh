@@ -35,7 +35,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from conflayers_export.architectures import registered
 from conflayers_export.models import load_model
-from conflayers_export.export.build import build_artifact, manifest_for_build
+from conflayers_export.export.build import build_artifact, hand_draft, manifest_for_build
 from conflayers_export.export.validate import check_parity
 from conflayers_runtime import load, generate
 from pathlib import Path
@@ -50,7 +50,7 @@ for name, arch in registered().items():
     loaded = load_model(str(folder))
     for dtype in ("fp32", "fp16"):
         art = folder.parent / f"{name}-{dtype}"
-        build_artifact(art, loaded, manifest_for_build(art, loaded, {"mid": [1, 2]}, None), dtype=dtype, max_seq_len=64)
+        build_artifact(art, loaded, manifest_for_build(art, loaded, [hand_draft("mid", [1, 2])]), dtype=dtype, max_seq_len=64)
         try:
             results = check_parity(art, loaded, device="cuda")
             worst = max(r.max_abs_diff for r in results)

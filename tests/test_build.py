@@ -20,15 +20,11 @@ from conflayers_runtime.artifact import open_backend, verify_files
 
 from conflayers_export.cli import main
 from conflayers_export.export import build as build_module
-from conflayers_export.export.build import build_artifact, manifest_for_build
+from conflayers_export.export.build import manifest_for_build
 from conflayers_export.export.validate import TOLERANCE, check_parity
 from conflayers_export.models import load_model
+from tests.helpers import build
 from tests.test_architectures import TESTED_ARCHITECTURES
-
-
-def _build(folder, loaded, skip_sets, **kwargs):
-    manifest = manifest_for_build(folder, loaded, skip_sets, None)
-    return build_artifact(folder, loaded, manifest, max_seq_len=kwargs.pop("max_seq_len", 64), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +36,7 @@ def tiny_artifacts(tiny_folder, tmp_path_factory):
         if model_type not in built:
             loaded = load_model(str(tiny_folder(model_type)))
             folder = tmp_path_factory.mktemp(f"artifact-{model_type}")
-            _build(folder, loaded, {"mid": [1, 2], "one": [2]})
+            build(folder, loaded, {"mid": [1, 2], "one": [2]})
             built[model_type] = folder, loaded
         return built[model_type]
 
@@ -96,7 +92,7 @@ def test_weights_are_stored_once_and_drafts_point_into_them(tiny_artifacts):
 
 
 def test_smollm2_artifact_size_and_parity(smollm2, tmp_path):
-    manifest = _build(tmp_path / "smol", smollm2, {"mid3": [14, 15, 16]}, max_seq_len=256)
+    manifest = build(tmp_path / "smol", smollm2, {"mid3": [14, 15, 16]}, max_seq_len=256)
     files = manifest.artifacts["files"]
     one_copy = sum(p.numel() * p.element_size() for p in smollm2.model.parameters())
     tokenizer = sum(f["size"] for n, f in files.items() if n.startswith(("tokenizer", "chat_template")))
@@ -108,7 +104,7 @@ def test_smollm2_artifact_size_and_parity(smollm2, tmp_path):
 def test_a_failed_build_leaves_the_existing_artifact_untouched(tiny_folder, tmp_path, monkeypatch):
     loaded = load_model(str(tiny_folder("qwen2")))
     folder = tmp_path / "art"
-    _build(folder, loaded, {"mid": [1, 2]})
+    build(folder, loaded, {"mid": [1, 2]})
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def broken(*args, **kwargs):
@@ -116,7 +112,7 @@ def test_a_failed_build_leaves_the_existing_artifact_untouched(tiny_folder, tmp_
 
     monkeypatch.setattr(build_module, "write_weights", broken)
     with pytest.raises(OSError, match="disk full"):
-        _build(folder, loaded, {"other": [1]})
+        build(folder, loaded, {"other": [1]})
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"], "temporary folder left behind"
 
@@ -141,7 +137,7 @@ def test_a_manifest_for_another_model_is_refused(tiny_artifacts, tiny_folder):
     folder, _ = tiny_artifacts("llama")
     other = load_model(str(tiny_folder("qwen2")))
     with pytest.raises(ManifestError, match="made for another model.*pass the matching --model"):
-        manifest_for_build(folder, other, None, None)
+        manifest_for_build(folder, other)
 
 
 @pytest.mark.parametrize(
@@ -151,14 +147,14 @@ def test_a_manifest_for_another_model_is_refused(tiny_artifacts, tiny_folder):
 def test_bad_skip_sets_are_refused(tiny_folder, tmp_path, skip, error):
     loaded = load_model(str(tiny_folder("llama")))
     with pytest.raises(SkipSetError, match=error):
-        _build(tmp_path / "art", loaded, {"bad": skip})
+        build(tmp_path / "art", loaded, {"bad": skip})
     assert not (tmp_path / "art").exists()
 
 
 def test_unsupported_dtype_is_refused(tiny_folder, tmp_path):
     loaded = load_model(str(tiny_folder("llama")))
     with pytest.raises(ManifestError, match="unsupported dtype 'int3'"):
-        _build(tmp_path / "art", loaded, {}, dtype="int3")
+        build(tmp_path / "art", loaded, {}, dtype="int3")
 
 
 def test_too_long_sequence_is_refused_by_the_backend(tiny_artifacts):
@@ -217,7 +213,7 @@ def test_the_minimal_example_driver_reproduces_greedy_output(tiny_artifacts):
 
 def test_fp16_graphs_match_pytorch_within_the_stated_tolerance(tiny_folder, tmp_path):
     loaded = load_model(str(tiny_folder("gemma3_text")))
-    _build(tmp_path / "fp16", loaded, {"mid": [1, 2]}, dtype="fp16")
+    build(tmp_path / "fp16", loaded, {"mid": [1, 2]}, dtype="fp16")
     results = check_parity(tmp_path / "fp16", loaded)
     assert max(r.max_abs_diff for r in results) <= TOLERANCE["fp16"]
 

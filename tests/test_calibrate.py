@@ -152,9 +152,7 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
     assert again.to_dict() == manifest.to_dict()
 
     # The manifest feeds build directly.
-    built = build_artifact(
-        tmp_path / "a", loaded, manifest_for_build(tmp_path / "a", loaded, None, None), max_seq_len=64
-    )
+    built = build_artifact(tmp_path / "a", loaded, manifest_for_build(tmp_path / "a", loaded), max_seq_len=64)
     assert set(built.artifacts["drafts"]) == {"default", "other"}
     assert (tmp_path / "a" / "calibration" / "report.md").is_file(), "build must keep the report"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conflayers_export.export.build import build_artifact, manifest_for_build
+from conflayers_export.export.build import build_artifact, hand_draft, manifest_for_build
 
 og = pytest.importorskip("onnxruntime_genai", reason="interop extra not installed: pip install -e .[interop]")
 
@@ -15,7 +15,10 @@ pytestmark = pytest.mark.real_model
 def test_onnxruntime_genai_generates_what_pytorch_generates(smollm2, tmp_path):
     folder = tmp_path / "smol"
     build_artifact(
-        folder, smollm2, manifest_for_build(folder, smollm2, {"mid3": [14, 15, 16]}, None), max_seq_len=256
+        folder,
+        smollm2,
+        manifest_for_build(folder, smollm2, [hand_draft("mid3", [14, 15, 16])]),
+        max_seq_len=256,
     )
     ids = smollm2.encode("Write a short poem about the sea.")
     model = og.Model(str(folder))

@@ -24,9 +24,9 @@ from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.cli import main as run_main
 
 from conflayers_export.cli import main as export_main
-from conflayers_export.export.build import build_artifact, manifest_for_build
 from conflayers_export.models import load_model
 from conflayers_export.reference import speculative_generate
+from tests.helpers import build
 from tests.test_reference import (
     VOCAB,
     always_accept,
@@ -43,16 +43,11 @@ PROMPTS = [
 ]
 
 
-def _build(folder, loaded, skip_sets, max_seq_len=64):
-    manifest = manifest_for_build(folder, loaded, skip_sets, None)
-    return build_artifact(folder, loaded, manifest, max_seq_len=max_seq_len)
-
-
 @pytest.fixture(scope="module")
 def smol_artifact(smollm2, tmp_path_factory):
     folder = tmp_path_factory.mktemp("smol") / "artifact"
     # "mid3" is accepted often; "every-other" (12 layers) is rejected often and exercises rollback.
-    _build(folder, smollm2, {"mid3": [14, 15, 16], "every-other": list(range(3, 27, 2))}, max_seq_len=256)
+    build(folder, smollm2, {"mid3": [14, 15, 16], "every-other": list(range(3, 27, 2))}, max_seq_len=256)
     return folder
 
 
@@ -87,7 +82,7 @@ def sampling_artifact(tiny_folder, tmp_path_factory):
     folder = tiny_folder("llama", seed=3, vocab_size=VOCAB)
     loaded = load_model(str(folder))
     artifact = tmp_path_factory.mktemp("sampling") / "artifact"
-    _build(artifact, loaded, {"mid": [1, 2]})
+    build(artifact, loaded, {"mid": [1, 2]})
     return loaded, artifact
 
 
@@ -111,7 +106,7 @@ def test_onnx_sampling_with_a_wrong_rule_fails(sampling_artifact, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_artifact(tiny_folder, tmp_path_factory):
     artifact = tmp_path_factory.mktemp("tiny") / "artifact"
-    _build(artifact, load_model(str(tiny_folder("qwen2"))), {"mid": [1, 2]})
+    build(artifact, load_model(str(tiny_folder("qwen2"))), {"mid": [1, 2]})
     return artifact
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import onnx
 from conflayers_runtime.artifact import file_sha256
 from conflayers_runtime.manifest import (
@@ -27,6 +28,7 @@ from ..errors import ManifestError
 from ..models import LoadedModel
 from ..staging import replace_folder
 from .graph import DTYPES, WeightStore, build_graph
+from .quantize import BITS, BLOCK_SIZE, DRAFT_ACCURACY_LEVEL, FULL_ACCURACY_LEVEL
 from .weights import attach_external, write_weights
 
 WEIGHTS_FILE = "weights.bin"
@@ -59,6 +61,8 @@ def build_artifact(
     num_layers = loaded.identity.num_layers
     for draft in manifest.drafts:
         check_skip_layers(draft.skip_layers, num_layers)
+        draft_bits(draft, dtype)
+        draft_vocabulary(draft, manifest, loaded.model.config.vocab_size)
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and max_seq_len > limit:
         raise ManifestError(f"--max-seq-len {max_seq_len} exceeds the model's {limit} positions")
@@ -83,15 +87,30 @@ def _write(
     layers: dict[str, list[int]] = {}
 
     progress("full graph")
-    graphs[FULL_GRAPH] = build_graph(model, arch, range(num_layers), dtype, max_seq_len, store, "full")
+    graphs[FULL_GRAPH] = build_graph(
+        model, arch, range(num_layers), dtype, max_seq_len, store, "full", DTYPES[dtype][2]
+    )
     layers["full"] = list(range(num_layers))
     drafts: dict[str, str] = {}
+    draft_vocab: dict[str, str] = {}
     for draft in manifest.drafts:
         progress(f"draft {draft.name}")
         kept = [i for i in range(num_layers) if i not in set(draft.skip_layers)]
+        vocab_ids = draft_vocabulary(draft, manifest, model.config.vocab_size)
+        if vocab_ids is not None:  # the id of each logits column, read by runtimes from the weights file
+            draft_vocab[draft.name] = store.add(f"draft_vocab.{len(vocab_ids)}.token_ids", vocab_ids)
         drafts[draft.name] = draft_graph_name(draft.name)
         graphs[drafts[draft.name]] = build_graph(
-            model, arch, kept, dtype, max_seq_len, store, f"draft.{draft.name}"
+            model,
+            arch,
+            kept,
+            dtype,
+            max_seq_len,
+            store,
+            f"draft.{draft.name}",
+            draft_bits(draft, dtype),
+            vocab_ids,
+            draft=True,
         )
         layers[draft.name] = kept
 
@@ -126,7 +145,17 @@ def _write(
         "weights": WEIGHTS_FILE,
         "full": FULL_GRAPH,
         "drafts": drafts,
+        # Drafts with a pruned vocabulary: the int64 tensor (in weights_index) mapping each of
+        # their logits columns to a token id.
+        "draft_vocab": draft_vocab,
+        "quantization": {
+            "operator": "com.microsoft.MatMulNBits",
+            "scheme": "symmetric, default zero point 2^(bits-1)",
+            "block_size": BLOCK_SIZE,
+            "accuracy_level": {"full": FULL_ACCURACY_LEVEL, "drafts": DRAFT_ACCURACY_LEVEL},
+        },
         "kv": {
+            "dtype": "fp16" if dtype == "fp16" else "fp32",
             "num_layers": layout.num_layers,
             "num_kv_heads": layout.num_kv_heads,
             "head_dim": layout.head_dim,
@@ -147,7 +176,7 @@ def _write(
             "past_key_values.{layer}.key|value": f"{dtype} cache, bound to the same buffer as present",
         },
         "outputs": {
-            "logits": "float32 [batch, sequence, vocab]",
+            "logits": "float32 [batch, sequence, vocab] (a pruned draft: [.., len(draft_vocab ids)])",
             "present.{layer}.key|value": "the past buffer, updated in place at [total - sequence, total)",
         },
         "tokenizer": {
@@ -163,6 +192,46 @@ def _write(
     manifest.tool = {"name": "conflayers-export", "version": __version__}
     write_manifest(manifest, folder)
     return manifest
+
+
+def draft_bits(draft: Draft, dtype: str) -> int | None:
+    """Weight bits of a draft's linears (None: float weights, as the artifact's dtype)."""
+    artifact_bits = DTYPES[dtype][2]
+    if draft.weight_precision == "base":
+        return artifact_bits
+    bits = BITS[draft.weight_precision]
+    if artifact_bits is not None and bits > artifact_bits:
+        raise ManifestError(
+            f"draft {draft.name!r}: {draft.weight_precision} weights on a {dtype} artifact would read "
+            "more bytes than the full graph itself: use weight_precision 'base' (--draft-precision base)"
+        )
+    return bits
+
+
+def draft_vocabulary(draft: Draft, manifest: Manifest, vocab_size: int) -> np.ndarray | None:
+    """The sorted token ids a pruned draft scores (None: the whole vocabulary).
+
+    They are the ``vocab_size`` first ids of the ranking calibrate wrote into the manifest (the
+    most frequent tokens of its calibration generations, stop tokens first).
+    """
+    if draft.vocab_size is None or draft.vocab_size == vocab_size:
+        return None
+    if draft.vocab_size > vocab_size:
+        raise ManifestError(
+            f"draft {draft.name!r}: vocab_size {draft.vocab_size} exceeds the model's vocabulary of "
+            f"{vocab_size} tokens: choose a smaller --draft-vocab (or none for the whole vocabulary)"
+        )
+    ranked = manifest.calibration.get("vocabulary", {}).get("ranked_token_ids", [])
+    if len(ranked) < draft.vocab_size:
+        raise ManifestError(
+            f"draft {draft.name!r} asks for a pruned vocabulary of {draft.vocab_size} tokens, but the "
+            f"manifest ranks {len(ranked)}: run `conflayers-export calibrate` (it ranks the vocabulary "
+            "on its calibration generations) or choose a smaller --draft-vocab"
+        )
+    ids = np.asarray(sorted(ranked[: draft.vocab_size]), dtype=np.int64)
+    if len(np.unique(ids)) != len(ids) or ids[0] < 0 or ids[-1] >= vocab_size:
+        raise ManifestError("the manifest's vocabulary ranking is corrupt (repeated or out-of-range ids)")
+    return ids
 
 
 def _write_genai_config(folder: Path, loaded: LoadedModel, layout: KVLayout, max_seq_len: int) -> None:
@@ -228,9 +297,10 @@ def _chat_affixes(loaded: LoadedModel) -> dict[str, str | None]:
 
 
 def manifest_for_build(
-    out_dir: Path, loaded: LoadedModel, skip_sets: dict[str, list[int]] | None, selected: list[str] | None
+    out_dir: Path, loaded: LoadedModel, hand_drafts: Iterable[Draft] = (), selected: list[str] | None = None
 ) -> Manifest:
-    """The manifest to build from: the folder's own (checked against the model) or a new one."""
+    """The manifest to build from: the folder's own (checked against the model) or a new one,
+    restricted to the ``selected`` drafts, with ``hand_drafts`` added (replacing same-named ones)."""
     if (out_dir / MANIFEST_NAME).is_file():
         manifest = read_manifest(out_dir)
         if manifest.model.fingerprint != loaded.identity.fingerprint:
@@ -244,7 +314,13 @@ def manifest_for_build(
     if selected:
         manifest.drafts = [manifest.draft(name) for name in selected]
         manifest.tasks = {k: t for k, t in manifest.tasks.items() if t.draft is None or t.draft in selected}
-    for name, skip in (skip_sets or {}).items():
-        manifest.drafts = [d for d in manifest.drafts if d.name != name]
-        manifest.drafts.append(Draft(name, sorted(skip), metrics={"source": "given by hand"}))
+    for draft in hand_drafts:
+        manifest.drafts = [d for d in manifest.drafts if d.name != draft.name]
+        manifest.drafts.append(draft)
     return manifest
+
+
+def hand_draft(
+    name: str, skip: list[int], weight_precision: str = "base", vocab_size: int | None = None
+) -> Draft:
+    return Draft(name, sorted(skip), vocab_size, weight_precision, metrics={"source": "given by hand"})

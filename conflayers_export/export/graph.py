@@ -7,6 +7,13 @@ The graph is built directly from the model's weights (onnxruntime-genai style), 
 - one fused QKV MatMul per layer, residual adds fused into SkipSimplifiedLayerNormalization;
 - a tied output head reads the embedding table through Gemm(transB=1), so it is stored once.
 
+Cheaper drafts (and int4 artifacts) come from the same builder:
+- ``bits`` (4 or 8): every decoder linear and the output head read MatMulNBits copies of their
+  weights (quantize.py), stored once beside the float weights and shared by every graph that
+  reads them; norms, embeddings (a Gather of one row per token) and RoPE tables stay float;
+- ``vocab_ids``: the output head covers only those token ids (a pruned copy of its rows), so
+  the graph's logits have len(vocab_ids) columns, column j scoring token vocab_ids[j].
+
 A draft is the same builder with some layers left out: its KV inputs are only those of the
 layers it keeps (same names as in the full graph), and its initializers are a subset of the
 full graph's, by name. Graph I/O (batch B, new tokens S, total length T):
@@ -26,9 +33,16 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..architectures import Architecture
+from .quantize import BLOCK_SIZE, DRAFT_ACCURACY_LEVEL, FULL_ACCURACY_LEVEL, quantize
 
 OPSET = 21
-DTYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+# Artifact dtype -> (activation and KV dtype, weight bits of every graph unless a draft asks for
+# fewer; None = float weights in the activation dtype).
+DTYPES: dict[str, tuple[type, int, int | None]] = {
+    "fp32": (np.float32, TensorProto.FLOAT, None),
+    "fp16": (np.float16, TensorProto.FLOAT16, None),
+    "int4": (np.float32, TensorProto.FLOAT, 4),
+}
 
 
 @dataclass
@@ -54,11 +68,17 @@ class _GraphBuilder:
         dtype: str,
         max_seq_len: int,
         weights: WeightStore,
+        bits: int | None = None,
+        vocab_ids: np.ndarray | None = None,
+        accuracy_level: int = FULL_ACCURACY_LEVEL,
     ):
         self.model = model
         self.arch = architecture
         self.config = model.config
-        self.np_dtype, self.onnx_dtype = DTYPES[dtype]
+        self.np_dtype, self.onnx_dtype, _ = DTYPES[dtype]
+        self.bits = bits
+        self.vocab_ids = vocab_ids
+        self.accuracy_level = accuracy_level
         self.max_seq_len = max_seq_len
         self.weights = weights
         self.layout = architecture.kv_layout(model.config)
@@ -94,11 +114,38 @@ class _GraphBuilder:
         return name
 
     def linear(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, name: str, wname: str) -> str:
-        # HF stores [out, in]; MatMul wants [in, out]: transposed once here, at build time.
-        y = self.op("MatMul", [x, self.weight(wname + ".weight", weight.T)], f"{name}/MatMul")[0]
+        if self.bits:
+            y = self.matmul_nbits(x, weight, name, wname + ".weight")
+        else:
+            # HF stores [out, in]; MatMul wants [in, out]: transposed once here, at build time.
+            y = self.op("MatMul", [x, self.weight(wname + ".weight", weight.T)], f"{name}/MatMul")[0]
         if bias is not None:
             y = self.op("Add", [y, self.weight(wname + ".bias", bias)], f"{name}/Add")[0]
         return y
+
+    def matmul_nbits(self, x: str, weight: torch.Tensor | np.ndarray, name: str, wname: str) -> str:
+        """x @ weight.T with ``weight`` [N, K] read as a ``self.bits``-bit block-quantized copy."""
+        bits = self.bits
+        assert bits is not None
+        packed, scales = f"{wname}.int{bits}", f"{wname}.int{bits}.scales"
+        n, k = weight.shape
+        if packed not in self.weights:  # quantized once, shared by every graph that reads it
+            array = weight.detach().float().numpy() if isinstance(weight, torch.Tensor) else weight
+            q, s = quantize(np.asarray(array, np.float32), bits)
+            self.weights.add(packed, q)
+            self.weights.add(scales, s.reshape(-1).astype(self.np_dtype))
+        self.used.update((packed, scales))
+        return self.op(
+            "MatMulNBits",
+            [x, packed, scales],
+            f"{name}/MatMulNBits",
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=BLOCK_SIZE,
+            accuracy_level=self.accuracy_level,
+        )[0]
 
     def norm_weight(self, name: str, module: torch.nn.Module) -> str:
         return self.weight(name, module.weight.detach().float() + self.arch.norm_offset)
@@ -284,21 +331,15 @@ class _GraphBuilder:
                 )
         _, x = self.skip_norm(pending, residual, inner.norm, "/model/norm", "model.norm.weight")
 
-        head = self.model.lm_head.weight
-        table = inner.embed_tokens.weight
-        # Tied, or untied with equal values (GGUF files often carry the output head as a copy of
-        # the embeddings): either way the head reads the embedding table, stored once.
-        tied = head.data_ptr() == table.data_ptr() or (head.shape == table.shape and torch.equal(head, table))
-        head_name = embed if tied else self.weight("lm_head.weight", head)
         flat = self.op(
             "Reshape", [x, self.const("shape.rows", [-1, self.config.hidden_size])], "/lm_head/Rows"
         )[0]
-        logits = self.op("Gemm", [flat, head_name], "/lm_head/Gemm", transB=1)[0]
+        logits = self.head(flat, embed)
         out_shape = self.op(
             "Concat",
             [
                 self.op("Shape", ["input_ids"], "/lm_head/Shape")[0],
-                self.const("vocab", [self.config.vocab_size]),
+                self.const("vocab", [self.vocab_width]),
             ],
             "/lm_head/OutShape",
             axis=0,
@@ -309,6 +350,29 @@ class _GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Output"))
         return self._model(keep_layers, graph_name)
 
+    @property
+    def vocab_width(self) -> int:
+        return self.config.vocab_size if self.vocab_ids is None else len(self.vocab_ids)
+
+    def head(self, flat: str, embed: str) -> str:
+        """Logits [rows, vocab_width] of the final hidden states [rows, hidden]."""
+        head = self.model.lm_head.weight
+        table = self.model.model.embed_tokens.weight
+        # Tied, or untied with equal values (GGUF files often carry the output head as a copy of
+        # the embeddings): either way the head reads the embedding table, stored once.
+        tied = head.data_ptr() == table.data_ptr() or (head.shape == table.shape and torch.equal(head, table))
+        name = embed if tied else "lm_head.weight"
+        if self.vocab_ids is None and not self.bits:
+            weight = embed if tied else self.weight(name, head)
+            return self.op("Gemm", [flat, weight], "/lm_head/Gemm", transB=1)[0]
+        rows = head.detach().float().numpy()
+        if self.vocab_ids is not None:  # a pruned head: its own contiguous copy of the kept rows
+            name = f"{name}.vocab{len(self.vocab_ids)}"
+            rows = rows[self.vocab_ids]
+        if self.bits:
+            return self.matmul_nbits(flat, rows, "/lm_head", name)
+        return self.op("Gemm", [flat, self.weight(name, rows)], "/lm_head/Gemm", transB=1)[0]
+
     def _model(self, keep_layers: Sequence[int], graph_name: str) -> onnx.ModelProto:
         kv_shape = ["batch", self.layout.num_kv_heads, self.max_seq_len, self.layout.head_dim]
         inputs = [
@@ -317,7 +381,7 @@ class _GraphBuilder:
         ]
         outputs = [
             helper.make_tensor_value_info(
-                "logits", TensorProto.FLOAT, ["batch", "sequence", self.config.vocab_size]
+                "logits", TensorProto.FLOAT, ["batch", "sequence", self.vocab_width]
             )
         ]
         for i in keep_layers:
@@ -353,8 +417,13 @@ def build_graph(
     max_seq_len: int,
     weights: WeightStore,
     graph_name: str,
+    bits: int | None = None,
+    vocab_ids: np.ndarray | None = None,
+    draft: bool = False,
 ) -> tuple[onnx.ModelProto, set[str]]:
-    """Build one graph that runs ``keep_layers``; returns it and the names of the weights it reads."""
-    builder = _GraphBuilder(model, architecture, dtype, max_seq_len, weights)
+    """Build one graph that runs ``keep_layers`` (with ``bits``-bit linears and a head over
+    ``vocab_ids`` when given); returns it and the names of the weights it reads."""
+    accuracy = DRAFT_ACCURACY_LEVEL if draft else FULL_ACCURACY_LEVEL
+    builder = _GraphBuilder(model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, accuracy)
     graph = builder.build(list(keep_layers), graph_name)
     return graph, builder.used

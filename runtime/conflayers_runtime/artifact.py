@@ -6,13 +6,15 @@ The ``artifacts`` section of the manifest (written by ``conflayers-export build`
     files {name: {size, sha256}}, kv {num_layers, num_kv_heads, head_dim},
     layers {"full": [...], "<draft>": [kept layer indices]}, inputs/outputs (name patterns),
     tokenizer {file, chat_prefix, chat_suffix, stop_token_ids},
-    weights_index {tensor: [dtype, shape, offset, length]}, graph_weights {graph file: [tensors]}
+    weights_index {tensor: [dtype, shape, offset, length]}, graph_weights {graph file: [tensors]},
+    draft_vocab {draft: int64 tensor of token ids, one per logits column}, quantization {...}
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +69,11 @@ def kv_spec(manifest: Manifest) -> KVSpec:
     section = artifact_section(manifest)
     kv = section["kv"]
     return KVSpec(
-        kv["num_layers"], kv["num_kv_heads"], kv["head_dim"], section["max_seq_len"], section["dtype"]
+        kv["num_layers"],
+        kv["num_kv_heads"],
+        kv["head_dim"],
+        section["max_seq_len"],
+        kv.get("dtype", section["dtype"]),  # schema 1.0 artifacts had float dtypes only
     )
 
 
@@ -131,7 +137,9 @@ def open_backend(
             raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
         graphs["draft"] = section["drafts"][draft]
     device_weights = (
-        _device_weights(folder, section, device) if device != "cpu" and weights == "shared" else {}
+        _device_weights(folder, section, graphs.values(), device)
+        if device != "cpu" and weights == "shared"
+        else {}
     )
     sessions = {}
     for role, graph in graphs.items():
@@ -139,8 +147,22 @@ def open_backend(
         if device_weights:
             names = section["graph_weights"][graph]
             options.add_external_initializers(names, [device_weights[n] for n in names])
-        sessions[role] = ort.InferenceSession(str(folder / graph), options, providers=providers)
-    return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device)
+        try:
+            sessions[role] = ort.InferenceSession(str(folder / graph), options, providers=providers)
+        except Exception as exc:  # e.g. a quantized kernel this build of ONNX Runtime lacks
+            precision = next((d.weight_precision for d in manifest.drafts if d.name == draft), "base")
+            what = (
+                f"draft {draft!r} ({precision} weights)"
+                if role == "draft"
+                else f"{section['dtype']} full graph"
+            )
+            raise ManifestError(
+                f"ONNX Runtime cannot run the {what} of {folder} on {device}: {exc}. Choose another "
+                "draft (--draft) or device, or rebuild the artifact with a precision this device runs"
+            ) from exc
+    vocab_tensor = section.get("draft_vocab", {}).get(draft) if draft is not None else None
+    token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
+    return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device, token_ids)
 
 
 _NUMPY_DTYPES = {
@@ -152,12 +174,19 @@ _NUMPY_DTYPES = {
 }
 
 
-def _device_weights(folder: Path, section: dict[str, Any], device: str) -> dict[str, ort.OrtValue]:
-    """Every weight of the artifact copied once to the device, as user-owned OrtValues."""
-    index = section["weights_index"]
-    mapped = np.memmap(folder / section["weights"], dtype=np.uint8, mode="r")
-    values = {}
-    for name, (dtype, shape, offset, length) in index.items():
-        array = mapped[offset : offset + length].view(_NUMPY_DTYPES[dtype]).reshape(shape)
-        values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
-    return values
+def _read_weight(folder: Path, section: dict[str, Any], name: str) -> np.ndarray:
+    """One tensor of the weights file, as a host array (a copy: the file is closed afterwards)."""
+    dtype, shape, offset, length = section["weights_index"][name]
+    mapped = np.memmap(folder / section["weights"], dtype=np.uint8, mode="r", offset=offset, shape=(length,))
+    return np.array(mapped.view(_NUMPY_DTYPES[dtype]).reshape(shape))
+
+
+def _device_weights(
+    folder: Path, section: dict[str, Any], graphs: Iterable[str], device: str
+) -> dict[str, ort.OrtValue]:
+    """Every weight the ``graphs`` read, copied once to the device as user-owned OrtValues."""
+    names = sorted({n for graph in graphs for n in section["graph_weights"][graph]})
+    return {
+        name: ort.OrtValue.ortvalue_from_numpy(_read_weight(folder, section, name), device, 0)
+        for name in names
+    }

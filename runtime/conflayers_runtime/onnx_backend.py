@@ -7,6 +7,9 @@ binds only the layers it keeps (the same buffers). Rolling back a rejected draft
 shorter attention mask next time. What crosses the bus per call: the new token ids (8 bytes
 each) on the way in, the logits rows on the way out; the attention mask is a view of a
 preallocated device buffer of ones, and the caches never move.
+
+A draft with a pruned vocabulary returns logits over its own columns only; ``draft_token_ids``
+maps each column to its token id (the decoding loop applies it).
 """
 
 from __future__ import annotations
@@ -40,9 +43,15 @@ class OnnxBackend:
     """Implements :class:`conflayers_runtime.Backend` over a full and an optional draft session."""
 
     def __init__(
-        self, full: ort.InferenceSession, draft: ort.InferenceSession | None, kv: KVSpec, device: str = "cpu"
+        self,
+        full: ort.InferenceSession,
+        draft: ort.InferenceSession | None,
+        kv: KVSpec,
+        device: str = "cpu",
+        draft_token_ids: np.ndarray | None = None,
     ):
         self.kv = kv
+        self.draft_token_ids = draft_token_ids
         self.device = device_type(device)
         shape = [1, kv.num_kv_heads, kv.max_seq_len, kv.head_dim]
         dtype = _NP_DTYPES[kv.dtype]
@@ -54,8 +63,9 @@ class OnnxBackend:
         self.ones = ort.OrtValue.ortvalue_from_numpy(np.ones((1, kv.max_seq_len), np.int64), self.device, 0)
         self.bindings = {False: self._bind(full), True: self._bind(draft) if draft is not None else None}
         self.sessions = {False: full, True: draft}
-        self.vocab_size = int(full.get_outputs()[0].shape[-1])
-        self._logits: dict[int, ort.OrtValue] = {}
+        # Logits columns per graph: the vocabulary, or a pruned draft's own width.
+        self.widths = {role: int(s.get_outputs()[0].shape[-1]) for role, s in self.sessions.items() if s}
+        self._logits: dict[tuple[bool, int], ort.OrtValue] = {}
 
     def _bind(self, session: ort.InferenceSession) -> ort.IOBinding:
         binding = session.io_binding()
@@ -80,20 +90,20 @@ class OnnxBackend:
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         # A [1, total] view of the preallocated ones: the mask tells the graph the valid length.
         binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.ones.data_ptr())
-        logits = self._logits_buffer(len(token_ids))
+        logits = self._logits_buffer(draft, len(token_ids))
         binding.bind_ortvalue_output("logits", logits)
         self.sessions[draft].run_with_iobinding(binding)
         # [S, V]: a view of the reused host buffer, valid until the next forward of the same length
         # (callers consume it first). Reading it directly avoids wrapping every bound output.
         return logits.numpy()[0]
 
-    def _logits_buffer(self, rows: int) -> ort.OrtValue:
-        """A host buffer [1, rows, vocab] for the logits; kept for the short steps that repeat."""
-        buffer = self._logits.get(rows)
+    def _logits_buffer(self, draft: bool, rows: int) -> ort.OrtValue:
+        """A host buffer [1, rows, width] for the logits; kept for the short steps that repeat."""
+        buffer = self._logits.get((draft, rows))
         if buffer is None:
             buffer = ort.OrtValue.ortvalue_from_shape_and_type(
-                [1, rows, self.vocab_size], np.float32, "cpu", 0
+                [1, rows, self.widths[draft]], np.float32, "cpu", 0
             )
             if rows <= 16:  # draft/plain steps and verify passes; prefills vary and are not kept
-                self._logits[rows] = buffer
+                self._logits[(draft, rows)] = buffer
         return buffer

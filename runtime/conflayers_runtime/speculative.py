@@ -33,8 +33,12 @@ class Backend(Protocol):
     """Runs the model over ``token_ids`` at cache positions [start, start + len(token_ids)).
 
     Cache entries at positions >= start are treated as garbage and overwritten; this is how a
-    rejected draft is rolled back. Returns float logits [len(token_ids), vocab].
+    rejected draft is rolled back. Returns float logits [len(token_ids), vocab]; a draft with a
+    pruned vocabulary returns [len(token_ids), len(draft_token_ids)], column j scoring token
+    ``draft_token_ids[j]`` (None: the whole vocabulary).
     """
+
+    draft_token_ids: np.ndarray | None
 
     def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray: ...
 
@@ -180,7 +184,8 @@ def stream(
             accepted, next_token = sampling.accept_greedy(verify_logits, drafted)
         else:
             p = sampling.warp(verify_logits, sampling_config)
-            accepted, next_token = sampling.accept_sampled(p, np.array(q_rows), drafted, rng)
+            q = _over_vocabulary(q_rows, backend.draft_token_ids, p.shape[-1])
+            accepted, next_token = sampling.accept_sampled(p, q, drafted, rng)
         if drafted:
             stats.record_cycle(len(drafted), accepted)
 
@@ -256,19 +261,33 @@ def _draft(
     sampling_config: SamplingConfig,
     rng: np.random.Generator,
 ) -> tuple[list[int], list[np.ndarray]]:
-    """Propose up to ``budget`` tokens with the draft. Returns (tokens, their draft distributions)."""
+    """Propose up to ``budget`` tokens with the draft. Returns (tokens, their draft distributions,
+    over the draft's own columns)."""
     drafted: list[int] = []
     q_rows: list[np.ndarray] = []
+    token_ids = backend.draft_token_ids
     token = pending
     for position in range(cached, cached + budget):
         logits = backend.forward([token], position, draft=True)[0]
         q = sampling.warp(logits, sampling_config)
-        token = int(q.argmax()) if sampling_config.greedy else sampling.sample(q, rng)
+        column = int(q.argmax()) if sampling_config.greedy else sampling.sample(q, rng)
+        token = column if token_ids is None else int(token_ids[column])
         drafted.append(token)
         q_rows.append(q)
         if draft is not None and q.max() < draft.confidence_threshold:
             break
     return drafted, q_rows
+
+
+def _over_vocabulary(q_rows: list[np.ndarray], token_ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """Draft distributions [k, vocab]: a pruned draft gives probability 0 to every token outside its
+    columns, so rejection sampling resamples those from the residual and stays exact."""
+    if token_ids is None:
+        return np.array(q_rows)
+    q = np.zeros((len(q_rows), vocab_size))
+    if q_rows:
+        q[:, token_ids] = q_rows
+    return q
 
 
 def generate(
