@@ -24,15 +24,14 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _parse_layers(value: str) -> list[int]:
+def _parse_layers(value: str, option: str = "--skip") -> list[int]:
+    """Comma-separated integers (layer indices, vocabulary sizes)."""
     if not value.strip():
         return []
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise SkipSetError(
-            f"--skip takes comma-separated layer indices such as 3,7,11; got {value!r}"
-        ) from None
+        raise SkipSetError(f"{option} takes comma-separated integers such as 3,7,11; got {value!r}") from None
 
 
 def _sampling_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -167,10 +166,30 @@ def reference(
 )
 @click.option(
     "--cost",
-    default="bytes",
+    default="measured",
     show_default=True,
     type=click.Choice(["bytes", "measured"]),
-    help="Draft cost model: weight bytes read per token, or timed passes.",
+    help="Draft cost in the final choice: passes timed on --device, or weight bytes read per token.",
+)
+@click.option(
+    "--dtype",
+    default="fp32",
+    show_default=True,
+    type=click.Choice(["fp32", "fp16", "int4"]),
+    help="Artifact dtype the drafts are chosen for (build with the same).",
+)
+@click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
+@click.option(
+    "--precisions",
+    default="base,int8,int4",
+    show_default=True,
+    help="Draft weight precisions tried (base: the artifact's).",
+)
+@click.option(
+    "--vocab-sizes",
+    default="8192,32768",
+    show_default=True,
+    help="Pruned draft vocabularies tried (comma-separated; empty: none).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random baselines.")
 @click.option("--force", is_flag=True, help="Replace a folder that holds another model's manifest.")
@@ -186,11 +205,16 @@ def calibrate(
     max_iter: int,
     max_new_tokens: int,
     cost: str,
+    dtype: str,
+    device: str,
+    precisions: str,
+    vocab_sizes: str,
     seed: int,
     force: bool,
     as_json: bool,
 ) -> None:
-    """Search the layers to skip (ConfLayers) and write the manifest and a report into --out."""
+    """Search the layers to skip (ConfLayers), then the cheapest draft (skip set x weight precision
+    x vocabulary x draft length) on the target graphs; write the manifest and a report into --out."""
     from .calibrate import CalibrationSettings, check_settings
     from .calibrate import calibrate as run_calibration
     from .calibrate.data import default_prompts, load_prompts
@@ -205,6 +229,10 @@ def calibrate(
         max_new_tokens=max_new_tokens,
         cost=cost,
         seed=seed,
+        dtype=dtype,
+        device=device,
+        precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+        vocab_sizes=tuple(_parse_layers(vocab_sizes, "--vocab-sizes")),
     )
     check_settings(settings)  # before the data and the model load: bad flags fail fast
     tasks = {}
@@ -218,35 +246,48 @@ def calibrate(
     loaded = load_model(model)
     echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
     _, results = run_calibration(out_dir, loaded, tasks, settings, force, echo)
-    summary = [
-        {
-            "task": r.task,
-            "skip_layers": r.chosen.skip,
-            "recommended": r.recommended,
-            "acceptance_rate": r.chosen.acceptance_rate,
-            "mean_tokens_per_cycle": r.chosen.mean_tokens_per_cycle,
-            "c_draft": r.chosen.c_draft,
-            "expected_speedup": r.chosen.expected_speedup,
-            "best_baseline": dataclasses.asdict(max(r.baselines, key=lambda b: b.expected_speedup)),
-            "conflayers_beats_baselines": r.conflayers_beats_baselines,
-            "seconds": r.seconds,
-        }
-        for r in results
-    ]
+    summary = []
+    for r in results:
+        assert r.drafts is not None
+        c = r.drafts.chosen
+        summary.append(
+            {
+                "task": r.task,
+                "skip_layers": c.skip,
+                "weight_precision": c.weight_precision,
+                "vocab_size": c.vocab_size,
+                "max_draft_tokens": c.max_draft_tokens,
+                "confidence_threshold": c.confidence_threshold,
+                "recommended": c.expected_speedup > 1.0,
+                "acceptance_rate": c.acceptance_rate,
+                "mean_tokens_per_cycle": c.mean_tokens_per_cycle,
+                "c_draft": c.c_draft,
+                "expected_speedup": c.expected_speedup,
+                "wall_clock_speedup": c.measured_speedup,
+                "layer_search": {
+                    "skip_layers": r.chosen.skip,
+                    "expected_speedup": r.chosen.expected_speedup,
+                    "best_baseline": dataclasses.asdict(max(r.baselines, key=lambda b: b.expected_speedup)),
+                    "conflayers_beats_baselines": r.conflayers_beats_baselines,
+                },
+                "seconds": r.seconds + r.drafts.seconds,
+            }
+        )
     if as_json:
         click.echo(json.dumps({"out": out_dir, "tasks": summary}, indent=2))
         return
-    for r in results:
-        c = r.chosen
-        if r.recommended:
-            click.echo(
-                f"{r.task}: skip {c.skip} -> expected speedup {c.expected_speedup:.2f}x "
-                f"(acceptance {c.acceptance_rate:.2f}, {c.mean_tokens_per_cycle:.2f} tokens per full pass)"
-            )
+    for r, row in zip(results, summary, strict=True):
+        assert r.drafts is not None
+        draft = (
+            f"{r.drafts.chosen.label} (acceptance {row['acceptance_rate']:.2f}, "
+            f"{row['mean_tokens_per_cycle']:.2f} tokens per full pass, c_draft {row['c_draft']:.2f})"
+        )
+        if row["recommended"]:
+            click.echo(f"{r.task}: {draft} -> expected speedup {row['expected_speedup']:.2f}x")
         else:
             click.echo(
-                f"{r.task}: speculation not recommended for {model}: the best skip set {c.skip} "
-                f"is expected to run at {c.expected_speedup:.2f}x plain decoding."
+                f"{r.task}: speculation not recommended for {model}: the best draft, {draft}, is "
+                f"expected to run at {row['expected_speedup']:.2f}x plain decoding."
             )
     click.echo(f"wrote {out_dir}/manifest.json and {out_dir}/calibration/report.md")
 

@@ -19,10 +19,12 @@ from conflayers_export.calibrate.confidence import (
     z_normalise,
 )
 from conflayers_export.calibrate.data import default_prompts, load_prompts
+from conflayers_export.calibrate.drafts import coverage, draft_combinations, graph_bytes, rank_vocabulary
 from conflayers_export.calibrate.search import expected_speedup
 from conflayers_export.cli import main
 from conflayers_export.errors import CalibrationError
 from conflayers_export.export.build import build_artifact, manifest_for_build
+from conflayers_export.export.validate import check_parity
 from conflayers_export.models import load_model
 
 # --- the method, step by step ------------------------------------------------------------------
@@ -121,7 +123,16 @@ def test_data_formats_and_errors_name_the_line(tmp_path):
 # --- the command --------------------------------------------------------------------------------
 
 SMALL = CalibrationSettings(
-    max_iter=3, search_interval=6, max_new_tokens=12, eval_prompts=2, context_window=8, ranked_sizes=(1,)
+    max_iter=3,
+    search_interval=6,
+    max_new_tokens=12,
+    eval_prompts=2,
+    context_window=8,
+    ranked_sizes=(1,),
+    cost="bytes",  # deterministic
+    vocab_sizes=(64,),
+    policy_finalists=1,
+    draft_policies=((4, 0.0),),
 )
 PROMPTS = ["abc", "hello world", "the quick fox", "zebra"]
 
@@ -140,20 +151,48 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
     draft = written.draft("default")
     assert set(draft.metrics) >= {"acceptance_rate", "mean_tokens_per_cycle", "c_draft", "expected_speedup"}
     assert draft.recommended == (draft.metrics["expected_speedup"] > 1)
+    # The joint stage scored every skip set x precision x vocabulary, and the best one ships.
+    joint = results[0].drafts
+    kinds = {(tuple(c.skip), c.weight_precision, c.vocab_size) for c in joint.candidates}
+    assert {((), "int8", None), ((), "int4", 64), ((), "base", 64)} <= kinds
+    assert ((), "base", None) not in kinds  # the full model itself is no draft
+    best = max(joint.candidates, key=lambda c: c.expected_speedup)
+    assert (draft.skip_layers, draft.weight_precision, draft.vocab_size) == (
+        best.skip,
+        best.weight_precision,
+        best.vocab_size,
+    )
+    assert (draft.max_draft_tokens, draft.confidence_threshold) == (
+        best.max_draft_tokens,
+        best.confidence_threshold,
+    )
+    assert all(0 < c.bytes_ratio < 1 and c.c_draft == c.bytes_ratio for c in joint.candidates)
+    assert set(joint.coverage) == {64} and 0 <= joint.coverage[64] <= 1
+    ranked = written.calibration["vocabulary"]["ranked_token_ids"]
+    assert len(ranked) == 64 and len(set(ranked)) == 64
     assert written.tasks["default"].draft == "default"
     assert written.calibration["settings"]["skip_ratio"] == 0.4
     report = json.loads((tmp_path / "a" / "calibration" / "report.json").read_text())
     origins = {b["origin"] for b in report["tasks"][0]["baselines"]}
     assert {"start set", "random #1", "random #2", "random #3"} <= origins
     assert any(o.startswith("early exit") for o in origins)
-    assert "## Task `default`" in (tmp_path / "a" / "calibration" / "report.md").read_text()
+    markdown = (tmp_path / "a" / "calibration" / "report.md").read_text()
+    assert "## Task `default`" in markdown and "### Draft that ships" in markdown
 
     again, _ = _calibrate(tmp_path / "b", loaded)
-    assert again.to_dict() == manifest.to_dict()
+
+    def timeless(m):  # wall-clock speedups are timings; everything else must repeat exactly
+        data = m.to_dict()
+        for d in data["drafts"]:
+            d["metrics"].pop("wall_clock_speedup")
+        return data
+
+    assert timeless(again) == timeless(manifest)
 
     # The manifest feeds build directly.
     built = build_artifact(tmp_path / "a", loaded, manifest_for_build(tmp_path / "a", loaded), max_seq_len=64)
     assert set(built.artifacts["drafts"]) == {"default", "other"}
+    check_parity(tmp_path / "a", loaded)
     assert (tmp_path / "a" / "calibration" / "report.md").is_file(), "build must keep the report"
 
 
@@ -205,26 +244,78 @@ def test_cli_calibrate_json(tiny_folder, tmp_path, capsys):
 @pytest.mark.real_model
 def test_calibrate_on_smollm2_runs_and_says_whether_to_speculate(smollm2, tmp_path):
     settings = CalibrationSettings(
-        max_iter=2, search_interval=8, max_new_tokens=16, eval_prompts=1, finalists=1, ranked_sizes=()
+        max_iter=2,
+        search_interval=8,
+        max_new_tokens=16,
+        eval_prompts=1,
+        finalists=1,
+        ranked_sizes=(),
+        precisions=("base", "int8"),
+        vocab_sizes=(8192,),
+        ranking_prompts=2,
+        policy_finalists=1,
+        draft_policies=((6, 0.0),),
     )
     manifest, results = calibrate(tmp_path / "s", smollm2, {"default": default_prompts()[:3]}, settings)
     result = results[0]
     assert 1 <= len(result.chosen.skip) <= 28 and 0 not in result.chosen.skip and 29 not in result.chosen.skip
-    assert manifest.drafts[0].recommended == (result.chosen.expected_speedup > 1)
-    assert 0 < result.chosen.c_draft < 1
+    chosen = result.drafts.chosen
+    assert manifest.drafts[0].recommended == (chosen.expected_speedup > 1)
+    assert all(0 < c.c_draft < 1.5 and c.c_verify > 0 for c in result.drafts.candidates)  # timed
+    # int8 weights read about a quarter of the fp32 bytes; a pruned head reads fewer still.
+    int8 = next(
+        c
+        for c in result.drafts.candidates
+        if not c.skip and c.weight_precision == "int8" and not c.vocab_size
+    )
+    assert 0.2 < int8.bytes_ratio < 0.35
+    pruned = next(
+        c for c in result.drafts.candidates if c.vocab_size == 8192 and c.weight_precision == "int8"
+    )
+    assert pruned.bytes_ratio < int8.bytes_ratio
 
 
-def test_measured_costs_time_the_passes_and_are_cached(tiny_folder):
+def test_layer_search_costs_are_the_bytes_model(tiny_folder):
     from conflayers_export.calibrate.search import Calibrator
 
     loaded = load_model(str(tiny_folder("llama")))
-    calibrator = Calibrator(loaded, CalibrationSettings(cost="measured"))
-    c_draft, c_verify = calibrator.cost([1, 2])
-    assert c_draft > 0 and c_verify > 0  # timings of a tiny model on a busy CPU: only their sign is stable
-    assert calibrator.cost([2, 1]) == (c_draft, c_verify)  # same set, cached: not timed again
-    # The bytes model: (bytes of the kept layers + the output head) / (all layers + head).
+    # (bytes of the kept layers + the output head) / (all layers + head).
     layers = [sum(p.numel() * 4 for p in layer.parameters()) for layer in loaded.model.model.layers]
     head = loaded.model.lm_head.weight.numel() * 4
     expected = (layers[0] + layers[3] + head) / (sum(layers) + head)
-    bytes_model = Calibrator(loaded, CalibrationSettings(cost="bytes")).cost([1, 2])
-    assert bytes_model == (pytest.approx(expected), 1.0)
+    assert Calibrator(loaded, CalibrationSettings()).cost([1, 2]) == (pytest.approx(expected), 1.0)
+
+
+# --- the joint draft search, piece by piece -------------------------------------------------------
+
+
+def test_vocabulary_ranking_puts_stop_tokens_then_frequent_tokens_first():
+    ranked = rank_vocabulary([[5, 7, 7, 9], [7, 5, 2]], stop_token_ids=[3], vocab_size=10)
+    assert ranked[:4] == [3, 7, 5, 2]  # stop token, then by count (7: 3, 5: 2), ties by id (2 < 9)
+    assert ranked[4] == 9 and ranked[5:] == [0, 1, 4, 6, 8] and len(ranked) == 10
+    assert coverage(ranked, [[7, 7, 1, 3]], [2, 4]) == {2: 0.75, 4: 0.75}
+
+
+def test_draft_combinations_skip_the_full_model_and_precisions_that_save_nothing():
+    fp32 = draft_combinations([[], [2]], CalibrationSettings(vocab_sizes=(100, 1000)), vocab_size=500)
+    assert ([], "base", None) not in fp32 and ([], "base", 100) in fp32 and ([2], "base", None) in fp32
+    assert not any(size == 1000 for _, _, size in fp32)  # not below the vocabulary: no pruning
+    assert len(fp32) == 2 * 3 * 2 - 1
+    int4 = draft_combinations([[]], CalibrationSettings(dtype="int4", vocab_sizes=(100,)), vocab_size=500)
+    assert int4 == [([], "base", 100)]  # int8 reads more than int4 weights; int4 is the artifact's own
+
+
+def test_graph_bytes_count_what_a_step_reads(tiny_folder, tmp_path):
+    from tests.helpers import build
+
+    loaded = load_model(str(tiny_folder("qwen2", tie_word_embeddings=False)))
+    build(tmp_path / "a", loaded, {"mid": [1, 2]})
+    section = read_manifest(tmp_path / "a").artifacts
+    sizes = {name: entry[3] for name, entry in section["weights_index"].items()}
+    full = graph_bytes(tmp_path / "a" / section["full"])
+    # Every weight of the full graph except the untied embedding table (one row per token).
+    read = sum(
+        sizes[n] for n in section["graph_weights"][section["full"]] if n != "model.embed_tokens.weight"
+    )
+    assert full == read
+    assert graph_bytes(tmp_path / "a" / section["drafts"]["mid"]) < full

@@ -43,7 +43,7 @@ def test_reference_prints_json_stats(tiny_folder, capsys):
     "argv, message",
     [
         (["reference", "--model", "nope", "--prompt", "x"], "unknown model 'nope'"),
-        (["reference", "--model", "nope", "--prompt", "x", "--skip", "a,b"], "comma-separated layer indices"),
+        (["reference", "--model", "nope", "--prompt", "x", "--skip", "a,b"], "comma-separated integers"),
         (["validate", "."], "no manifest.json"),
     ],
 )

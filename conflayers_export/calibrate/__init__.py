@@ -12,13 +12,26 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from conflayers_runtime.manifest import MANIFEST_NAME, Draft, Manifest, Task, read_manifest, write_manifest
+from conflayers_runtime.artifact import providers_for
+from conflayers_runtime.manifest import (
+    MANIFEST_NAME,
+    WEIGHT_PRECISIONS,
+    Draft,
+    Manifest,
+    Task,
+    read_manifest,
+    write_manifest,
+)
+from conflayers_runtime.speculative import GREEDY, generate
 
 from .. import __version__
 from ..errors import CalibrationError
+from ..export.graph import DTYPES
 from ..models import LoadedModel
+from ..reference import TorchBackend
 from ..staging import replace_folder
 from .data import Prompt
+from .drafts import DraftSearch, rank_vocabulary
 from .report import write_reports
 from .search import COST_MODELS, CalibrationSettings, Calibrator, TaskResult
 
@@ -33,6 +46,14 @@ def check_settings(settings: CalibrationSettings) -> None:
     for name in ("context_window", "search_interval", "max_iter", "max_new_tokens", "eval_prompts"):
         if getattr(settings, name) < 1:
             raise CalibrationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
+    if settings.dtype not in DTYPES:
+        raise CalibrationError(f"--dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+    unknown = [p for p in settings.precisions if p not in WEIGHT_PRECISIONS]
+    if unknown:
+        raise CalibrationError(f"unknown draft precision(s) {unknown}: use {', '.join(WEIGHT_PRECISIONS)}")
+    if any(n < 1 for n in settings.vocab_sizes):
+        raise CalibrationError(f"--vocab-sizes must be positive, got {list(settings.vocab_sizes)}")
+    providers_for(settings.device)  # a device this onnxruntime cannot run fails before the search
 
 
 def check_output_folder(out_dir: Path, loaded: LoadedModel, force: bool) -> None:
@@ -55,24 +76,36 @@ def calibrate(
     force: bool = False,
     progress: Callable[[str], None] = lambda line: None,
 ) -> tuple[Manifest, list[TaskResult]]:
-    """Search one skip set per task and write the manifest and the report into ``out_dir``."""
+    """Search one draft per task and write the manifest and the report into ``out_dir``.
+
+    Per task: the ConfLayers layer search (search.py), then the joint choice of skip set, weight
+    precision, vocabulary size and draft length on the target graphs (drafts.py)."""
     settings = settings or CalibrationSettings()
     check_settings(settings)
     out_dir = Path(out_dir)
     check_output_folder(out_dir, loaded, force)
     calibrator = Calibrator(loaded, settings, progress)
-    results = []
-    for task, prompts in tasks.items():
-        encoded = [loaded.encode(p) for p in prompts]
-        results.append(calibrator.run(task, encoded))
+    encoded = {task: [loaded.encode(p) for p in prompts] for task, prompts in tasks.items()}
+    results = [calibrator.run(task, prompts) for task, prompts in encoded.items()]
+
+    ranked, ranking_note = _rank_vocabulary(loaded, encoded, settings, progress)
+    search = DraftSearch(loaded, settings, progress)
+    for result in results:
+        evaluation = encoded[result.task][: settings.eval_prompts]
+        result.drafts = search.run(result.task, [[], result.chosen.skip], evaluation, ranked)
 
     manifest = Manifest(
         model=loaded.identity,
         drafts=[_draft(r) for r in results],
-        tasks={r.task: Task(r.task, "" if r.recommended else _not_recommended(r)) for r in results},
+        tasks={r.task: Task(r.task, "" if _recommended(r) else _not_recommended(r)) for r in results},
         calibration={
             "settings": dataclasses.asdict(settings),
             "tasks": {t: len(p) for t, p in tasks.items()},
+            # build reads the first vocab_size ids of a pruned draft from here
+            "vocabulary": {
+                "ranked_token_ids": ranked[: max(settings.vocab_sizes, default=0)],
+                "source": ranking_note,
+            },
         },
         tool={"name": "conflayers-export", "version": __version__},
     )
@@ -80,6 +113,7 @@ def calibrate(
         "model": loaded.identity.source,
         "fingerprint": loaded.identity.fingerprint,
         "settings": dataclasses.asdict(settings),
+        "vocabulary_ranking": ranking_note,
     }
     # A new calibration invalidates graphs built from an older manifest: the folder starts clean.
     with replace_folder(out_dir) as staging:
@@ -88,24 +122,65 @@ def calibrate(
     return manifest, results
 
 
+def _rank_vocabulary(
+    loaded: LoadedModel,
+    encoded: dict[str, list[list[int]]],
+    settings: CalibrationSettings,
+    progress: Callable[[str], None],
+) -> tuple[list[int], str]:
+    """The vocabulary ranking, from greedy generations of prompts outside every evaluation slice
+    (so the coverage the report shows is measured on held-out text)."""
+    prompts = [
+        p for task in encoded.values() for p in task[settings.eval_prompts :][: settings.ranking_prompts]
+    ]
+    note = f"greedy generations of {len(prompts)} calibration prompts outside the evaluation slices"
+    if not prompts:  # too few prompts to hold any out: rank on the evaluation prompts themselves
+        prompts = [p for task in encoded.values() for p in task[: settings.eval_prompts]]
+        note = f"greedy generations of the {len(prompts)} evaluation prompts (too few prompts to hold out)"
+    progress(f"ranking the vocabulary on {len(prompts)} generations")
+    backend = TorchBackend(loaded.model, loaded.architecture)
+    generations = [
+        generate(backend, p, settings.max_new_tokens, GREEDY, None, loaded.stop_token_ids)[0] for p in prompts
+    ]
+    return rank_vocabulary(generations, loaded.stop_token_ids, loaded.model.config.vocab_size), note
+
+
+def _recommended(result: TaskResult) -> bool:
+    return result.drafts is not None and result.drafts.chosen.expected_speedup > 1.0
+
+
 def _draft(result: TaskResult) -> Draft:
-    c = result.chosen
+    assert result.drafts is not None
+    c = result.drafts.chosen
     metrics = {
         "acceptance_rate": c.acceptance_rate,
         "mean_tokens_per_cycle": c.mean_tokens_per_cycle,
         "draft_passes_per_cycle": c.draft_passes_per_cycle,
+        "bytes_ratio": c.bytes_ratio,
         "c_draft": c.c_draft,
         "c_verify": c.c_verify,
         "expected_speedup": c.expected_speedup,
-        "evaluated_cycles": c.cycles,
-        "best_baseline_speedup": max(b.expected_speedup for b in result.baselines),
-        "conflayers_beats_baselines": result.conflayers_beats_baselines,
+        "wall_clock_speedup": c.measured_speedup,
+        "layer_search": {
+            "skip_layers": result.chosen.skip,
+            "expected_speedup_bytes_model": result.chosen.expected_speedup,
+            "best_baseline_speedup": max(b.expected_speedup for b in result.baselines),
+            "conflayers_beats_baselines": result.conflayers_beats_baselines,
+        },
+        "vocabulary_coverage": result.drafts.coverage.get(c.vocab_size) if c.vocab_size else 1.0,
     }
-    return Draft(result.task, c.skip, metrics=metrics, recommended=result.recommended)
+    return Draft(
+        result.task,
+        c.skip,
+        c.vocab_size,
+        c.weight_precision,
+        c.max_draft_tokens,
+        c.confidence_threshold,
+        metrics=metrics,
+        recommended=_recommended(result),
+    )
 
 
 def _not_recommended(result: TaskResult) -> str:
-    return (
-        f"speculation not recommended: the best skip set's expected speedup is "
-        f"{result.chosen.expected_speedup:.2f}x"
-    )
+    expected = result.drafts.chosen.expected_speedup if result.drafts else 0.0
+    return f"speculation not recommended: the best draft's expected speedup is {expected:.2f}x"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .drafts import DraftSearchResult
 from .search import Candidate, TaskResult
 
 
@@ -36,14 +37,16 @@ def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
     ]
     for r in results:
         verdict = (
-            f"recommended: expected speedup {r.chosen.expected_speedup:.3f}x"
+            f"expected speedup {r.chosen.expected_speedup:.3f}x"
             if r.recommended
-            else f"**speculation not recommended**: the best set's expected speedup is "
-            f"{r.chosen.expected_speedup:.3f}x (below 1)"
+            else f"expected speedup {r.chosen.expected_speedup:.3f}x, below 1 on its own"
         )
         beat = "beat" if r.conflayers_beats_baselines else "did **not** beat"
+        lines += [f"## Task `{r.task}`", ""]
+        if r.drafts is not None:
+            lines += _draft_table(r.drafts)
         lines += [
-            f"## Task `{r.task}`",
+            "### Layer search (ConfLayers, bytes cost model)",
             "",
             f"Chosen skip set: {r.chosen.skip} ({verdict}). ConfLayers {beat} the best baseline "
             f"(expected speedup {max(b.expected_speedup for b in r.baselines):.3f}x). "
@@ -68,6 +71,33 @@ def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _draft_table(d: DraftSearchResult) -> list[str]:
+    c = d.chosen
+    verdict = "recommended" if c.expected_speedup > 1.0 else "**speculation not recommended** (below 1)"
+    coverage = ", ".join(f"{n}: {share:.1%}" for n, share in d.coverage.items()) or "-"
+    return [
+        f"### Draft that ships: {c.label}, up to {c.max_draft_tokens} drafts above confidence "
+        f"{c.confidence_threshold} ({verdict}: expected speedup {c.expected_speedup:.3f}x)",
+        "",
+        f"Every combination scored on the target graphs ({len(d.candidates)} runs, {d.seconds:.0f} s; plain "
+        f"decoding ran at {d.plain_tokens_per_second:.1f} tok/s). Held-out coverage of the pruned "
+        f"vocabularies (share of generated tokens inside): {coverage}.",
+        "",
+        "| skip set | weights | vocabulary | draft length | acceptance | tokens / full pass | drafts / cycle "
+        "| bytes ratio | c_draft | c_verify | expected speedup | wall-clock speedup |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {','.join(map(str, x.skip)) or '-'} | {x.weight_precision} | {x.vocab_size or 'full'} | "
+            f"{x.max_draft_tokens} / {x.confidence_threshold} | {x.acceptance_rate:.3f} | "
+            f"{x.mean_tokens_per_cycle:.2f} | {x.draft_passes_per_cycle:.2f} | {x.bytes_ratio:.3f} | "
+            f"{x.c_draft:.3f} | {x.c_verify:.3f} | {x.expected_speedup:.3f}"
+            f"{' **(chosen)**' if x is c else ''} | {x.measured_speedup:.3f} |"
+            for x in d.candidates
+        ),
+        "",
+    ]
 
 
 def _plot(path: Path, results: list[TaskResult]) -> None:

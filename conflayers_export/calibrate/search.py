@@ -17,14 +17,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from conflayers_runtime import DraftConfig, GenerationStats
-from conflayers_runtime.speculative import measure_pass_costs, stream
+from conflayers_runtime.speculative import stream
 
 from ..models import LoadedModel
 from ..reference import TorchBackend
 from .confidence import adapt_lambda, profile_layers, select_skips
+
+if TYPE_CHECKING:
+    from .drafts import DraftSearchResult
 
 COST_MODELS = ("bytes", "measured")
 
@@ -39,10 +43,19 @@ class CalibrationSettings:
     eval_prompts: int = 8  # prompts of the final, common scoring of candidates and baselines
     finalists: int = 3  # best search sets re-scored on the common slice
     ranked_sizes: tuple[int, ...] = (1, 2, 4, 8)  # sizes of the confidence-ranked sets also scored
-    cost: str = "bytes"  # "bytes": weights read per token (bandwidth-bound decoding); "measured": timed
     seed: int = 0  # random baselines
     max_draft_tokens: int = 8
     confidence_threshold: float = 0.8
+    # The joint choice of the draft that ships (drafts.py), on the target artifact's real graphs:
+    cost: str = "measured"  # "measured": passes timed on the device; "bytes": weight bytes read per token
+    dtype: str = "fp32"  # the artifact dtype the drafts are built and scored for
+    device: str = "cpu"
+    threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
+    precisions: tuple[str, ...] = ("base", "int8", "int4")
+    vocab_sizes: tuple[int, ...] = (8192, 32768)  # pruned draft vocabularies tried (below the vocab)
+    ranking_prompts: int = 16  # prompts after the evaluation slice whose generations rank the vocabulary
+    policy_finalists: int = 2  # best combinations re-run with each of the draft_policies
+    draft_policies: tuple[tuple[int, float], ...] = ((8, 0.5), (12, 0.3), (6, 0.0))
 
 
 @dataclass
@@ -69,6 +82,7 @@ class TaskResult:
     profile: dict[str, list[float]] = field(default_factory=dict)  # first prompt's scores and thresholds
     conflayers_beats_baselines: bool = False
     seconds: float = 0.0
+    drafts: DraftSearchResult | None = None  # the joint choice that ships (drafts.py)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -98,7 +112,6 @@ class Calibrator:
         self.draft_config = DraftConfig(settings.max_draft_tokens, settings.confidence_threshold)
         self.qwen = loaded.identity.architecture.startswith("qwen")
         self._layer_bytes, self._head_bytes = self._weight_bytes()
-        self._costs: dict[tuple[int, ...], tuple[float, float]] = {}
 
     # -- costs ---------------------------------------------------------------------------------
     def _weight_bytes(self) -> tuple[list[int], int]:
@@ -108,19 +121,11 @@ class Calibrator:
         return per_layer, head.numel() * head.element_size()
 
     def cost(self, skip: Sequence[int]) -> tuple[float, float]:
-        """(c_draft, c_verify) relative to one full-model decoding step (cached per set)."""
-        key = tuple(sorted(skip))
-        if key not in self._costs:
-            if self.settings.cost == "measured":
-                self._costs[key] = self._measured_cost(key)
-            else:
-                kept = sum(b for i, b in enumerate(self._layer_bytes) if i not in set(key))
-                full = sum(self._layer_bytes) + self._head_bytes
-                self._costs[key] = ((kept + self._head_bytes) / full, 1.0)
-        return self._costs[key]
-
-    def _measured_cost(self, skip: Sequence[int]) -> tuple[float, float]:
-        return measure_pass_costs(TorchBackend(self.loaded.model, self.loaded.architecture, skip), repeats=7)
+        """(c_draft, c_verify) relative to one full-model decoding step: the share of the weight
+        bytes a layer-skipped draft reads (the joint stage then times the real graphs)."""
+        kept = sum(b for i, b in enumerate(self._layer_bytes) if i not in set(skip))
+        full = sum(self._layer_bytes) + self._head_bytes
+        return (kept + self._head_bytes) / full, 1.0
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(

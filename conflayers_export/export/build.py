@@ -61,6 +61,8 @@ def build_artifact(
     num_layers = loaded.identity.num_layers
     for draft in manifest.drafts:
         check_skip_layers(draft.skip_layers, num_layers)
+    manifest.validate()
+    for draft in manifest.drafts:
         draft_bits(draft, dtype)
         draft_vocabulary(draft, manifest, loaded.model.config.vocab_size)
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
@@ -150,7 +152,7 @@ def _write(
         "draft_vocab": draft_vocab,
         "quantization": {
             "operator": "com.microsoft.MatMulNBits",
-            "scheme": "symmetric, default zero point 2^(bits-1)",
+            "scheme": "asymmetric round-to-nearest per block (scales and zero points)",
             "block_size": BLOCK_SIZE,
             "accuracy_level": {"full": FULL_ACCURACY_LEVEL, "drafts": DRAFT_ACCURACY_LEVEL},
         },

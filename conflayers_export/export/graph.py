@@ -127,17 +127,17 @@ class _GraphBuilder:
         """x @ weight.T with ``weight`` [N, K] read as a ``self.bits``-bit block-quantized copy."""
         bits = self.bits
         assert bits is not None
-        packed, scales = f"{wname}.int{bits}", f"{wname}.int{bits}.scales"
+        names = [f"{wname}.int{bits}", f"{wname}.int{bits}.scales", f"{wname}.int{bits}.zero_points"]
         n, k = weight.shape
-        if packed not in self.weights:  # quantized once, shared by every graph that reads it
+        if names[0] not in self.weights:  # quantized once, shared by every graph that reads it
             array = weight.detach().float().numpy() if isinstance(weight, torch.Tensor) else weight
-            q, s = quantize(np.asarray(array, np.float32), bits)
-            self.weights.add(packed, q)
-            self.weights.add(scales, s.reshape(-1).astype(self.np_dtype))
-        self.used.update((packed, scales))
+            packed, scales, zero_points = quantize(np.asarray(array, np.float32), bits)
+            for name, values in zip(names, (packed, scales.astype(self.np_dtype), zero_points), strict=True):
+                self.weights.add(name, values)
+        self.used.update(names)
         return self.op(
             "MatMulNBits",
-            [x, packed, scales],
+            [x, *names],
             f"{name}/MatMulNBits",
             domain="com.microsoft",
             K=k,

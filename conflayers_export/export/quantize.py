@@ -1,14 +1,14 @@
 """Block-wise weight quantization in the layout of ONNX Runtime's MatMulNBits (com.microsoft).
 
 A linear weight W [N, K] (the Hugging Face [out, in] layout, which is MatMulNBits' own) is cut
-into blocks of BLOCK_SIZE along K; each block gets one scale, and values are rounded to signed
-``bits``-bit integers stored with the operator's default zero point 2^(bits-1) (symmetric, so no
-zero-point tensor is written). MatMulNBits computes Y = A @ dequantize(W)^T with
+into blocks of BLOCK_SIZE along K; each block gets a scale and a zero point (asymmetric
+round-to-nearest: the block's [min, max] spans the 2^bits levels). MatMulNBits computes
+Y = A @ dequantize(W)^T with
 
-    dequantize(W)[n, k] = (q[n, k] - 2^(bits-1)) * scale[n, k // BLOCK_SIZE]
+    dequantize(W)[n, k] = (q[n, k] - zero_point[n, k // BLOCK_SIZE]) * scale[n, k // BLOCK_SIZE]
 
-and 4-bit values packed two per byte, the even k in the low nibble. The same ``dequantize``
-gives the PyTorch reference its weights, so parity checks compare like with like.
+4-bit values (and 4-bit zero points) packed two per byte, the even index in the low nibble. The
+same ``dequantize`` gives the PyTorch reference its weights, so parity checks compare like with like.
 """
 
 from __future__ import annotations
@@ -31,40 +31,59 @@ FULL_ACCURACY_LEVEL = 0
 DRAFT_ACCURACY_LEVEL = 4
 
 
-def quantize(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """W [N, K] float -> (packed uint8 [N, blocks, BLOCK_SIZE * bits // 8], scales float32 [N, blocks])."""
+def _pack_nibbles(values: np.ndarray) -> np.ndarray:
+    """Pairs along the last axis (padded to even length) -> one byte each, even index low."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), values.dtype)], axis=-1)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def _unpack_nibbles(packed: np.ndarray, length: int) -> np.ndarray:
+    values = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+    values[..., 0::2] = packed & 0x0F
+    values[..., 1::2] = packed >> 4
+    return values[..., :length]
+
+
+def quantize(weight: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """W [N, K] float -> (packed uint8 [N, blocks, BLOCK_SIZE * bits // 8], scales float32 [N * blocks],
+    zero points uint8: [N * blocks] for 8 bits, [N * ceil(blocks / 2)] packed for 4 bits)."""
     n, k = weight.shape
     blocks = -(-k // BLOCK_SIZE)
     padded = np.zeros((n, blocks * BLOCK_SIZE), np.float32)
     padded[:, :k] = weight
     grouped = padded.reshape(n, blocks, BLOCK_SIZE)
-    top = 2 ** (bits - 1) - 1  # 7 or 127: the symmetric range, so -max and +max round alike
-    scales = np.abs(grouped).max(axis=-1) / top
+    levels = 2**bits - 1
+    low = np.minimum(grouped.min(axis=-1), 0.0)  # the range holds 0, so zero stays exact
+    high = np.maximum(grouped.max(axis=-1), 0.0)
+    scales = (high - low) / levels
     scales[scales == 0] = 1.0  # an all-zero block: any scale reproduces it
-    q = np.clip(np.rint(grouped / scales[..., None]), -top - 1, top).astype(np.int16) + (top + 1)
-    q = q.astype(np.uint8)
+    zero = np.clip(np.rint(-low / scales), 0, levels)
+    q = np.clip(np.rint(grouped / scales[..., None]) + zero[..., None], 0, levels).astype(np.uint8)
+    zero = zero.astype(np.uint8)
     if bits == 4:
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    return np.ascontiguousarray(q), scales.astype(np.float32)
+        q, zero = _pack_nibbles(q), _pack_nibbles(zero)
+    return np.ascontiguousarray(q), scales.astype(np.float32).reshape(-1), zero.reshape(-1)
 
 
-def dequantize(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+def dequantize(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, bits: int, k: int
+) -> np.ndarray:
     """The float weight [N, K] that MatMulNBits multiplies by (inverse of :func:`quantize`)."""
+    n, blocks = packed.shape[:2]
     if bits == 4:
-        values = np.empty((*packed.shape[:2], packed.shape[2] * 2), np.uint8)
-        values[..., 0::2] = packed & 0x0F
-        values[..., 1::2] = packed >> 4
+        values = _unpack_nibbles(packed, BLOCK_SIZE)
+        zero = _unpack_nibbles(zero_points.reshape(n, -1), blocks)
     else:
-        values = packed
-    centred = values.astype(np.float32) - 2 ** (bits - 1)
-    weight = centred * scales[..., None].astype(np.float32)
-    return weight.reshape(weight.shape[0], -1)[:, :k]
+        values, zero = packed, zero_points.reshape(n, blocks)
+    centred = values.astype(np.float32) - zero[..., None].astype(np.float32)
+    weight = centred * scales.reshape(n, blocks, 1).astype(np.float32)
+    return weight.reshape(n, -1)[:, :k]
 
 
 def round_trip(weight: np.ndarray, bits: int) -> np.ndarray:
     """What a quantized graph computes with in place of ``weight``."""
-    packed, scales = quantize(weight, bits)
-    return dequantize(packed, scales, bits, weight.shape[1])
+    return dequantize(*quantize(weight, bits), bits, weight.shape[1])
 
 
 def quantized_copy(model: torch.nn.Module, bits: int) -> torch.nn.Module:

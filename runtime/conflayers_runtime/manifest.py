@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import ManifestError, SkipSetError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: draft length policy, pruned-vocabulary and quantized drafts built
 MANIFEST_NAME = "manifest.json"
 WEIGHT_PRECISIONS = ("base", "int8", "int4")  # "base" = the artifact's own precision
 
@@ -40,6 +40,10 @@ class Draft:
     skip_layers: list[int]
     vocab_size: int | None = None  # None: full vocabulary
     weight_precision: str = "base"
+    # How long it drafts (the runtime's DraftConfig): calibrate picks these per draft, since an
+    # accurate draft pays for longer drafts and a weak one does not. None: the runtime's defaults.
+    max_draft_tokens: int | None = None
+    confidence_threshold: float | None = None
     # Measured on the calibration set: acceptance_rate, mean_tokens_per_cycle, c_draft,
     # expected_speedup... Free-form so that new metrics need no schema change.
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +112,10 @@ class Manifest:
                 )
             if d.vocab_size is not None and d.vocab_size < 1:
                 raise ManifestError(f"draft {d.name!r}: vocab_size must be >= 1 or null")
+            if d.max_draft_tokens is not None and d.max_draft_tokens < 1:
+                raise ManifestError(f"draft {d.name!r}: max_draft_tokens must be >= 1 or null")
+            if d.confidence_threshold is not None and not 0.0 <= d.confidence_threshold <= 1.0:
+                raise ManifestError(f"draft {d.name!r}: confidence_threshold must be in [0, 1] or null")
         for task_name, task in self.tasks.items():
             if task.draft is not None and task.draft not in names:
                 raise ManifestError(f"task {task_name!r} names an unknown draft {task.draft!r}")

@@ -69,6 +69,16 @@ class Model:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         return self.tokenizer.encode(text).ids
 
+    def draft_config(self) -> DraftConfig:
+        """The loaded draft's calibrated draft length, where the manifest has one, else the defaults."""
+        if self.draft is None:
+            return speculative.DEFAULT_DRAFT
+        d, default = self.manifest.draft(self.draft), speculative.DEFAULT_DRAFT
+        return DraftConfig(
+            d.max_draft_tokens or default.max_draft_tokens,
+            default.confidence_threshold if d.confidence_threshold is None else d.confidence_threshold,
+        )
+
     def resolve_mode(self, mode: str) -> str:
         """'auto' follows the manifest: plain unless the chosen draft is recommended."""
         if mode not in MODES:
@@ -88,11 +98,12 @@ class Model:
         chat: bool = True,
         sampling: SamplingConfig = speculative.GREEDY,
         mode: str = "auto",
-        draft_config: DraftConfig = speculative.DEFAULT_DRAFT,
+        draft_config: DraftConfig | None = None,
         stop_strings: Sequence[str] = (),
         guard: bool = True,
     ) -> Iterator[str]:
-        """Yield text pieces as they are decided. Stats of the run land in ``self.last_stats``."""
+        """Yield text pieces as they are decided. Stats of the run land in ``self.last_stats``.
+        ``draft_config`` None: the draft length calibrated for the loaded draft (:meth:`draft_config`)."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
         if len(ids) + max_new_tokens > self.max_seq_len:
             raise GenerationError(
@@ -111,7 +122,7 @@ class Model:
             ids,
             max_new_tokens,
             sampling,
-            draft_config if used == "speculative" else None,
+            (draft_config or self.draft_config()) if used == "speculative" else None,
             self.stop_token_ids,
             self.last_stats,
             policy,
