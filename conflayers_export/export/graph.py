@@ -41,7 +41,9 @@ OPSET = 21
 DTYPES: dict[str, tuple[type, int, int | None]] = {
     "fp32": (np.float32, TensorProto.FLOAT, None),
     "fp16": (np.float16, TensorProto.FLOAT16, None),
-    "int4": (np.float32, TensorProto.FLOAT, 4),
+    "int4": (np.float32, TensorProto.FLOAT, 4),  # CPU
+    # CUDA: its GroupQueryAttention kernels take fp16 only (fp32 graphs fall back to CPU attention).
+    "int4-fp16": (np.float16, TensorProto.FLOAT16, 4),
 }
 
 
@@ -177,13 +179,17 @@ class _GraphBuilder:
         return out[3], out[0]
 
     # -- model pieces ------------------------------------------------------------------------
-    def rope_tables(self) -> dict[str, tuple[str, str]]:
-        """cos/sin caches [max_seq_len, rotary_dim / 2] per RoPE kind, computed by the model's own
-        rotary module (so every scaling scheme it implements is honoured)."""
+    def rope_tables(self, keep_layers: Sequence[int]) -> dict[str, tuple[str, str]]:
+        """cos/sin caches [max_seq_len, rotary_dim / 2] per RoPE kind the kept layers use, computed
+        by the model's own rotary module (so every scaling scheme it implements is honoured)."""
         rotary = self.model.model.rotary_emb
         positions = torch.arange(self.max_seq_len).unsqueeze(0)
         dummy = torch.zeros(1, dtype=torch.float32)
-        kinds = sorted(set(self.config.layer_types)) if self.arch.rope_per_layer_type else ["default"]
+        kinds = (
+            sorted({self.config.layer_types[i] for i in keep_layers})
+            if self.arch.rope_per_layer_type
+            else ["default"]
+        )
         tables = {}
         for kind in kinds:
             with torch.no_grad():
@@ -278,7 +284,7 @@ class _GraphBuilder:
         shape = self.op("Shape", ["attention_mask"], "/model/mask/Shape")[0]
         total64 = self.op("Gather", [shape, self.const("index.1", 1)], "/model/mask/Gather", axis=0)[0]
         total = self.op("Cast", [total64], "/model/mask/total", to=TensorProto.INT32)[0]
-        rope = self.rope_tables()
+        rope = self.rope_tables(keep_layers)
 
         embed = self.weight("model.embed_tokens.weight", inner.embed_tokens.weight)
         residual = self.op("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")[0]

@@ -92,7 +92,7 @@ def check_parity(
         return references[bits]
 
     full_bits = DTYPES[dtype][2]
-    dtype_family = "fp16" if dtype == "fp16" else "fp32"  # int4 graphs compute in fp32
+    dtype_family = "fp16" if DTYPES[dtype][0] is np.float16 else "fp32"  # the activations' dtype
     graphs: list[tuple[str, Draft | None]] = [("full", None)]
     graphs += [(f"draft.{d.name}", d) for d in manifest.drafts if d.name in section["drafts"]]
     results: list[StepResult] = []

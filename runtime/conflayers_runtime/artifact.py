@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,10 @@ def providers_for(device: str) -> list[str]:
             f"device {device!r} needs {PROVIDERS[device]}, which this onnxruntime build lacks "
             "(for cuda: pip uninstall onnxruntime && pip install onnxruntime-gpu)"
         )
-    return [PROVIDERS[device], "CPUExecutionProvider"] if device != "cpu" else [PROVIDERS["cpu"]]
+    if device == "cpu":
+        return [PROVIDERS["cpu"]]
+    # TF32 would round fp32 matrix products to 10-bit mantissas: an fp32 artifact computes in fp32.
+    return [(PROVIDERS[device], {"use_tf32": "0"}), "CPUExecutionProvider"]
 
 
 def open_backend(
@@ -123,30 +125,29 @@ def open_backend(
 ) -> OnnxBackend:
     """Sessions for the full graph and (optionally) one draft, over shared device-resident caches.
 
-    ``weights`` defaults to "prepacked" on CPU and "shared" on CUDA, where both sessions get the
-    same user-owned device tensors (one copy in GPU memory; CUDA kernels do not prepack).
+    ``weights`` ("prepacked" by default, or "shared") matters on CPU; on CUDA each session holds
+    the weights its graph reads in GPU memory (the full graph's, plus the draft's quantized or
+    pruned copies and any float tensor both read, such as the embeddings, a second time): ONNX
+    Runtime's Python API cannot hand two sessions the same user-owned device tensors (a C/C++
+    runtime can, with ``weights_index``; see DESIGN.md).
     """
     folder = Path(folder)
     section = artifact_section(manifest)
     providers = providers_for(device)
-    weights = weights or ("shared" if device == "cuda" else "prepacked")
+    weights = weights or "prepacked"
+    if device != "cpu" and weights == "shared":
+        raise ManifestError(
+            'weights="shared" is a CPU mode (one memory map): on CUDA use the default ("prepacked")'
+        )
     graphs = {"full": section["full"]}
     if draft is not None:
         if draft not in section["drafts"]:
             known = ", ".join(section["drafts"]) or "none"
             raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
         graphs["draft"] = section["drafts"][draft]
-    device_weights = (
-        _device_weights(folder, section, graphs.values(), device)
-        if device != "cpu" and weights == "shared"
-        else {}
-    )
     sessions = {}
     for role, graph in graphs.items():
         options = session_options(threads, weights, paired=len(graphs) > 1)
-        if device_weights:
-            names = section["graph_weights"][graph]
-            options.add_external_initializers(names, [device_weights[n] for n in names])
         try:
             sessions[role] = ort.InferenceSession(str(folder / graph), options, providers=providers)
         except Exception as exc:  # e.g. a quantized kernel this build of ONNX Runtime lacks
@@ -179,14 +180,3 @@ def _read_weight(folder: Path, section: dict[str, Any], name: str) -> np.ndarray
     dtype, shape, offset, length = section["weights_index"][name]
     mapped = np.memmap(folder / section["weights"], dtype=np.uint8, mode="r", offset=offset, shape=(length,))
     return np.array(mapped.view(_NUMPY_DTYPES[dtype]).reshape(shape))
-
-
-def _device_weights(
-    folder: Path, section: dict[str, Any], graphs: Iterable[str], device: str
-) -> dict[str, ort.OrtValue]:
-    """Every weight the ``graphs`` read, copied once to the device as user-owned OrtValues."""
-    names = sorted({n for graph in graphs for n in section["graph_weights"][graph]})
-    return {
-        name: ort.OrtValue.ortvalue_from_numpy(_read_weight(folder, section, name), device, 0)
-        for name in names
-    }

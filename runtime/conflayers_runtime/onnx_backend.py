@@ -55,8 +55,12 @@ class OnnxBackend:
         self.device = device_type(device)
         shape = [1, kv.num_kv_heads, kv.max_seq_len, kv.head_dim]
         dtype = _NP_DTYPES[kv.dtype]
+        # Zero-filled, not merely allocated: attention kernels may read cache positions beyond the
+        # valid length and mask them afterwards, and 0 * NaN from stale device memory is NaN
+        # (seen on CUDA: garbage logits from the first step). One array per buffer: on CPU the
+        # OrtValue wraps the array itself.
         self.caches = {
-            (i, kind): ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device, 0)
+            (i, kind): ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype), self.device, 0)
             for i in range(kv.num_layers)
             for kind in ("key", "value")
         }

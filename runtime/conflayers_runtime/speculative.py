@@ -33,12 +33,10 @@ class Backend(Protocol):
     """Runs the model over ``token_ids`` at cache positions [start, start + len(token_ids)).
 
     Cache entries at positions >= start are treated as garbage and overwritten; this is how a
-    rejected draft is rolled back. Returns float logits [len(token_ids), vocab]; a draft with a
-    pruned vocabulary returns [len(token_ids), len(draft_token_ids)], column j scoring token
-    ``draft_token_ids[j]`` (None: the whole vocabulary).
+    rejected draft is rolled back. Returns float logits [len(token_ids), vocab]. A backend whose
+    draft has a pruned vocabulary also has ``draft_token_ids``: its draft then returns
+    [len(token_ids), len(draft_token_ids)], column j scoring token ``draft_token_ids[j]``.
     """
-
-    draft_token_ids: np.ndarray | None
 
     def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray: ...
 
@@ -184,7 +182,7 @@ def stream(
             accepted, next_token = sampling.accept_greedy(verify_logits, drafted)
         else:
             p = sampling.warp(verify_logits, sampling_config)
-            q = _over_vocabulary(q_rows, backend.draft_token_ids, p.shape[-1])
+            q = _over_vocabulary(q_rows, getattr(backend, "draft_token_ids", None), p.shape[-1])
             accepted, next_token = sampling.accept_sampled(p, q, drafted, rng)
         if drafted:
             stats.record_cycle(len(drafted), accepted)
@@ -265,7 +263,7 @@ def _draft(
     over the draft's own columns)."""
     drafted: list[int] = []
     q_rows: list[np.ndarray] = []
-    token_ids = backend.draft_token_ids
+    token_ids = getattr(backend, "draft_token_ids", None)  # optional: most backends have no pruned draft
     token = pending
     for position in range(cached, cached + budget):
         logits = backend.forward([token], position, draft=True)[0]
