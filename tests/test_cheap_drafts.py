@@ -281,3 +281,16 @@ def test_smollm2_cheap_drafts_keep_greedy_output(smollm2, tmp_path):
         speculative = model.generate(prompt, 64, mode="speculative")
         assert speculative.token_ids == model.generate(prompt, 64, mode="plain").token_ids
         assert speculative.stats.acceptance_rate > 0.5  # an int8 copy of the same model mostly agrees
+
+
+def test_fp32_activations_are_refused_on_cuda(tiny_folder, tmp_path, monkeypatch):
+    """Seen on an H200: fp32 graphs run attention on the CPU under CUDA and go wrong after the prompt."""
+    loaded = load_model(str(tiny_folder("llama")))
+    build(tmp_path / "a", loaded, {}, dtype="int4")
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    with pytest.raises(
+        ManifestError, match="int4 artifact .* cannot run correctly on CUDA: rebuild it with --dtype fp16"
+    ):
+        load(tmp_path / "a", device="cuda")

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from conflayers_runtime.artifact import providers_for
 from conflayers_runtime.manifest import (
     MANIFEST_NAME,
@@ -54,6 +55,8 @@ def check_settings(settings: CalibrationSettings) -> None:
     if any(n < 1 for n in settings.vocab_sizes):
         raise CalibrationError(f"--vocab-sizes must be positive, got {list(settings.vocab_sizes)}")
     providers_for(settings.device)  # a device this onnxruntime cannot run fails before the search
+    if settings.device == "cuda" and DTYPES[settings.dtype][0] is not np.float16:
+        raise CalibrationError(f"--dtype {settings.dtype} cannot run on CUDA: use fp16 or int4-fp16")
 
 
 def check_output_folder(out_dir: Path, loaded: LoadedModel, force: bool) -> None:

@@ -135,6 +135,14 @@ def open_backend(
     section = artifact_section(manifest)
     providers = providers_for(device)
     weights = weights or "prepacked"
+    if device == "cuda" and kv_spec(manifest).dtype != "fp16":
+        # Measured on an H200 (onnxruntime-gpu 1.31): CUDA has no fp32 GroupQueryAttention kernel,
+        # so attention falls back to the CPU behind copies of the caches, which breaks the shared
+        # past/present buffers: every step after the prompt is wrong.
+        raise ManifestError(
+            f"{folder} is a {section['dtype']} artifact (fp32 activations), which ONNX Runtime cannot run "
+            "correctly on CUDA: rebuild it with --dtype fp16 or --dtype int4-fp16 for CUDA"
+        )
     if device != "cpu" and weights == "shared":
         raise ManifestError(
             'weights="shared" is a CPU mode (one memory map): on CUDA use the default ("prepacked")'
