@@ -116,8 +116,12 @@ def run_bench(
     results = {name: r.summary() for name, r in runs.items()}
     plain = results["ours plain"]["decode_tokens_per_s"]["median"]  # type: ignore[index]
     for name, model in spec_models.items():
-        c_draft, c_verify = measure_pass_costs(model.backend, context=min(64, model.max_seq_len // 2))
         spec = results[f"ours speculative ({name})"]
+        c_draft, c_verify = measure_pass_costs(
+            model.backend,
+            context=min(64, model.max_seq_len // 2),
+            verify_tokens=max(2, round(spec["draft_passes_per_cycle"]) + 1),  # type: ignore[arg-type]
+        )
         analytic = spec["mean_tokens_per_cycle"] / (spec["draft_passes_per_cycle"] * c_draft + c_verify)  # type: ignore[operator]
         measured = spec["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
         spec |= {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the packaged SmolLM2-135M-Instruct: set up, calibrate the skip set (ConfLayers
-# search, ~5 min on 2 cores), build the paired ONNX graphs, validate them against PyTorch, and
-# generate a chat answer with ONNX Runtime. Output folder: out/smollm2-135m (or $1).
+# The main job on the packaged SmolLM2-135M-Instruct: set up, calibrate (the ConfLayers layer
+# search, then the joint choice of the draft on real fp32 graphs: ~12 min on 2 cores), build the
+# paired ONNX graphs, validate them against PyTorch, and generate a chat answer with ONNX Runtime.
+# Output folder: out/smollm2-135m (or $1).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"

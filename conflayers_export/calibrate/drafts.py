@@ -175,8 +175,12 @@ class DraftSearch:
                 backend = open_backend(folder, manifest, draft.name, s.device, s.threads)
                 stats, seconds, _ = self._decode(backend, prompts, config)
                 ratio = graph_bytes(folder / section["drafts"][draft.name]) / full_bytes
+                drafts_per_cycle = stats.draft_passes / max(stats.verify_passes, 1)
                 c_draft, c_verify = (
-                    measure_pass_costs(backend, repeats=9) if s.cost == "measured" else (ratio, 1.0)
+                    # verify passes as long as this draft's typical cycle
+                    measure_pass_costs(backend, repeats=9, verify_tokens=max(2, round(drafts_per_cycle) + 1))
+                    if s.cost == "measured"
+                    else (ratio, 1.0)
                 )
                 candidate = DraftCandidate(
                     skip=list(draft.skip_layers),
@@ -186,7 +190,7 @@ class DraftSearch:
                     confidence_threshold=config.confidence_threshold,
                     acceptance_rate=stats.acceptance_rate,
                     mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
-                    draft_passes_per_cycle=stats.draft_passes / max(stats.verify_passes, 1),
+                    draft_passes_per_cycle=drafts_per_cycle,
                     bytes_ratio=ratio,
                     c_draft=c_draft,
                     c_verify=c_verify,

@@ -304,9 +304,12 @@ def generate(
     return tokens, stats
 
 
-def measure_pass_costs(backend: Backend, repeats: int = 15, context: int = 64) -> tuple[float, float]:
-    """(c_draft, c_verify): the median time of one draft pass and of one 4-token verify pass,
-    relative to one full-model decoding step, after a ``context``-token prefill."""
+def measure_pass_costs(
+    backend: Backend, repeats: int = 15, context: int = 64, verify_tokens: int = 4
+) -> tuple[float, float]:
+    """(c_draft, c_verify): the median time of one draft pass and of one ``verify_tokens``-token
+    verify pass (pass the typical drafts per cycle + 1), relative to one full-model decoding step,
+    after a ``context``-token prefill."""
     prompt = list(range(100, 100 + context))
     backend.forward(prompt, 0, draft=False)
 
@@ -320,4 +323,5 @@ def measure_pass_costs(backend: Backend, repeats: int = 15, context: int = 64) -
         return float(np.median(samples))
 
     step = median_seconds([101], draft=False)
-    return median_seconds([101], draft=True) / step, median_seconds([101, 102, 103, 104], draft=False) / step
+    verify = list(range(101, 101 + verify_tokens))
+    return median_seconds([101], draft=True) / step, median_seconds(verify, draft=False) / step
