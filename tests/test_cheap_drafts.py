@@ -266,7 +266,8 @@ def test_smollm2_cheap_drafts_keep_greedy_output(smollm2, tmp_path):
     generations = [
         run(TorchBackend(smollm2.model, smollm2.architecture), p, 32, draft=None)[0] for p in ids[:1]
     ]
-    ranked = rank_vocabulary(generations, smollm2.stop_token_ids, smollm2.model.config.vocab_size)
+    counts = np.bincount(generations[0], minlength=smollm2.model.config.vocab_size)
+    ranked = rank_vocabulary(counts, smollm2.stop_token_ids)
     drafts = {"q8v": Draft("q8v", [], vocab_size=8192, weight_precision="int8", max_draft_tokens=6)}
     build(
         tmp_path / "a",

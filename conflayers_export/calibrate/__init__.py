@@ -23,6 +23,7 @@ from conflayers_runtime.manifest import (
     read_manifest,
     write_manifest,
 )
+from conflayers_runtime.sampling import softmax
 from conflayers_runtime.speculative import GREEDY, generate
 
 from .. import __version__
@@ -132,20 +133,29 @@ def _rank_vocabulary(
     progress: Callable[[str], None],
 ) -> tuple[list[int], str]:
     """The vocabulary ranking, from greedy generations of prompts outside every evaluation slice
-    (so the coverage the report shows is measured on held-out text)."""
+    (so the coverage the report shows is measured on held-out text). Tokens are scored by their
+    expected count: the full model's probability summed over every generated position, which
+    also ranks the many tokens that a few hundred emitted tokens never show."""
     prompts = [
         p for task in encoded.values() for p in task[settings.eval_prompts :][: settings.ranking_prompts]
     ]
-    note = f"greedy generations of {len(prompts)} calibration prompts outside the evaluation slices"
+    source = f"{len(prompts)} calibration prompts outside the evaluation slices"
     if not prompts:  # too few prompts to hold any out: rank on the evaluation prompts themselves
         prompts = [p for task in encoded.values() for p in task[: settings.eval_prompts]]
-        note = f"greedy generations of the {len(prompts)} evaluation prompts (too few prompts to hold out)"
+        source = f"the {len(prompts)} evaluation prompts (too few prompts to hold out)"
     progress(f"ranking the vocabulary on {len(prompts)} generations")
     backend = TorchBackend(loaded.model, loaded.architecture)
-    generations = [
-        generate(backend, p, settings.max_new_tokens, GREEDY, None, loaded.stop_token_ids)[0] for p in prompts
-    ]
-    return rank_vocabulary(generations, loaded.stop_token_ids, loaded.model.config.vocab_size), note
+    vocab_size = loaded.model.config.vocab_size
+    expected = np.zeros(vocab_size)
+    for prompt in prompts:
+        generated, _ = generate(backend, prompt, settings.max_new_tokens, GREEDY, None, loaded.stop_token_ids)
+        text = [*prompt, *generated]
+        # Row t of a pass over the whole text predicts token t + 1: the rows of generated positions.
+        logits = backend.forward(text[:-1], 0, draft=False)[len(prompt) - 1 :]
+        expected += softmax(logits).sum(axis=0)
+    return rank_vocabulary(
+        expected, loaded.stop_token_ids
+    ), f"expected token counts on greedy generations of {source}"
 
 
 def _recommended(result: TaskResult) -> bool:

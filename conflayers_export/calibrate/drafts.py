@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from conflayers_runtime import DraftConfig, GenerationStats
 from conflayers_runtime.artifact import open_backend
@@ -71,17 +71,13 @@ class DraftSearchResult:
         return asdict(self)
 
 
-def rank_vocabulary(
-    generations: Sequence[Sequence[int]], stop_token_ids: Sequence[int], vocab_size: int
-) -> list[int]:
+def rank_vocabulary(scores: np.ndarray, stop_token_ids: Sequence[int]) -> list[int]:
     """Every token id, most useful to a draft first: the stop tokens (so a draft can end a reply),
-    then the tokens of the calibration generations by frequency, then the rest by id (BPE
-    vocabularies number their merges roughly by frequency)."""
-    counts = Counter(t for text in generations for t in text)
-    stops = list(dict.fromkeys(t for t in stop_token_ids if 0 <= t < vocab_size))
-    seen = sorted((t for t in counts if t not in set(stops)), key=lambda t: (-counts[t], t))
-    taken = set(stops) | set(seen)
-    return [*stops, *seen, *(t for t in range(vocab_size) if t not in taken)]
+    then by ``scores`` (expected counts on calibration text), ties by id (BPE vocabularies number
+    their merges roughly by frequency, so low ids are the better guess for unseen tokens)."""
+    stops = list(dict.fromkeys(int(t) for t in stop_token_ids if 0 <= t < len(scores)))
+    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, dtype=np.float64)))
+    return [*stops, *(int(t) for t in order if int(t) not in set(stops))]
 
 
 def coverage(
