@@ -7,7 +7,9 @@ contract a driver in another language needs:
 - one KV buffer per layer [1, kv_heads, max_seq_len, head_dim], bound as past AND present;
 - attention_mask = ones of length (cached + new tokens): this is how the graph knows where to
   write; rolling back a rejected draft is just using a shorter mask next time;
-- the draft graph takes only the KV buffers of the layers it keeps (its input names say which).
+- the draft graph takes only the KV buffers of the layers it keeps (its input names say which);
+- a draft with a pruned vocabulary scores only some tokens: column j of its logits is token
+  ids[j], with ids an int64 tensor of weights.bin named in manifest artifacts.draft_vocab.
 
     python examples/driver.py ARTIFACT_DIR 1,2,3 --draft NAME --new-tokens 32
 """
@@ -25,7 +27,7 @@ class Pair:
         manifest = json.loads((folder / "manifest.json").read_text())
         art = manifest["artifacts"]
         kv = art["kv"]
-        dtype = np.float16 if art["dtype"] == "fp16" else np.float32
+        dtype = np.float16 if kv.get("dtype", art["dtype"]) == "fp16" else np.float32
         shape = (1, kv["num_kv_heads"], art["max_seq_len"], kv["head_dim"])
         self.max_seq_len = art["max_seq_len"]
         # One OrtValue per layer and kind, shared by both sessions.
@@ -36,6 +38,10 @@ class Pair:
         }
         self.full = ort.InferenceSession(str(folder / art["full"]))
         self.draft = ort.InferenceSession(str(folder / art["drafts"][draft_name]))
+        self.draft_ids = None  # draft logits column -> token id (None: the whole vocabulary)
+        if draft_name in art.get("draft_vocab", {}):
+            _, shape, offset, _ = art["weights_index"][art["draft_vocab"][draft_name]]
+            self.draft_ids = np.fromfile(folder / art["weights"], np.int64, shape[0], offset=offset)
 
     def run(self, session: ort.InferenceSession, tokens: list[int], start: int) -> np.ndarray:
         """Logits [len(tokens), vocab] for tokens placed at positions start.. of the cache."""
@@ -61,6 +67,7 @@ def speculative_greedy(pair: Pair, prompt: list[int], new_tokens: int, k: int = 
         drafted, token = [], pending
         for position in range(cached, cached + k):  # draft: one token at a time
             token = int(pair.run(pair.draft, [token], position)[-1].argmax())
+            token = token if pair.draft_ids is None else int(pair.draft_ids[token])
             drafted.append(token)
         targets = pair.run(pair.full, [pending, *drafted], cached).argmax(-1)  # verify: one pass
         accepted = 0

@@ -187,28 +187,25 @@ def test_cli_build_and_validate(tiny_folder, tmp_path, capsys):
     np.testing.assert_array_equal(manifest.draft("manual").skip_layers, [1, 2])
 
 
-def test_the_minimal_example_driver_reproduces_greedy_output(tiny_artifacts):
+def test_the_minimal_example_driver_reproduces_greedy_output(tiny_artifacts, tiny_folder, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
-    folder, _ = tiny_artifacts("qwen3")
-    prompt = [5, 17, 3, 9, 10, 7]
-    expected, _ = generate(open_backend(folder, read_manifest(folder)), prompt, 24, draft=None)
-    driver = Path(__file__).parent.parent / "examples" / "driver.py"
-    args = [
-        sys.executable,
-        str(driver),
-        str(folder),
-        ",".join(map(str, prompt)),
-        "--draft",
-        "one",
-        "--new-tokens",
-        "24",
-    ]
-    result = subprocess.run(args, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == expected
+    from conflayers_runtime.manifest import Draft
+
+    # A plain layer-skip draft, and a pruned int8 draft (the driver maps its columns to ids).
+    loaded = load_model(str(tiny_folder("llama")))
+    ranking = {"vocabulary": {"ranked_token_ids": list(range(255, -1, -1))}}
+    build(tmp_path / "p", loaded, {"one": Draft("one", [1], 64, "int8")}, calibration=ranking)
+    for folder in (tiny_artifacts("qwen3")[0], tmp_path / "p"):
+        prompt = [5, 17, 3, 9, 10, 7]
+        expected, _ = generate(open_backend(folder, read_manifest(folder)), prompt, 24, draft=None)
+        driver = Path(__file__).parent.parent / "examples" / "driver.py"
+        args = [sys.executable, str(driver), str(folder), ",".join(map(str, prompt)), "--draft", "one"]
+        result = subprocess.run([*args, "--new-tokens", "24"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == expected
 
 
 def test_fp16_graphs_match_pytorch_within_the_stated_tolerance(tiny_folder, tmp_path):
