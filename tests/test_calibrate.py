@@ -322,3 +322,12 @@ def test_graph_bytes_count_what_a_step_reads(tiny_folder, tmp_path):
     )
     assert full == read
     assert graph_bytes(tmp_path / "a" / section["drafts"]["mid"]) < full
+
+
+def test_nothing_cheaper_than_the_full_graph_is_a_clear_error(tiny_folder):
+    from conflayers_export.calibrate.drafts import DraftSearch
+
+    loaded = load_model(str(tiny_folder("llama")))
+    search = DraftSearch(loaded, CalibrationSettings(precisions=("base",), vocab_sizes=()), lambda line: None)
+    with pytest.raises(CalibrationError, match="no draft to score.*allow int8/int4"):
+        search.run("default", [[]], [[1, 2, 3]], list(range(256)))

@@ -30,6 +30,7 @@ from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.manifest import Draft, Manifest, read_manifest
 from conflayers_runtime.speculative import GREEDY, generate, measure_pass_costs
 
+from ..errors import CalibrationError
 from ..export.build import build_artifact
 from ..export.graph import DTYPES
 from ..export.quantize import BITS
@@ -147,6 +148,11 @@ class DraftSearch:
         s = self.settings
         vocab_size = self.loaded.model.config.vocab_size
         combos = draft_combinations(skip_sets, s, vocab_size)
+        if not combos:
+            raise CalibrationError(
+                "no draft to score: the layer search kept every layer and --precisions/--vocab-sizes "
+                "offer nothing cheaper than the full graph; allow int8/int4 or a vocabulary size"
+            )
         drafts = [Draft(f"c{i}", skip, size, precision) for i, (skip, precision, size) in enumerate(combos)]
         longest = max(max(len(p) for p in prompts) + s.max_new_tokens + 16, 96)  # 96: measure_pass_costs
         with tempfile.TemporaryDirectory(prefix="conflayers-drafts-") as tmp:
