@@ -290,9 +290,9 @@ def test_layer_search_costs_are_the_bytes_model(tiny_folder):
 
 
 def test_vocabulary_ranking_puts_stop_tokens_then_frequent_tokens_first():
-    expected_counts = np.array([0.0, 0.0, 1.0, 0.5, 0.0, 2.0, 0.0, 3.0, 0.0, 1.0])
-    ranked = rank_vocabulary(expected_counts, stop_token_ids=[3])
-    assert ranked[:4] == [3, 7, 5, 2]  # stop token, then by expected count (7: 3, 5: 2), ties by id (2 < 9)
+    counts = np.array([0, 0, 1, 1, 0, 2, 0, 3, 0, 1])
+    ranked = rank_vocabulary(counts, stop_token_ids=[3])
+    assert ranked[:4] == [3, 7, 5, 2]  # stop token, then by count (7: 3, 5: 2), ties by id (2 < 9)
     assert ranked[4] == 9 and ranked[5:] == [0, 1, 4, 6, 8] and len(ranked) == 10
     assert coverage(ranked, [[7, 7, 1, 3]], [2, 4]) == {2: 0.75, 4: 0.75}
 

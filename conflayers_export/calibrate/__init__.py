@@ -23,7 +23,6 @@ from conflayers_runtime.manifest import (
     read_manifest,
     write_manifest,
 )
-from conflayers_runtime.sampling import softmax
 from conflayers_runtime.speculative import GREEDY, generate
 
 from .. import __version__
@@ -133,9 +132,11 @@ def _rank_vocabulary(
     progress: Callable[[str], None],
 ) -> tuple[list[int], str]:
     """The vocabulary ranking, from greedy generations of prompts outside every evaluation slice
-    (so the coverage the report shows is measured on held-out text). Tokens are scored by their
-    expected count: the full model's probability summed over every generated position, which
-    also ranks the many tokens that a few hundred emitted tokens never show."""
+    (so the coverage the report shows is measured on held-out text): tokens by how often they
+    were generated. Tried and dropped: ranking by expected counts (the full model's probabilities
+    summed over the generated positions) cut an int8 draft's acceptance with 8192 tokens on
+    SmolLM2 from 0.84 to 0.68: past the few hundred tokens a calibration run emits, the id order
+    of a BPE vocabulary (merges numbered by frequency) is a better guess than those small masses."""
     prompts = [
         p for task in encoded.values() for p in task[settings.eval_prompts :][: settings.ranking_prompts]
     ]
@@ -145,17 +146,11 @@ def _rank_vocabulary(
         source = f"the {len(prompts)} evaluation prompts (too few prompts to hold out)"
     progress(f"ranking the vocabulary on {len(prompts)} generations")
     backend = TorchBackend(loaded.model, loaded.architecture)
-    vocab_size = loaded.model.config.vocab_size
-    expected = np.zeros(vocab_size)
+    counts = np.zeros(loaded.model.config.vocab_size)
     for prompt in prompts:
         generated, _ = generate(backend, prompt, settings.max_new_tokens, GREEDY, None, loaded.stop_token_ids)
-        text = [*prompt, *generated]
-        # Row t of a pass over the whole text predicts token t + 1: the rows of generated positions.
-        logits = backend.forward(text[:-1], 0, draft=False)[len(prompt) - 1 :]
-        expected += softmax(logits).sum(axis=0)
-    return rank_vocabulary(
-        expected, loaded.stop_token_ids
-    ), f"expected token counts on greedy generations of {source}"
+        np.add.at(counts, generated, 1)
+    return rank_vocabulary(counts, loaded.stop_token_ids), f"token counts in greedy generations of {source}"
 
 
 def _recommended(result: TaskResult) -> bool:

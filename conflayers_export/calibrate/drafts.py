@@ -74,7 +74,7 @@ class DraftSearchResult:
 
 def rank_vocabulary(scores: np.ndarray, stop_token_ids: Sequence[int]) -> list[int]:
     """Every token id, most useful to a draft first: the stop tokens (so a draft can end a reply),
-    then by ``scores`` (expected counts on calibration text), ties by id (BPE vocabularies number
+    then by ``scores`` (counts in calibration generations), ties by id (BPE vocabularies number
     their merges roughly by frequency, so low ids are the better guess for unseen tokens)."""
     stops = list(dict.fromkeys(int(t) for t in stop_token_ids if 0 <= t < len(scores)))
     order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, dtype=np.float64)))
