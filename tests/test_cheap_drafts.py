@@ -8,6 +8,7 @@ decoding; bad requests are refused with the fix in the message.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from conflayers_runtime import ManifestError, load, read_manifest, speculative
@@ -117,6 +118,9 @@ def test_quantized_copies_are_stored_once_and_drafts_share_them(tiny_folder, tmp
     assert "model.layers.3.mlp.down_proj.weight.int4" in a & b  # a layer both keep: one copy
     full = set(section["graph_weights"][section["full"]])
     assert not full & set(quantized)  # the verify pass keeps the artifact's precision
+    graph = onnx.load(str(tmp_path / "a" / section["drafts"]["a"]), load_external_data=False).graph
+    names = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(set(names)) == len(names) and all(n.startswith(("/model/layers.", "/lm_head")) for n in names)
 
 
 # --- int4 artifacts ------------------------------------------------------------------------------

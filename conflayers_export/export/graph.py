@@ -134,8 +134,9 @@ class _GraphBuilder:
         if names[0] not in self.weights:  # quantized once, shared by every graph that reads it
             array = weight.detach().float().numpy() if isinstance(weight, torch.Tensor) else weight
             packed, scales, zero_points = quantize(np.asarray(array, np.float32), bits)
-            for name, values in zip(names, (packed, scales.astype(self.np_dtype), zero_points), strict=True):
-                self.weights.add(name, values)
+            tensors = (packed, scales.astype(self.np_dtype), zero_points)
+            for tensor_name, values in zip(names, tensors, strict=True):
+                self.weights.add(tensor_name, values)
         self.used.update(names)
         return self.op(
             "MatMulNBits",
