@@ -45,7 +45,7 @@ class EngineRuns:
             out |= {
                 "acceptance_rate": self.stats.acceptance_rate,
                 "mean_tokens_per_cycle": self.stats.mean_tokens_per_cycle,
-                "draft_passes_per_cycle": self.stats.draft_passes / max(self.stats.verify_passes, 1),
+                "draft_passes_per_cycle": self.stats.draft_passes_per_cycle,
             }
         return out
 

@@ -263,7 +263,7 @@ def calibrate(
                 "vocab_size": c.vocab_size,
                 "max_draft_tokens": c.max_draft_tokens,
                 "confidence_threshold": c.confidence_threshold,
-                "recommended": c.expected_speedup > 1.0,
+                "recommended": r.drafts.recommended,
                 "acceptance_rate": c.acceptance_rate,
                 "mean_tokens_per_cycle": c.mean_tokens_per_cycle,
                 "c_draft": c.c_draft,

@@ -43,6 +43,7 @@ class TorchBackend:
         self.architecture = architecture
         self.skip_layers = tuple(sorted(skip_layers))
         self.draft_token_ids = draft_token_ids
+        self.cache_argument = _cache_argument(model)  # both models are of the same class
         # No config: every layer is a plain growing layer that can be cropped. Sliding-window
         # layers still attend only inside their window, because the attention masks apply it.
         self.cache = DynamicCache()
@@ -62,7 +63,7 @@ class TorchBackend:
                 input_ids=torch.tensor([list(token_ids)]),
                 position_ids=positions,
                 use_cache=True,
-                **{_cache_argument(model): self.cache},
+                **{self.cache_argument: self.cache},
             )
         logits = out.logits[0].float().numpy()  # [S, V]
         return logits[:, self.draft_token_ids] if draft and self.draft_token_ids is not None else logits

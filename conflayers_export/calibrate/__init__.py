@@ -154,7 +154,7 @@ def _rank_vocabulary(
 
 
 def _recommended(result: TaskResult) -> bool:
-    return result.drafts is not None and result.drafts.chosen.expected_speedup > 1.0
+    return result.drafts is not None and result.drafts.recommended
 
 
 def _draft(result: TaskResult) -> Draft:

@@ -68,6 +68,11 @@ class DraftSearchResult:
     coverage: dict[int, float] = field(default_factory=dict)  # held-out token share per vocab size
     seconds: float = 0.0
 
+    @property
+    def recommended(self) -> bool:
+        """Speculation pays with the chosen draft (its expected speedup is above 1)."""
+        return self.chosen.expected_speedup > 1.0
+
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
@@ -173,49 +178,54 @@ class DraftSearch:
             plain_rate = plain_stats.new_tokens / plain_seconds
             del plain
 
-            def score(index: int, config: DraftConfig) -> DraftCandidate:
+            def score(index: int, configs: Sequence[DraftConfig]) -> list[DraftCandidate]:
+                """One run per draft length, on one pair of sessions (opened once: costly for big models)."""
                 draft = drafts[index]
                 backend = open_backend(folder, manifest, draft.name, s.device, s.threads)
-                stats, seconds, _ = self._decode(backend, prompts, config)
                 ratio = graph_bytes(folder / section["drafts"][draft.name]) / full_bytes
-                drafts_per_cycle = stats.draft_passes / max(stats.verify_passes, 1)
-                c_draft, c_verify = (
-                    # verify passes as long as this draft's typical cycle
-                    measure_pass_costs(backend, repeats=9, verify_tokens=max(2, round(drafts_per_cycle) + 1))
-                    if s.cost == "measured"
-                    else (ratio, 1.0)
-                )
-                candidate = DraftCandidate(
-                    skip=list(draft.skip_layers),
-                    weight_precision=draft.weight_precision,
-                    vocab_size=draft.vocab_size,
-                    max_draft_tokens=config.max_draft_tokens,
-                    confidence_threshold=config.confidence_threshold,
-                    acceptance_rate=stats.acceptance_rate,
-                    mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
-                    draft_passes_per_cycle=drafts_per_cycle,
-                    bytes_ratio=ratio,
-                    c_draft=c_draft,
-                    c_verify=c_verify,
-                    expected_speedup=expected_speedup(stats, c_draft, c_verify),
-                    measured_speedup=(stats.new_tokens / seconds) / plain_rate,
-                )
-                self.progress(
-                    f"  {candidate.label}, up to {config.max_draft_tokens} drafts above "
-                    f"{config.confidence_threshold}: acceptance {candidate.acceptance_rate:.2f}, "
-                    f"c_draft {c_draft:.2f}, expected {candidate.expected_speedup:.2f}x "
-                    f"(wall clock {candidate.measured_speedup:.2f}x)"
-                )
-                return candidate
+                scored = []
+                for config in configs:
+                    stats, seconds, _ = self._decode(backend, prompts, config)
+                    c_draft, c_verify = (
+                        # verify passes as long as this draft's typical cycle
+                        measure_pass_costs(
+                            backend, repeats=9, verify_tokens=max(2, round(stats.draft_passes_per_cycle) + 1)
+                        )
+                        if s.cost == "measured"
+                        else (ratio, 1.0)
+                    )
+                    candidate = DraftCandidate(
+                        skip=list(draft.skip_layers),
+                        weight_precision=draft.weight_precision,
+                        vocab_size=draft.vocab_size,
+                        max_draft_tokens=config.max_draft_tokens,
+                        confidence_threshold=config.confidence_threshold,
+                        acceptance_rate=stats.acceptance_rate,
+                        mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
+                        draft_passes_per_cycle=stats.draft_passes_per_cycle,
+                        bytes_ratio=ratio,
+                        c_draft=c_draft,
+                        c_verify=c_verify,
+                        expected_speedup=expected_speedup(stats, c_draft, c_verify),
+                        measured_speedup=(stats.new_tokens / seconds) / plain_rate,
+                    )
+                    self.progress(
+                        f"  {candidate.label}, up to {config.max_draft_tokens} drafts above "
+                        f"{config.confidence_threshold}: acceptance {candidate.acceptance_rate:.2f}, "
+                        f"c_draft {c_draft:.2f}, expected {candidate.expected_speedup:.2f}x "
+                        f"(wall clock {candidate.measured_speedup:.2f}x)"
+                    )
+                    scored.append(candidate)
+                return scored
 
             first = DraftConfig(s.max_draft_tokens, s.confidence_threshold)
-            candidates = [score(i, first) for i in range(len(drafts))]
+            candidates = [score(i, [first])[0] for i in range(len(drafts))]
             best = sorted(range(len(drafts)), key=lambda i: -candidates[i].expected_speedup)[
                 : s.policy_finalists
             ]
+            policies = [DraftConfig(max_tokens, threshold) for max_tokens, threshold in s.draft_policies]
             for index in best:
-                for max_tokens, threshold in s.draft_policies:
-                    candidates.append(score(index, DraftConfig(max_tokens, threshold)))
+                candidates.extend(score(index, policies))
         chosen = max(candidates, key=lambda c: c.expected_speedup)
         sizes = sorted({d.vocab_size for d in drafts if d.vocab_size})
         return DraftSearchResult(

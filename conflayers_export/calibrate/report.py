@@ -75,7 +75,7 @@ def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
 
 def _draft_table(d: DraftSearchResult) -> list[str]:
     c = d.chosen
-    verdict = "recommended" if c.expected_speedup > 1.0 else "**speculation not recommended** (below 1)"
+    verdict = "recommended" if d.recommended else "**speculation not recommended** (below 1)"
     coverage = ", ".join(f"{n}: {share:.1%}" for n, share in d.coverage.items()) or "-"
     return [
         f"### Draft that ships: {c.label}, up to {c.max_draft_tokens} drafts above confidence "

@@ -92,9 +92,7 @@ def expected_speedup(stats: GenerationStats, c_draft: float, c_verify: float = 1
     """S = E[tokens per full pass] / (draft passes per cycle * c_draft + c_verify)."""
     if not stats.verify_passes:
         return 0.0
-    tokens_per_cycle = stats.mean_tokens_per_cycle
-    drafts_per_cycle = stats.draft_passes / stats.verify_passes
-    return tokens_per_cycle / (drafts_per_cycle * c_draft + c_verify)
+    return stats.mean_tokens_per_cycle / (stats.draft_passes_per_cycle * c_draft + c_verify)
 
 
 class Calibrator:
@@ -164,7 +162,7 @@ class Calibrator:
             origin=origin,
             acceptance_rate=stats.acceptance_rate,
             mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
-            draft_passes_per_cycle=stats.draft_passes / max(stats.verify_passes, 1),
+            draft_passes_per_cycle=stats.draft_passes_per_cycle,
             c_draft=c_draft,
             c_verify=c_verify,
             expected_speedup=expected_speedup(stats, c_draft, c_verify),

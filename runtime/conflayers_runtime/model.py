@@ -210,9 +210,8 @@ def load(
 
     ``draft``: a draft name, ``DEFAULT_DRAFT`` (the draft of the manifest's ``default`` task, else the
     first built draft, unless calibration did not recommend it) or None (plain decoding only).
-    ``weights``: "prepacked" or "shared" (see artifact.WEIGHT_MODES); None picks the device's
-    default (prepacked on CPU, shared device tensors on CUDA). ``verify`` checks every file's
-    sha256 first.
+    ``weights``: "prepacked" or "shared" (a CPU mode; see artifact.WEIGHT_MODES); None is
+    "prepacked". ``verify`` checks every file's sha256 first.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)

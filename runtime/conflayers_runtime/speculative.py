@@ -79,6 +79,11 @@ class GenerationStats:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
+    def draft_passes_per_cycle(self) -> float:
+        """Draft passes per full-model pass after prefill (0.0 for plain decoding)."""
+        return self.draft_passes / self.verify_passes if self.verify_passes else 0.0
+
+    @property
     def mean_tokens_per_cycle(self) -> float:
         """Tokens emitted per full-model pass after prefill (1.0 for plain decoding)."""
         after_prefill = self.new_tokens - self.prefill_passes  # each prefill emits one token
