@@ -394,12 +394,13 @@ def build(
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--json", "as_json", is_flag=True, help="Print every step's result as JSON.")
 def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -> None:
-    """Re-check the artifact's file hashes and the parity of every graph with PyTorch."""
+    """Re-check the artifact's file hashes, the parity of every graph with PyTorch, and whether each
+    graph computes a position alike in one-token steps, verify passes and prefills (row invariance)."""
     from dataclasses import asdict
 
     from conflayers_runtime.manifest import read_manifest
 
-    from .export.validate import check_parity
+    from .export.validate import check_parity, check_row_invariance
     from .models import load_model
 
     manifest = read_manifest(artifact_dir)
@@ -409,8 +410,10 @@ def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -
 
         raise ManifestError(f"{artifact_dir} was built from another model than {loaded.identity.source}")
     results = check_parity(artifact_dir, loaded, device)
+    invariance = check_row_invariance(artifact_dir, loaded.model.config.vocab_size, device)
     if as_json:
-        click.echo(json.dumps([asdict(r) for r in results], indent=2))
+        report = {"parity": [asdict(r) for r in results], "row_invariance": [asdict(r) for r in invariance]}
+        click.echo(json.dumps(report, indent=2))
         return
     worst: dict[str, float] = {}
     for r in results:
@@ -418,8 +421,23 @@ def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -
     diffs = ", ".join(f"{graph} {diff:.2e}" for graph, diff in sorted(worst.items()))
     click.echo(
         f"ok: hashes match; {len(worst)} graph(s) agree with PyTorch on {len(results)} steps, every argmax "
-        f"equal up to near-ties (worst max|diff|: {diffs}; quantized drafts round activations to int8)"
+        f"equal up to near-ties (worst max|diff|: {diffs}; quantized graphs round activations to int8)"
     )
+    click.echo(f"row invariance on {device}:")
+    for r in invariance:
+        click.echo(f"  {r.describe()}")
+    exact = invariance[1]  # the full graph as the runtime opens it
+    if exact.bitwise:
+        click.echo("ok: every full-graph pass computes each row bitwise alike: greedy speculation is exact")
+    else:
+        click.echo(
+            click.style(
+                f"warning: the full graph's rows differ by up to {exact.max_abs_diff:.2e} between pass "
+                f"lengths on {device}: speculative output may differ from plain decoding at near-ties "
+                "(DESIGN.md)",
+                fg="yellow",
+            )
+        )
 
 
 @cli.command()

@@ -9,7 +9,11 @@ contract a driver in another language needs:
   write; rolling back a rejected draft is just using a shorter mask next time;
 - the draft graph takes only the KV buffers of the layers it keeps (its input names say which);
 - a draft with a pruned vocabulary scores only some tokens: column j of its logits is token
-  ids[j], with ids an int64 tensor of weights.bin named in manifest artifacts.draft_vocab.
+  ids[j], with ids an int64 tensor of weights.bin named in manifest artifacts.draft_vocab;
+- every full-graph pass here has at least two rows (the prompt of two or more tokens, verify
+  passes of K+1): ONNX Runtime computes a one-row pass through other kernels, whose last bits
+  differ, so a driver that also runs one-token full steps must pad them (DESIGN.md, row
+  invariance) to produce what the runtime package produces.
 
     python examples/driver.py ARTIFACT_DIR 1,2,3 --draft NAME --new-tokens 32
 """

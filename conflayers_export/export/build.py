@@ -28,7 +28,7 @@ from ..errors import ManifestError
 from ..models import LoadedModel
 from ..staging import replace_folder
 from .graph import DTYPES, WeightStore, build_graph
-from .quantize import BITS, BLOCK_SIZE, DRAFT_ACCURACY_LEVEL, FULL_ACCURACY_LEVEL
+from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE
 from .weights import attach_external, write_weights
 
 WEIGHTS_FILE = "weights.bin"
@@ -112,7 +112,6 @@ def _write(
             f"draft.{draft.name}",
             draft_bits(draft, dtype),
             vocab_ids,
-            draft=True,
         )
         layers[draft.name] = kept
 
@@ -154,7 +153,7 @@ def _write(
             "operator": "com.microsoft.MatMulNBits",
             "scheme": "asymmetric round-to-nearest per block (scales and zero points)",
             "block_size": BLOCK_SIZE,
-            "accuracy_level": {"full": FULL_ACCURACY_LEVEL, "drafts": DRAFT_ACCURACY_LEVEL},
+            "accuracy_level": {"full": ACCURACY_LEVEL, "drafts": ACCURACY_LEVEL},
         },
         "kv": {
             "dtype": "fp16" if DTYPES[dtype][0] is np.float16 else "fp32",

@@ -33,7 +33,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..architectures import Architecture
-from .quantize import BLOCK_SIZE, DRAFT_ACCURACY_LEVEL, FULL_ACCURACY_LEVEL, quantize
+from .quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantize
 
 OPSET = 21
 # Artifact dtype -> (activation and KV dtype, weight bits of every graph unless a draft asks for
@@ -72,7 +72,6 @@ class _GraphBuilder:
         weights: WeightStore,
         bits: int | None = None,
         vocab_ids: np.ndarray | None = None,
-        accuracy_level: int = FULL_ACCURACY_LEVEL,
     ):
         self.model = model
         self.arch = architecture
@@ -80,7 +79,6 @@ class _GraphBuilder:
         self.np_dtype, self.onnx_dtype, _ = DTYPES[dtype]
         self.bits = bits
         self.vocab_ids = vocab_ids
-        self.accuracy_level = accuracy_level
         self.max_seq_len = max_seq_len
         self.weights = weights
         self.layout = architecture.kv_layout(model.config)
@@ -147,7 +145,7 @@ class _GraphBuilder:
             N=n,
             bits=bits,
             block_size=BLOCK_SIZE,
-            accuracy_level=self.accuracy_level,
+            accuracy_level=ACCURACY_LEVEL,
         )[0]
 
     def norm_weight(self, name: str, module: torch.nn.Module) -> str:
@@ -426,11 +424,9 @@ def build_graph(
     graph_name: str,
     bits: int | None = None,
     vocab_ids: np.ndarray | None = None,
-    draft: bool = False,
 ) -> tuple[onnx.ModelProto, set[str]]:
     """Build one graph that runs ``keep_layers`` (with ``bits``-bit linears and a head over
     ``vocab_ids`` when given); returns it and the names of the weights it reads."""
-    accuracy = DRAFT_ACCURACY_LEVEL if draft else FULL_ACCURACY_LEVEL
-    builder = _GraphBuilder(model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, accuracy)
+    builder = _GraphBuilder(model, architecture, dtype, max_seq_len, weights, bits, vocab_ids)
     graph = builder.build(list(keep_layers), graph_name)
     return graph, builder.used

@@ -5,6 +5,10 @@ the full graph and for each draft (against the PyTorch model with the same layer
 a 16-token prefill, 3 single-token steps, one 5-token verify step over the cache, a rollback of
 3 positions and one more step. Every step must give the same argmax at every position and
 logits within the tolerance.
+
+Row invariance (conflayers_runtime.row_invariance): whether each graph gives a position the same
+logits as a step, as any row of a 2-9 token pass and inside a prefill; bitwise for the full graph
+is what makes greedy speculation lossless.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 import torch
 from conflayers_runtime.artifact import open_backend, verify_files
 from conflayers_runtime.manifest import Draft, read_manifest
+from conflayers_runtime.row_invariance import RowInvariance, measure
 
 from ..errors import ConflayersError
 from ..models import LoadedModel
@@ -31,14 +36,15 @@ from .quantize import quantized_copy
 # headroom. An argmax may differ only at a near-tie: where the fp32 logit of the fp16 graph's choice
 # is within the tolerance of the fp32 maximum.
 # Quantized graphs (int8/int4 weights) are compared with the PyTorch model holding the very same
-# dequantized weights (quantize.quantized_copy), so weight rounding is not part of the error. An
-# int4 full graph computes in float (accuracy_level 0) and meets the fp32 tolerance. Quantized
-# drafts also round their activations to int8 (accuracy_level 4): their logits may move by up to
-# DRAFT_RELATIVE_TOLERANCE of the largest reference logit (measured: up to 11% on random tiny
-# models, 9.9% for SmolLM2's int8 draft), and an argmax may differ only at a near-tie within
-# that. A draft only proposes tokens, so this bounds its quality, never the output's.
+# dequantized weights (quantize.quantized_copy), so weight rounding is not part of the error. They
+# also round their activations to int8 (quantize.ACCURACY_LEVEL): their logits may move by up to
+# QUANTIZED_RELATIVE_TOLERANCE of the largest reference logit (measured: up to 11% on random tiny
+# models, 9.9% for SmolLM2's int8 draft), and an argmax may differ only at a near-tie within that.
+# For a draft this bounds its quality only; for an int4 full graph it bounds the artifact's
+# distance from its float model, and speculation stays exact relative to the graph itself
+# (row_invariance below).
 TOLERANCE = {"fp32": 1e-3, "fp16": 0.25}
-DRAFT_RELATIVE_TOLERANCE = 0.25
+QUANTIZED_RELATIVE_TOLERANCE = 0.25
 
 
 class ParityError(ConflayersError):
@@ -100,7 +106,7 @@ def check_parity(
     for label, draft in graphs:
         onnx_backend = open_backend(folder, manifest, draft.name if draft else None, device)
         bits = draft_bits(draft, dtype) if draft else full_bits
-        approximate = draft is not None and bits is not None  # int8 activations (see above)
+        approximate = bits is not None  # int8 activations (see above)
         torch_backend = TorchBackend(
             reference(full_bits),
             loaded.architecture,
@@ -112,7 +118,7 @@ def check_parity(
             expected = torch_backend.forward(tokens, start, draft is not None)
             actual = onnx_backend.forward(tokens, start, draft is not None)
             scale = float(np.abs(expected).max())
-            tolerance = DRAFT_RELATIVE_TOLERANCE * scale if approximate else TOLERANCE[dtype_family]
+            tolerance = QUANTIZED_RELATIVE_TOLERANCE * scale if approximate else TOLERANCE[dtype_family]
             result = StepResult(
                 label,
                 step,
@@ -129,4 +135,23 @@ def check_parity(
             for r, tolerance in failures
         )
         raise ParityError(f"ONNX graphs disagree with PyTorch: {lines}")
+    return results
+
+
+def check_row_invariance(
+    folder: str | os.PathLike[str], vocab_size: int, device: str = "cpu", positions: int = 16
+) -> list[RowInvariance]:
+    """Row invariance of every graph as the runtime opens it, plus the full graph with unpadded
+    one-token steps (what the padding of exact decoding removes). Greedy speculation is lossless
+    on ``device`` when the full graph's exact entry is bitwise equal."""
+    manifest = read_manifest(folder)
+    prompt = 16
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, vocab_size, prompt + positions)]
+    results = [
+        measure(open_backend(folder, manifest, None, device, exact=False), tokens, prompt),
+        measure(open_backend(folder, manifest, None, device), tokens, prompt),
+    ]
+    for name in manifest.artifacts["drafts"]:
+        backend = open_backend(folder, manifest, name, device)
+        results.append(measure(backend, tokens, prompt, draft=True, graph=f"draft.{name}"))
     return results

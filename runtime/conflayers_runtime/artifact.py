@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from .errors import ManifestError
 from .manifest import Manifest
-from .onnx_backend import PROVIDERS, KVSpec, OnnxBackend
+from .onnx_backend import PROVIDERS, ROW_INVARIANT_ROWS, KVSpec, OnnxBackend
 
 REQUIRED = ("dtype", "max_seq_len", "weights", "full", "drafts", "files", "kv", "layers", "tokenizer")
 
@@ -122,8 +122,13 @@ def open_backend(
     device: str = "cpu",
     threads: int | None = None,
     weights: str | None = None,
+    exact: bool = True,
 ) -> OnnxBackend:
     """Sessions for the full graph and (optionally) one draft, over shared device-resident caches.
+
+    ``exact`` pads every full-graph pass to the device's row-invariant row count (onnx_backend.py),
+    so that speculative output equals plain output bitwise; False decodes plain steps one row at a
+    time (faster plain decoding, which may then differ from speculative output at near-ties).
 
     ``weights`` ("prepacked" by default, or "shared") matters on CPU; on CUDA each session holds
     the weights its graph reads in GPU memory (the full graph's, plus the draft's quantized or
@@ -171,7 +176,8 @@ def open_backend(
             ) from exc
     vocab_tensor = section.get("draft_vocab", {}).get(draft) if draft is not None else None
     token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
-    return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device, token_ids)
+    rows = ROW_INVARIANT_ROWS[device] if exact else 1
+    return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device, token_ids, rows)
 
 
 _NUMPY_DTYPES = {

@@ -105,10 +105,14 @@ class Model:
         """Yield text pieces as they are decided. Stats of the run land in ``self.last_stats``.
         ``draft_config`` None: the draft length calibrated for the loaded draft (:meth:`draft_config`)."""
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-        if len(ids) + max_new_tokens > self.max_seq_len:
+        # The last full pass starts at len(ids) + max_new_tokens - 2 and needs room for its rows.
+        reserved = max(0, self.backend.full_pass_rows - 2)
+        if len(ids) + max_new_tokens > self.max_seq_len - reserved:
+            padding = f" less {reserved} padding rows of exact decoding" if reserved else ""
             raise GenerationError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the artifact's "
-                f"max_seq_len {self.max_seq_len}: shorten them or rebuild with a larger --max-seq-len"
+                f"max_seq_len {self.max_seq_len}{padding}: shorten them or rebuild with a larger "
+                "--max-seq-len"
             )
         used = self.resolve_mode(mode)
         policy = speculative.SpeedGuard() if guard and used == "speculative" and mode == "auto" else None
@@ -205,13 +209,16 @@ def load(
     threads: int | None = None,
     weights: str | None = None,
     verify: bool = True,
+    exact: bool = True,
 ) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
     ``draft``: a draft name, ``DEFAULT_DRAFT`` (the draft of the manifest's ``default`` task, else the
     first built draft, unless calibration did not recommend it) or None (plain decoding only).
     ``weights``: "prepacked" or "shared" (a CPU mode; see artifact.WEIGHT_MODES); None is
-    "prepacked". ``verify`` checks every file's sha256 first.
+    "prepacked". ``verify`` checks every file's sha256 first. ``exact`` (default) makes greedy
+    speculative output bitwise equal to plain output: every full-model pass then has at least the
+    device's row-invariant row count (artifact.open_backend); False makes plain steps one row.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -224,7 +231,7 @@ def load(
             # auto would decode plainly anyway; a lone session also decodes faster (its threads
             # may spin between runs) and takes half the memory. Name the draft to force it.
             draft = None
-    backend = open_backend(folder, manifest, draft, device, threads, weights)
+    backend = open_backend(folder, manifest, draft, device, threads, weights, exact)
     tokenizer_file = folder / section["tokenizer"]["file"]
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))

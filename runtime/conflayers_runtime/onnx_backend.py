@@ -10,6 +10,15 @@ preallocated device buffer of ones, and the caches never move.
 
 A draft with a pruned vocabulary returns logits over its own columns only; ``draft_token_ids``
 maps each column to its token id (the decoding loop applies it).
+
+Row invariance: a kernel may compute a row differently depending on how many rows its pass has
+(on the CPU, MLAS multiplies a single row through its own M == 1 kernel inside
+GroupQueryAttention, so a one-token step and the same row of a verify pass differ by ~1e-5 in the
+logits; with int8 activations by > 1). Greedy speculation is only lossless if the verify pass
+and the plain step agree bitwise, so every full-graph pass is padded to at least
+``full_pass_rows`` rows (copies of its last token, whose logits are dropped and whose cache
+positions lie beyond the valid length). ``ROW_INVARIANT_ROWS`` holds the measured row count per
+device; validate and row_invariance.py measure it.
 """
 
 from __future__ import annotations
@@ -24,6 +33,11 @@ from .errors import GenerationError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+# Fewest rows of a full-graph pass that make every row bitwise equal to the same row of any longer
+# pass (docs/BENCHMARKS.md, "Row invariance"). CPU: measured, every dtype. CUDA: 16 is not yet
+# measured (scripts/gpu_check.sh reports it): one fixed row count for every pass after the prompt
+# gives cuBLAS and the attention kernels one shape to choose for, the safest choice untested.
+ROW_INVARIANT_ROWS = {"cpu": 2, "cuda": 16}
 
 
 @dataclass(frozen=True)
@@ -49,8 +63,10 @@ class OnnxBackend:
         kv: KVSpec,
         device: str = "cpu",
         draft_token_ids: np.ndarray | None = None,
+        full_pass_rows: int = 1,
     ):
         self.kv = kv
+        self.full_pass_rows = full_pass_rows
         self.draft_token_ids = draft_token_ids
         self.device = device_type(device)
         shape = [1, kv.num_kv_heads, kv.max_seq_len, kv.head_dim]
@@ -91,15 +107,22 @@ class OnnxBackend:
         binding = self.bindings[draft]
         if binding is None:
             raise GenerationError("this backend was opened without a draft graph")
+        rows = len(token_ids)
+        if not draft and rows < self.full_pass_rows:
+            # Padding rows (see the module docstring) as far as the cache has room; the caller's
+            # length check leaves room for them (Model.stream).
+            padding = min(self.full_pass_rows, self.kv.max_seq_len - start) - rows
+            token_ids = [*token_ids, *[token_ids[-1]] * padding]
+        passed = start + len(token_ids)
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
-        # A [1, total] view of the preallocated ones: the mask tells the graph the valid length.
-        binding.bind_input("attention_mask", self.device, 0, np.int64, [1, total], self.ones.data_ptr())
+        # A [1, passed] view of the preallocated ones: the mask tells the graph the valid length.
+        binding.bind_input("attention_mask", self.device, 0, np.int64, [1, passed], self.ones.data_ptr())
         logits = self._logits_buffer(draft, len(token_ids))
         binding.bind_ortvalue_output("logits", logits)
         self.sessions[draft].run_with_iobinding(binding)
         # [S, V]: a view of the reused host buffer, valid until the next forward of the same length
         # (callers consume it first). Reading it directly avoids wrapping every bound output.
-        return logits.numpy()[0]
+        return logits.numpy()[0, :rows]
 
     def _logits_buffer(self, draft: bool, rows: int) -> ort.OrtValue:
         """A host buffer [1, rows, width] for the logits; kept for the short steps that repeat."""
