@@ -426,7 +426,7 @@ def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -
     click.echo(f"row invariance on {device}:")
     for r in invariance:
         click.echo(f"  {r.describe()}")
-    exact = invariance[1]  # the full graph as the runtime opens it
+    exact = invariance[0]  # the full graph as the runtime opens it
     if exact.bitwise:
         click.echo("ok: every full-graph pass computes each row bitwise alike: greedy speculation is exact")
     else:

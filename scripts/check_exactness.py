@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from conflayers_runtime import DraftConfig, GenerationStats, generate, read_manifest
-from conflayers_runtime.artifact import open_backend
+from conflayers_runtime.artifact import open_backend, row_invariant_rows
 from conflayers_runtime.manifest import Draft
-from conflayers_runtime.onnx_backend import ROW_INVARIANT_ROWS
 from conflayers_runtime.row_invariance import measure
 
 from conflayers_export.calibrate.data import default_prompts
@@ -79,7 +78,7 @@ def check_dtype(loaded, dtype, prompts, new_tokens, device, ranking, reference, 
     result: dict = {"plain_seconds": time.perf_counter() - started}
     sample = [*prompts[0], *plain[0][:32]]
     result["row_invariance"] = []
-    for rows in sorted({1, 2, ROW_INVARIANT_ROWS[device]}):  # unpadded, CPU's padding, the device's
+    for rows in sorted({1, 2, row_invariant_rows(manifest.artifacts, device)}):  # and the device's own
         backend = open_backend(folder, manifest, device=device, exact=False)
         backend.full_pass_rows = rows
         result["row_invariance"].append(vars(measure(backend, sample, len(prompts[0]))))

@@ -27,7 +27,7 @@ from ..architectures import KVLayout
 from ..errors import ManifestError
 from ..models import LoadedModel
 from ..staging import replace_folder
-from .graph import DTYPES, WeightStore, build_graph
+from .graph import DTYPES, MIN_ATTENTION_ROWS, WeightStore, build_graph
 from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE
 from .weights import attach_external, write_weights
 
@@ -163,6 +163,9 @@ def _write(
             "sliding_windows": list(layout.sliding_windows),
             "shape": ["batch", "num_kv_heads", "max_seq_len", "head_dim"],
             "past_is_present": True,
+            # The graphs run a one-token pass's attention over its row twice (row invariance,
+            # graph.pad_attention_rows): every pass writes at least this many cache positions.
+            "min_attention_rows": MIN_ATTENTION_ROWS,
         },
         "layers": layers,
         # Where each weight lives in the weights file, and which graph reads which: enough for a

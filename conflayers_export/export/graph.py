@@ -47,6 +47,10 @@ DTYPES: dict[str, tuple[type, int, int | None]] = {
 }
 
 
+# A one-token pass runs its attention over its row repeated (pad_attention_rows).
+MIN_ATTENTION_ROWS = 2
+
+
 @dataclass
 class WeightStore:
     """Named weight arrays shared by every graph of one artifact (each stored once)."""
@@ -85,6 +89,8 @@ class _GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.used: set[str] = set()  # weights this graph reads (stored externally)
         self.constants: dict[str, np.ndarray] = {}  # small shape/index constants (stored inline)
+        # Names of [1] int64 tensors set by build(): S, and max(S, MIN_ATTENTION_ROWS).
+        self.sequence = self.attention_rows = ""
 
     # -- helpers -----------------------------------------------------------------------------
     def op(
@@ -226,6 +232,9 @@ class _GraphBuilder:
             qkv_inputs = [q, k, v]
         else:
             qkv_inputs = [qkv, "", ""]  # packed QKV: GroupQueryAttention splits it itself
+        qkv_inputs = [
+            self.pad_attention_rows(t, f"{name}/pad{k}") if t else t for k, t in enumerate(qkv_inputs)
+        ]
         window = self.layout.sliding_windows[i]
         out = self.op(
             "GroupQueryAttention",
@@ -241,7 +250,24 @@ class _GraphBuilder:
             # Same meaning as transformers' sliding_window (checked by the gemma3 parity test).
             local_window_size=-1 if window is None else window,
         )
-        return self.linear(out[0], attn.o_proj.weight, attn.o_proj.bias, f"{name}/o_proj", f"{wname}.o_proj")
+        rows = self.op(
+            "Slice",
+            [out[0], self.const("zero", [0]), self.sequence, self.const("axes.1", [1])],
+            f"{name}/Unpad",
+        )[0]
+        return self.linear(rows, attn.o_proj.weight, attn.o_proj.bias, f"{name}/o_proj", f"{wname}.o_proj")
+
+    def pad_attention_rows(self, x: str, name: str) -> str:
+        """[B, S, D] -> [B, max(S, 2), D]: a one-token pass repeats its row. ONNX Runtime's CPU
+        GroupQueryAttention multiplies probabilities by V through MLAS' M == 1 kernel when S == 1,
+        whose sums differ in the last bits from any S >= 2 pass; every other float op here computes
+        a row alike whatever S is (DESIGN.md, row invariance). The repeated row's K/V land one
+        position past the valid length, where the next pass overwrites them."""
+        doubled = self.op("Concat", [x, x], f"{name}/Concat", axis=1)[0]
+        ends = self.attention_rows
+        return self.op(
+            "Slice", [doubled, self.const("zero", [0]), ends, self.const("axes.1", [1])], f"{name}/Slice"
+        )[0]
 
     def _head_norm(self, x: str, module: torch.nn.Module, name: str, wname: str, head_dim: int) -> str:
         shaped = self.op("Reshape", [x, self.const("shape.heads", [0, 0, -1, head_dim])], f"{name}/Reshape")[
@@ -274,14 +300,21 @@ class _GraphBuilder:
     def build(self, keep_layers: Sequence[int], graph_name: str) -> onnx.ModelProto:
         layers = self.arch.decoder_layers(self.model)
         inner = self.model.model
-        # seqlens_k = cached + S - 1 and total = cached + S, both from the mask (as onnxruntime-genai).
+        # seqlens_k = cached + S - 1 and total = cached + S, both from the mask (as onnxruntime-genai),
+        # each plus the attention padding row of a one-token pass (see pad_attention_rows).
+        self.sequence = self.op("Shape", ["input_ids"], "/model/rows/Shape", start=1, end=2)[0]  # [1]: S
+        least = self.const("min_rows", [MIN_ATTENTION_ROWS])
+        self.attention_rows = self.op("Max", [self.sequence, least], "/model/rows/Max")[0]
+        padding = self.op("Sub", [self.attention_rows, self.sequence], "/model/rows/Padding")[0]
         mask_sum = self.op(
             "ReduceSum", ["attention_mask", self.const("axes.1", [1])], "/model/mask/ReduceSum", keepdims=0
         )[0]
-        seqlens = self.op("Sub", [mask_sum, self.const("one", [1])], "/model/mask/Sub")[0]
+        last = self.op("Sub", [padding, self.const("one", [1])], "/model/mask/Last")[0]  # padding - 1
+        seqlens = self.op("Add", [mask_sum, last], "/model/mask/Add")[0]
         seqlens_k = self.op("Cast", [seqlens], "/model/mask/seqlens_k", to=TensorProto.INT32)[0]
-        shape = self.op("Shape", ["attention_mask"], "/model/mask/Shape")[0]
-        total64 = self.op("Gather", [shape, self.const("index.1", 1)], "/model/mask/Gather", axis=0)[0]
+        shape = self.op("Shape", ["attention_mask"], "/model/mask/Shape", start=1, end=2)[0]
+        padded = self.op("Add", [shape, padding], "/model/mask/Padded")[0]
+        total64 = self.op("Squeeze", [padded, self.const("axes.0", [0])], "/model/mask/Squeeze")[0]
         total = self.op("Cast", [total64], "/model/mask/total", to=TensorProto.INT32)[0]
         rope = self.rope_tables(keep_layers)
 

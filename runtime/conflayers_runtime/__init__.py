@@ -3,6 +3,14 @@
 Public surface: the manifest schema, the sampling/acceptance rules and the decoding loop.
 """
 
+try:
+    import onnxruntime  # noqa: F401  (provided by either distribution)
+except ModuleNotFoundError as exc:
+    raise ModuleNotFoundError(
+        "conflayers-runtime needs ONNX Runtime: pip install 'conflayers-runtime[cpu]' for the CPU or "
+        "'conflayers-runtime[cuda]' for CUDA (onnxruntime-gpu; never both distributions together)"
+    ) from exc
+
 from .errors import ConflayersError, GenerationError, ManifestError, SkipSetError
 from .manifest import (
     MANIFEST_NAME,

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from .errors import ManifestError
 from .manifest import Manifest
-from .onnx_backend import PROVIDERS, ROW_INVARIANT_ROWS, KVSpec, OnnxBackend
+from .onnx_backend import PROVIDERS, KVSpec, OnnxBackend
 
 REQUIRED = ("dtype", "max_seq_len", "weights", "full", "drafts", "files", "kv", "layers", "tokenizer")
 
@@ -73,7 +73,25 @@ def kv_spec(manifest: Manifest) -> KVSpec:
         kv["head_dim"],
         section["max_seq_len"],
         kv.get("dtype", section["dtype"]),  # schema 1.0 artifacts had float dtypes only
+        kv.get("min_attention_rows", 1),  # graphs built before the attention padding
     )
+
+
+def row_invariant_rows(section: dict[str, Any], device: str) -> int:
+    """Fewest rows of a full-graph pass that make every row bitwise equal to the same row of any
+    other pass, so that greedy speculation equals plain decoding (DESIGN.md, row invariance).
+
+    CPU (measured): everything but GroupQueryAttention computes a row alike for any row count
+    (MatMul, Gemm, the norms, and MatMulNBits with int8 activations given equal inputs); its
+    one-row pass goes through MLAS' M == 1 kernel. Graphs built since ``kv.min_attention_rows``
+    exists run a one-token pass's attention over two rows themselves and need no padding; older
+    ones get two-row passes. CUDA (from ONNX Runtime's kernel selection, not yet measured on a
+    GPU): attention and cuBLAS pick kernels by the row count (XQA at one row, cuDNN per row
+    count, flash splits by length), so every pass after the prompt gets one fixed count.
+    """
+    if device == "cuda":
+        return 16
+    return 1 if section["kv"].get("min_attention_rows", 1) >= 2 else 2
 
 
 # "prepacked": each session keeps its own prepacked copy of the weights it reads (fastest on
@@ -176,7 +194,7 @@ def open_backend(
             ) from exc
     vocab_tensor = section.get("draft_vocab", {}).get(draft) if draft is not None else None
     token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
-    rows = ROW_INVARIANT_ROWS[device] if exact else 1
+    rows = row_invariant_rows(section, device) if exact else 1
     return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device, token_ids, rows)
 
 

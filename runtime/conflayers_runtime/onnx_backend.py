@@ -11,14 +11,11 @@ preallocated device buffer of ones, and the caches never move.
 A draft with a pruned vocabulary returns logits over its own columns only; ``draft_token_ids``
 maps each column to its token id (the decoding loop applies it).
 
-Row invariance: a kernel may compute a row differently depending on how many rows its pass has
-(on the CPU, MLAS multiplies a single row through its own M == 1 kernel inside
-GroupQueryAttention, so a one-token step and the same row of a verify pass differ by ~1e-5 in the
-logits; with int8 activations by > 1). Greedy speculation is only lossless if the verify pass
-and the plain step agree bitwise, so every full-graph pass is padded to at least
-``full_pass_rows`` rows (copies of its last token, whose logits are dropped and whose cache
-positions lie beyond the valid length). ``ROW_INVARIANT_ROWS`` holds the measured row count per
-device; validate and row_invariance.py measure it.
+Row invariance: a kernel may compute a row differently depending on how many rows its pass has,
+and greedy speculation is only lossless if a verify pass and a plain step agree bitwise (DESIGN.md).
+Every full-graph pass shorter than ``full_pass_rows`` (artifact.row_invariant_rows) is padded
+with copies of its last token, whose logits are dropped and whose cache positions lie beyond the
+valid length.
 """
 
 from __future__ import annotations
@@ -33,11 +30,6 @@ from .errors import GenerationError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
-# Fewest rows of a full-graph pass that make every row bitwise equal to the same row of any longer
-# pass (docs/BENCHMARKS.md, "Row invariance"). CPU: measured, every dtype. CUDA: 16 is not yet
-# measured (scripts/gpu_check.sh reports it): one fixed row count for every pass after the prompt
-# gives cuBLAS and the attention kernels one shape to choose for, the safest choice untested.
-ROW_INVARIANT_ROWS = {"cpu": 2, "cuda": 16}
 
 
 @dataclass(frozen=True)
@@ -47,6 +39,7 @@ class KVSpec:
     head_dim: int
     max_seq_len: int
     dtype: str  # "fp32" or "fp16"
+    min_rows: int = 1  # cache positions a pass writes at least (the graph's attention padding)
 
 
 def device_type(device: str) -> str:
@@ -98,10 +91,11 @@ class OnnxBackend:
         return binding
 
     def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray:
-        total = start + len(token_ids)
+        total = start + max(len(token_ids), self.kv.min_rows)
         if total > self.kv.max_seq_len:
             raise GenerationError(
-                f"sequence of {total} tokens exceeds the artifact's max_seq_len {self.kv.max_seq_len}: "
+                f"sequence of {total} tokens (with padding rows) exceeds the artifact's max_seq_len "
+                f"{self.kv.max_seq_len}: "
                 "shorten the prompt or max_new_tokens, or rebuild with a larger --max-seq-len"
             )
         binding = self.bindings[draft]
