@@ -7,3 +7,17 @@ venv="${CONFLAYERS_VENV:-$root/.venv}"
 cd "$root"
 "$venv/bin/ruff" check .
 "$venv/bin/python" -m pytest "$@"
+
+# The runtime installed alone, in a fresh virtual environment: an undeclared dependency, or one
+# on torch/transformers/onnx, fails here. Its artifact comes from the exporter.
+runtime_venv="${CONFLAYERS_RUNTIME_VENV:-$root/.venv-runtime}"
+rm -rf "$runtime_venv"
+"${PYTHON:-python3}" -m venv "$runtime_venv"
+"$runtime_venv/bin/python" -m pip --disable-pip-version-check -q install \
+    -c "$root/scripts/constraints.txt" "$root/runtime[cpu]" pytest
+artifact_dir="$(mktemp -d)"
+trap 'rm -rf "$artifact_dir"' EXIT
+"$venv/bin/python" -m tests.helpers "$artifact_dir/tiny"
+# Run from the artifact folder: the repository's own packages must not be importable.
+(cd "$artifact_dir" && CONFLAYERS_TEST_ARTIFACT="$artifact_dir/tiny" "$runtime_venv/bin/pytest" -p no:cacheprovider \
+    --rootdir "$root/runtime" "$root/runtime/tests")

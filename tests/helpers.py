@@ -1,6 +1,11 @@
-"""Building artifacts in tests: drafts given as {name: skip layers} or as Draft objects."""
+"""Test helpers: tiny Hugging Face folders, and artifacts built with drafts given as
+{name: skip layers} or as Draft objects. ``python -m tests.helpers OUT`` builds the tiny artifact
+the runtime-only tests load (scripts/test.sh)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 from conflayers_runtime.manifest import Draft
 
@@ -13,3 +18,46 @@ def build(folder, loaded, drafts, max_seq_len=64, calibration=None, **kwargs):
     if calibration:
         manifest.calibration.update(calibration)
     return build_artifact(folder, loaded, manifest, max_seq_len=max_seq_len, **kwargs)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """(model, architecture): the architecture's tiny random config, seeded, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conflayers_export.architectures import get_architecture
+
+    architecture = get_architecture(model_type)
+    config = architecture.tiny_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval(), architecture
+
+
+def write_tiny_folder(model, folder: Path) -> Path:
+    """Save ``model`` with a word-level tokenizer covering its whole vocabulary: letters are ids
+    0-25, every other id decodes to "<id>", so any generated sequence has text (26 doubles as the
+    unknown token)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model.save_pretrained(folder)
+    vocab = {chr(ord("a") + i): i for i in range(26)}
+    vocab |= {f"<{i}>": i for i in range(26, model.config.vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<26>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<26>").save_pretrained(folder)
+    return folder
+
+
+def build_tiny_artifact(out: Path) -> None:
+    """A tiny random llama (seed 0) with drafts "mid" (layers 1, 2 skipped) and "int8"."""
+    from conflayers_export.models import load_model
+
+    folder = write_tiny_folder(tiny_model("llama")[0], out.with_name(out.name + "-hf"))
+    build(out, load_model(str(folder)), {"mid": [1, 2], "int8": Draft("int8", [], weight_precision="int8")})
+
+
+if __name__ == "__main__":
+    build_tiny_artifact(Path(sys.argv[1]))

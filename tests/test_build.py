@@ -91,6 +91,7 @@ def test_weights_are_stored_once_and_drafts_point_into_them(tiny_artifacts):
     assert (folder / "weights.bin").stat().st_size <= 1.02 * (one_copy + rope) + 4096 * len(entries)
 
 
+@pytest.mark.real_model
 def test_smollm2_artifact_size_and_parity(smollm2, tmp_path):
     manifest = build(tmp_path / "smol", smollm2, {"mid3": [14, 15, 16]}, max_seq_len=256)
     files = manifest.artifacts["files"]

@@ -126,6 +126,18 @@ def test_stop_strings_cut_the_text(tiny_artifact):
     assert cut == full[: full.index(stop)]
 
 
+def test_a_prompt_that_is_not_utf8_is_a_clear_error(tiny_artifact):
+    # Bytes 0xFF 0xFE on a command line reach Python as surrogate escapes.
+    with pytest.raises(GenerationError, match="not valid UTF-8 text.*position 1"):
+        load(tiny_artifact).generate("a\udcff\udcfe", 4)
+    result = subprocess.run(
+        [sys.executable, "-m", "conflayers_runtime.cli", str(tiny_artifact), "--prompt", b"\xff\xfe"],
+        capture_output=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.decode().startswith("error: the prompt is not valid UTF-8 text")
+
+
 def test_too_long_prompt_names_the_limit_and_the_fix(tiny_artifact):
     model = load(tiny_artifact)
     with pytest.raises(GenerationError, match=r"exceeds the artifact's max_seq_len 64.*--max-seq-len"):

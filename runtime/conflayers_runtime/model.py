@@ -64,6 +64,13 @@ class Model:
 
     def encode(self, text: str, chat: bool = True) -> list[int]:
         """Token ids of a prompt; ``chat`` wraps it as one user turn of the model's chat template."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # e.g. undecodable command-line bytes (surrogate escapes)
+            raise GenerationError(
+                f"the prompt is not valid UTF-8 text (bad character at position {exc.start}): "
+                "pass UTF-8 text, or token ids"
+            ) from None
         if chat and self.chat_prefix is not None:
             text = f"{self.chat_prefix}{text}{self.chat_suffix}"
             return self.tokenizer.encode(text, add_special_tokens=False).ids

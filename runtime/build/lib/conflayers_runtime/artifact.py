@@ -1,0 +1,214 @@
+"""Reading a built artifact: file integrity, the I/O contract, and ONNX Runtime sessions.
+
+The ``artifacts`` section of the manifest (written by ``conflayers-export build``) holds::
+
+    dtype, max_seq_len, weights (file name), full (graph file), drafts {name: graph file},
+    files {name: {size, sha256}}, kv {num_layers, num_kv_heads, head_dim},
+    layers {"full": [...], "<draft>": [kept layer indices]}, inputs/outputs (name patterns),
+    tokenizer {file, chat_prefix, chat_suffix, stop_token_ids},
+    weights_index {tensor: [dtype, shape, offset, length]}, graph_weights {graph file: [tensors]},
+    draft_vocab {draft: int64 tensor of token ids, one per logits column}, quantization {...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import ManifestError
+from .manifest import Manifest
+from .onnx_backend import PROVIDERS, KVSpec, OnnxBackend
+
+REQUIRED = ("dtype", "max_seq_len", "weights", "full", "drafts", "files", "kv", "layers", "tokenizer")
+
+
+def artifact_section(manifest: Manifest) -> dict[str, Any]:
+    section = manifest.artifacts
+    missing = [key for key in REQUIRED if key not in section]
+    if missing:
+        raise ManifestError(
+            f"the manifest describes no built artifact (missing {', '.join(missing)}): "
+            "run `conflayers-export build` on this folder"
+        )
+    return section
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(folder: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Check every listed file's size and sha256; raise ManifestError naming each bad file."""
+    folder = Path(folder)
+    problems = []
+    for name, entry in artifact_section(manifest)["files"].items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, expected {entry['size']}")
+        elif file_sha256(path) != entry["sha256"]:
+            problems.append(f"{name} does not match its sha256")
+    if problems:
+        raise ManifestError(
+            f"artifact {folder} is damaged: {'; '.join(problems)}. Rebuild it with `conflayers-export build`"
+        )
+
+
+def kv_spec(manifest: Manifest) -> KVSpec:
+    section = artifact_section(manifest)
+    kv = section["kv"]
+    return KVSpec(
+        kv["num_layers"],
+        kv["num_kv_heads"],
+        kv["head_dim"],
+        section["max_seq_len"],
+        kv.get("dtype", section["dtype"]),  # schema 1.0 artifacts had float dtypes only
+        kv.get("min_attention_rows", 1),  # graphs built before the attention padding
+    )
+
+
+def row_invariant_rows(section: dict[str, Any], device: str) -> int:
+    """Fewest rows of a full-graph pass that make every row bitwise equal to the same row of any
+    other pass, so that greedy speculation equals plain decoding (DESIGN.md, row invariance).
+
+    CPU (measured): everything but GroupQueryAttention computes a row alike for any row count
+    (MatMul, Gemm, the norms, and MatMulNBits with int8 activations given equal inputs); its
+    one-row pass goes through MLAS' M == 1 kernel. Graphs built since ``kv.min_attention_rows``
+    exists run a one-token pass's attention over two rows themselves and need no padding; older
+    ones get two-row passes. CUDA (from ONNX Runtime's kernel selection, not yet measured on a
+    GPU): attention and cuBLAS pick kernels by the row count (XQA at one row, cuDNN per row
+    count, flash splits by length), so every pass after the prompt gets one fixed count.
+    """
+    if device == "cuda":
+        return 16
+    return 1 if section["kv"].get("min_attention_rows", 1) >= 2 else 2
+
+
+# "prepacked": each session keeps its own prepacked copy of the weights it reads (fastest on
+# CPU; a pair takes ~1.7x the memory of the full graph alone). "shared": both sessions read the
+# weights file through one memory map without copies (1.0x), but ONNX Runtime then repacks every
+# weight on each multi-token call, which makes verify passes ~3x slower on CPU (docs/BENCHMARKS.md).
+WEIGHT_MODES = ("prepacked", "shared")
+
+
+def session_options(
+    threads: int | None = None, weights: str = "prepacked", paired: bool = True
+) -> ort.SessionOptions:
+    if weights not in WEIGHT_MODES:
+        raise ManifestError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if paired:
+        # Threads still spin inside a run (fast) but stop when it ends: otherwise the idle session's
+        # spinning pool steals the cores from the other one (measured: speculation 22 -> 40 tok/s).
+        # A lone full session keeps ONNX Runtime's default (spinning between runs).
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+    if weights == "shared":
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
+def providers_for(device: str) -> list[str]:
+    if device not in PROVIDERS:
+        raise ManifestError(f"unknown device {device!r}: use one of {', '.join(PROVIDERS)}")
+    if PROVIDERS[device] not in ort.get_available_providers():
+        raise ManifestError(
+            f"device {device!r} needs {PROVIDERS[device]}, which this onnxruntime build lacks "
+            "(for cuda: pip uninstall onnxruntime && pip install onnxruntime-gpu)"
+        )
+    if device == "cpu":
+        return [PROVIDERS["cpu"]]
+    # TF32 would round fp32 matrix products to 10-bit mantissas: an fp32 artifact computes in fp32.
+    return [(PROVIDERS[device], {"use_tf32": "0"}), "CPUExecutionProvider"]
+
+
+def open_backend(
+    folder: str | os.PathLike[str],
+    manifest: Manifest,
+    draft: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    weights: str | None = None,
+    exact: bool = True,
+) -> OnnxBackend:
+    """Sessions for the full graph and (optionally) one draft, over shared device-resident caches.
+
+    ``exact`` pads every full-graph pass to the device's row-invariant row count (onnx_backend.py),
+    so that speculative output equals plain output bitwise; False decodes plain steps one row at a
+    time (faster plain decoding, which may then differ from speculative output at near-ties).
+
+    ``weights`` ("prepacked" by default, or "shared") matters on CPU; on CUDA each session holds
+    the weights its graph reads in GPU memory (the full graph's, plus the draft's quantized or
+    pruned copies and any float tensor both read, such as the embeddings, a second time): ONNX
+    Runtime's Python API cannot hand two sessions the same user-owned device tensors (a C/C++
+    runtime can, with ``weights_index``; see DESIGN.md).
+    """
+    folder = Path(folder)
+    section = artifact_section(manifest)
+    providers = providers_for(device)
+    weights = weights or "prepacked"
+    if device == "cuda" and kv_spec(manifest).dtype != "fp16":
+        # Measured on an H200 (onnxruntime-gpu 1.31): CUDA has no fp32 GroupQueryAttention kernel,
+        # so attention falls back to the CPU behind copies of the caches, which breaks the shared
+        # past/present buffers: every step after the prompt is wrong.
+        raise ManifestError(
+            f"{folder} is a {section['dtype']} artifact (fp32 activations), which ONNX Runtime cannot run "
+            "correctly on CUDA: rebuild it with --dtype fp16 or --dtype int4-fp16 for CUDA"
+        )
+    if device != "cpu" and weights == "shared":
+        raise ManifestError(
+            'weights="shared" is a CPU mode (one memory map): on CUDA use the default ("prepacked")'
+        )
+    graphs = {"full": section["full"]}
+    if draft is not None:
+        if draft not in section["drafts"]:
+            known = ", ".join(section["drafts"]) or "none"
+            raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
+        graphs["draft"] = section["drafts"][draft]
+    sessions = {}
+    for role, graph in graphs.items():
+        options = session_options(threads, weights, paired=len(graphs) > 1)
+        try:
+            sessions[role] = ort.InferenceSession(str(folder / graph), options, providers=providers)
+        except Exception as exc:  # e.g. a quantized kernel this build of ONNX Runtime lacks
+            precision = next((d.weight_precision for d in manifest.drafts if d.name == draft), "base")
+            what = (
+                f"draft {draft!r} ({precision} weights)"
+                if role == "draft"
+                else f"{section['dtype']} full graph"
+            )
+            raise ManifestError(
+                f"ONNX Runtime cannot run the {what} of {folder} on {device}: {exc}. Choose another "
+                "draft (--draft) or device, or rebuild the artifact with a precision this device runs"
+            ) from exc
+    vocab_tensor = section.get("draft_vocab", {}).get(draft) if draft is not None else None
+    token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
+    rows = row_invariant_rows(section, device) if exact else 1
+    return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device, token_ids, rows)
+
+
+_NUMPY_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "int8": np.int8,
+}
+
+
+def _read_weight(folder: Path, section: dict[str, Any], name: str) -> np.ndarray:
+    """One tensor of the weights file, as a host array (a copy: the file is closed afterwards)."""
+    dtype, shape, offset, length = section["weights_index"][name]
+    mapped = np.memmap(folder / section["weights"], dtype=np.uint8, mode="r", offset=offset, shape=(length,))
+    return np.array(mapped.view(_NUMPY_DTYPES[dtype]).reshape(shape))

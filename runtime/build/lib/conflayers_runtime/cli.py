@@ -1,0 +1,112 @@
+"""``conflayers-run``: generate from a built artifact without the exporter (or torch) installed.
+
+conflayers-run ARTIFACT --prompt "Write a haiku." [--mode auto|speculative|plain] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from .errors import ConflayersError
+from .manifest import read_manifest
+from .model import DEFAULT_DRAFT, MODES, default_draft, load
+from .sampling import SamplingConfig
+
+
+def generate_and_report(
+    folder: str,
+    prompt: str,
+    *,
+    chat: bool = True,
+    mode: str = "auto",
+    device: str = "cpu",
+    max_new_tokens: int = 128,
+    sampling: SamplingConfig | None = None,
+    threads: int | None = None,
+    draft: str | None = None,
+    as_json: bool = False,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> dict[str, object]:
+    """Stream the answer to ``out`` (or print JSON), then the speed and acceptance to ``err``."""
+    import time
+
+    out, err = out or sys.stdout, err or sys.stderr  # looked up per call (tests replace them)
+    if draft is None and mode == "speculative":  # forced: use the default draft even if not recommended
+        draft = default_draft(read_manifest(folder))
+    model = load(folder, device=device, threads=threads, draft=draft or DEFAULT_DRAFT)
+    used = model.resolve_mode(mode)
+    start = time.perf_counter()
+    pieces = []
+    sampling = sampling or SamplingConfig()
+    for piece in model.stream(prompt, max_new_tokens, chat=chat, sampling=sampling, mode=mode):
+        pieces.append(piece)
+        if not as_json:
+            out.write(piece)
+            out.flush()
+    seconds = time.perf_counter() - start
+    stats = model.last_stats
+    result = {
+        "text": "".join(pieces),
+        "mode": used,
+        "draft": model.draft if used == "speculative" else None,
+        "device": device,
+        "seconds": seconds,
+        "tokens_per_second": stats.new_tokens / seconds,
+        **stats.as_dict(),
+    }
+    if as_json:
+        out.write(json.dumps(result, indent=2) + "\n")
+    else:
+        out.write("\n")
+        err.write(
+            f"[{used}{', draft ' + str(model.draft) if used == 'speculative' else ''}] "
+            f"{stats.new_tokens} tokens in {seconds:.2f} s ({result['tokens_per_second']:.1f} tok/s); "
+            f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_tokens_per_cycle:.2f} tokens per "
+            f"full-model pass\n"
+        )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="conflayers-run", description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", help="folder written by `conflayers-export build`")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--mode", choices=MODES, default="auto")
+    parser.add_argument("--draft", default=None, help="draft name (default: the manifest's default task)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true", dest="as_json")
+    args = parser.parse_args(argv)
+    try:
+        sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed)
+        generate_and_report(
+            args.artifact,
+            args.prompt,
+            chat=args.chat,
+            mode=args.mode,
+            device=args.device,
+            max_new_tokens=args.max_new_tokens,
+            sampling=sampling,
+            threads=args.threads,
+            draft=args.draft,
+            as_json=args.as_json,
+        )
+    except ConflayersError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

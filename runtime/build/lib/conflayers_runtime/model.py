@@ -1,0 +1,249 @@
+"""The user-facing runtime: load an artifact, generate or stream text.
+
+model = conflayers_runtime.load("artifact/", device="cpu")
+for piece in model.stream("Write a haiku.", max_new_tokens=64):
+    print(piece, end="")
+print(model.last_stats.as_dict())
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from . import speculative
+from .artifact import artifact_section, open_backend, verify_files
+from .errors import GenerationError, ManifestError
+from .manifest import Manifest, read_manifest
+from .onnx_backend import OnnxBackend
+from .sampling import SamplingConfig
+from .speculative import DraftConfig, GenerationStats
+
+MODES = ("auto", "speculative", "plain")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    seconds: float
+    mode: str  # the mode actually used: "speculative" or "plain"
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds else 0.0
+
+
+class Model:
+    """A loaded artifact: tokenizer, full graph and (optionally) one draft, on one device."""
+
+    def __init__(
+        self, folder: Path, manifest: Manifest, backend: OnnxBackend, tokenizer: Tokenizer, draft: str | None
+    ):
+        self.folder = folder
+        self.manifest = manifest
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.draft = draft
+        self.last_stats = GenerationStats()
+        self.last_token_ids: list[int] = []
+        tok = artifact_section(manifest)["tokenizer"]
+        self.chat_prefix: str | None = tok.get("chat_prefix")
+        self.chat_suffix: str | None = tok.get("chat_suffix")
+        self.stop_token_ids: list[int] = list(tok.get("stop_token_ids", []))
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.backend.kv.max_seq_len
+
+    def encode(self, text: str, chat: bool = True) -> list[int]:
+        """Token ids of a prompt; ``chat`` wraps it as one user turn of the model's chat template."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # e.g. undecodable command-line bytes (surrogate escapes)
+            raise GenerationError(
+                f"the prompt is not valid UTF-8 text (bad character at position {exc.start}): "
+                "pass UTF-8 text, or token ids"
+            ) from None
+        if chat and self.chat_prefix is not None:
+            text = f"{self.chat_prefix}{text}{self.chat_suffix}"
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text).ids
+
+    def draft_config(self) -> DraftConfig:
+        """The loaded draft's calibrated draft length, where the manifest has one, else the defaults."""
+        if self.draft is None:
+            return speculative.DEFAULT_DRAFT
+        d, default = self.manifest.draft(self.draft), speculative.DEFAULT_DRAFT
+        return DraftConfig(
+            d.max_draft_tokens or default.max_draft_tokens,
+            default.confidence_threshold if d.confidence_threshold is None else d.confidence_threshold,
+        )
+
+    def resolve_mode(self, mode: str) -> str:
+        """'auto' follows the manifest: plain unless the chosen draft is recommended."""
+        if mode not in MODES:
+            raise GenerationError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+        if mode == "speculative" and self.draft is None:
+            raise GenerationError("speculative mode needs a draft: this artifact was loaded without one")
+        if mode == "auto":
+            recommended = self.draft is not None and self.manifest.draft(self.draft).recommended
+            return "speculative" if recommended else "plain"
+        return mode
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 128,
+        *,
+        chat: bool = True,
+        sampling: SamplingConfig = speculative.GREEDY,
+        mode: str = "auto",
+        draft_config: DraftConfig | None = None,
+        stop_strings: Sequence[str] = (),
+        guard: bool = True,
+    ) -> Iterator[str]:
+        """Yield text pieces as they are decided. Stats of the run land in ``self.last_stats``.
+        ``draft_config`` None: the draft length calibrated for the loaded draft (:meth:`draft_config`)."""
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        # The last full pass starts at len(ids) + max_new_tokens - 2 and needs room for its rows.
+        reserved = max(0, self.backend.full_pass_rows - 2)
+        if len(ids) + max_new_tokens > self.max_seq_len - reserved:
+            padding = f" less {reserved} padding rows of exact decoding" if reserved else ""
+            raise GenerationError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the artifact's "
+                f"max_seq_len {self.max_seq_len}{padding}: shorten them or rebuild with a larger "
+                "--max-seq-len"
+            )
+        used = self.resolve_mode(mode)
+        policy = speculative.SpeedGuard() if guard and used == "speculative" and mode == "auto" else None
+        self.last_stats = GenerationStats()
+        self.last_token_ids = []
+        text = _Detokenizer(self.tokenizer, self.last_token_ids)
+        longest_stop = max((len(stop) for stop in stop_strings), default=0)
+        tail = ""  # the end of the emitted text, where a stop string may begin
+        for chunk in speculative.stream(
+            self.backend,
+            ids,
+            max_new_tokens,
+            sampling,
+            (draft_config or self.draft_config()) if used == "speculative" else None,
+            self.stop_token_ids,
+            self.last_stats,
+            policy,
+        ):
+            piece = text.add(chunk)
+            if piece is None:  # an incomplete UTF-8 sequence: wait for its next bytes
+                continue
+            if longest_stop:
+                window = tail + piece
+                cut = _first_stop(window, stop_strings, len(tail))
+                if cut is not None:
+                    yield window[len(tail) : cut]
+                    return
+                tail = window[-(longest_stop - 1) :] if longest_stop > 1 else ""
+            yield piece
+
+    def generate(
+        self, prompt: str | Sequence[int], max_new_tokens: int = 128, **kwargs: object
+    ) -> GenerationResult:
+        """Generate to the end; returns text, token ids, stats and wall time."""
+        start = time.perf_counter()
+        text = "".join(self.stream(prompt, max_new_tokens, **kwargs))  # type: ignore[arg-type]
+        seconds = time.perf_counter() - start
+        mode = self.resolve_mode(str(kwargs.get("mode", "auto")))
+        return GenerationResult(text, list(self.last_token_ids), self.last_stats, seconds, mode)
+
+
+class _Detokenizer:
+    """Incremental decoding in O(chunk) per step: decode the new tokens with one earlier chunk of
+    left context (a slice that starts mid-text can lose a leading space) and emit the difference."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens: list[int]):
+        self.tokenizer = tokenizer
+        self.tokens = tokens  # shared with the caller, which reads the ids
+        self.prefix = 0  # start of the context slice
+        self.read = 0  # tokens whose text has been emitted
+
+    def add(self, chunk: Sequence[int]) -> str | None:
+        self.tokens.extend(chunk)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self.prefix : self.read], skip_special_tokens=True)
+        after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
+        if after.endswith("\ufffd"):
+            return None
+        self.prefix, self.read = self.read, len(self.tokens)
+        return after[len(before) :]
+
+
+def _first_stop(text: str, stop_strings: Sequence[str], search_from: int) -> int | None:
+    """Index where the earliest stop string starts (searching only text not yet emitted, plus overlap)."""
+    hits = []
+    for stop in stop_strings:
+        at = text.find(stop, max(0, search_from - len(stop) + 1))
+        if at >= 0:
+            hits.append(at)
+    return min(hits) if hits else None
+
+
+class _DefaultDraft:
+    """Type of DEFAULT_DRAFT: a sentinel, since a draft may well be named "default"."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_DRAFT"
+
+
+DEFAULT_DRAFT = _DefaultDraft()
+
+
+def default_draft(manifest: Manifest) -> str | None:
+    """The built draft of the manifest's ``default`` task, else the first built draft, else None."""
+    task = manifest.tasks.get("default")
+    built = list(artifact_section(manifest)["drafts"])
+    return task.draft if task is not None and task.draft in built else (built[0] if built else None)
+
+
+def load(
+    folder: str | os.PathLike[str],
+    device: str = "cpu",
+    draft: str | None | _DefaultDraft = DEFAULT_DRAFT,
+    threads: int | None = None,
+    weights: str | None = None,
+    verify: bool = True,
+    exact: bool = True,
+) -> Model:
+    """Open an artifact built by ``conflayers-export build``.
+
+    ``draft``: a draft name, ``DEFAULT_DRAFT`` (the draft of the manifest's ``default`` task, else the
+    first built draft, unless calibration did not recommend it) or None (plain decoding only).
+    ``weights``: "prepacked" or "shared" (a CPU mode; see artifact.WEIGHT_MODES); None is
+    "prepacked". ``verify`` checks every file's sha256 first. ``exact`` (default) makes greedy
+    speculative output bitwise equal to plain output: every full-model pass then has at least the
+    device's row-invariant row count (artifact.open_backend); False makes plain steps one row.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    section = artifact_section(manifest)
+    if verify:
+        verify_files(folder, manifest)
+    if isinstance(draft, _DefaultDraft):
+        draft = default_draft(manifest)
+        if draft is not None and not manifest.draft(draft).recommended:
+            # auto would decode plainly anyway; a lone session also decodes faster (its threads
+            # may spin between runs) and takes half the memory. Name the draft to force it.
+            draft = None
+    backend = open_backend(folder, manifest, draft, device, threads, weights, exact)
+    tokenizer_file = folder / section["tokenizer"]["file"]
+    try:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+        raise ManifestError(
+            f"cannot read the tokenizer {tokenizer_file} ({exc}); rebuild the artifact"
+        ) from exc
+    return Model(folder, manifest, backend, tokenizer, draft)

@@ -1,0 +1,109 @@
+"""Token choice and the speculative acceptance rules, in numpy.
+
+Both the PyTorch reference decoder (in the exporter) and the ONNX Runtime decoder call these
+functions, so the rule that makes speculation lossless is written exactly once.
+
+Acceptance rules (Leviathan et al. 2023; Chen et al. 2023):
+- greedy: accept drafted tokens while they equal the full model's argmax; the first mismatch
+  is replaced by the full model's argmax, and when every draft matches, the full model's next
+  argmax is appended (the "bonus" token).
+- sampling: accept drafted token x with probability min(1, p(x) / q(x)); on the first rejection
+  resample from norm(max(0, p - q)) and stop. The emitted tokens are then distributed exactly
+  as sampling from p alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen. ``temperature == 0`` means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0 disables top-k filtering
+    top_p: float = 1.0  # 1.0 disables nucleus filtering
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis in float64 (probability ratios p/q need the precision)."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def warp(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
+    """Turn logits [..., V] into the sampling distribution [..., V] (temperature, top-k, top-p).
+
+    Greedy configs get the plain softmax: it is only used for the draft's confidence.
+    """
+    if config.greedy:
+        return softmax(logits)
+    probs = softmax(logits / config.temperature)
+    if config.top_k and config.top_k < probs.shape[-1]:
+        kth = np.partition(probs, -config.top_k, axis=-1)[..., -config.top_k, None]
+        probs = np.where(probs >= kth, probs, 0.0)
+    if config.top_p < 1.0:
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        sorted_probs = np.take_along_axis(probs, order, axis=-1)
+        before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
+        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
+        keep_sorted = before < config.top_p * sorted_probs.sum(axis=-1, keepdims=True)
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        probs = np.where(keep, probs, 0.0)
+    return probs / probs.sum(axis=-1, keepdims=True)
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one token id from a distribution [V] (inverse CDF: one uniform per draw)."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
+
+
+def accept_greedy(verify_logits: np.ndarray, drafted: list[int]) -> tuple[int, int]:
+    """Greedy rule. ``verify_logits`` [k+1, V] are the full model's rows for the k drafted positions
+    plus the bonus position. Returns (number of drafted tokens accepted, the full model's next token).
+    """
+    targets = verify_logits.argmax(axis=-1)  # [k+1]
+    accepted = 0
+    while accepted < len(drafted) and drafted[accepted] == int(targets[accepted]):
+        accepted += 1
+    return accepted, int(targets[accepted])
+
+
+def accept_sampled(
+    p: np.ndarray, q: np.ndarray, drafted: list[int], rng: np.random.Generator
+) -> tuple[int, int]:
+    """Speculative rejection sampling. ``p`` [k+1, V]: full-model distributions; ``q`` [k, V]: the
+    draft distributions each drafted token was sampled from. Returns (accepted count, next token).
+    """
+    for i, token in enumerate(drafted):
+        # Accept with probability min(1, p/q); q[token] > 0 because the token was sampled from q.
+        if rng.random() * q[i, token] < p[i, token]:
+            continue
+        residual = np.maximum(p[i] - q[i], 0.0)
+        total = residual.sum()
+        # total == 0 only when p == q up to rounding, where rejection has probability ~0: fall back to p.
+        return i, sample(residual / total if total > 0 else p[i], rng)
+    return len(drafted), sample(p[len(drafted)], rng)

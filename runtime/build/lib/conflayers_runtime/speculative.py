@@ -1,0 +1,332 @@
+"""The self-speculative decoding loop, independent of the engine that runs the model.
+
+A :class:`Backend` runs the full model or the layer-skipped draft over a few tokens at a given
+position of its KV cache. The same loop drives the PyTorch reference backend (in the exporter,
+used as the oracle and by ``calibrate``) and the ONNX Runtime backend (this package), so the
+two can only differ in the logits they compute, which the parity tests pin down.
+
+One cycle (gpt-fast / Leviathan et al. style):
+    cache holds positions [0, n); ``pending`` is the next token, not yet in the cache.
+    draft:  feed pending, d1, ..., d_{k-1} one at a time to the draft -> proposals d1..dk
+            (the draft writes KV only for the layers it runs, at positions n..n+k-1)
+    verify: feed [pending, d1..dk] to the full model at position n in ONE pass -> k+1 rows;
+            every layer's KV for positions n..n+k is rewritten, so accepted positions are exact
+    accept: m drafted tokens survive, plus one token from the full model; the valid cache length
+            becomes n+m+1, and rejected positions are simply overwritten later (rollback = length).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from . import sampling
+from .errors import GenerationError
+from .sampling import SamplingConfig
+
+
+class Backend(Protocol):
+    """Runs the model over ``token_ids`` at cache positions [start, start + len(token_ids)).
+
+    Cache entries at positions >= start are treated as garbage and overwritten; this is how a
+    rejected draft is rolled back. Returns float logits [len(token_ids), vocab]. A backend whose
+    draft has a pruned vocabulary also has ``draft_token_ids``: its draft then returns
+    [len(token_ids), len(draft_token_ids)], column j scoring token ``draft_token_ids[j]``.
+    """
+
+    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Dynamic draft length: SWIFT-style early stop on low draft confidence, capped."""
+
+    max_draft_tokens: int = 8
+    # Stop drafting once the draft's top-1 probability falls below this: such tokens are
+    # usually rejected, and each extra draft pass costs time.
+    confidence_threshold: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.max_draft_tokens < 1:
+            raise GenerationError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise GenerationError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}")
+
+
+GREEDY = SamplingConfig()
+DEFAULT_DRAFT = DraftConfig()
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did. ``accepted_histogram[m]`` counts cycles that accepted m drafts."""
+
+    new_tokens: int = 0
+    cycles: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    prefill_passes: int = 0
+    draft_passes: int = 0
+    verify_passes: int = 0  # full-model passes after prefill (speculative verify or plain steps)
+    accepted_histogram: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def draft_passes_per_cycle(self) -> float:
+        """Draft passes per full-model pass after prefill (0.0 for plain decoding)."""
+        return self.draft_passes / self.verify_passes if self.verify_passes else 0.0
+
+    @property
+    def mean_tokens_per_cycle(self) -> float:
+        """Tokens emitted per full-model pass after prefill (1.0 for plain decoding)."""
+        after_prefill = self.new_tokens - self.prefill_passes  # each prefill emits one token
+        return after_prefill / self.verify_passes if self.verify_passes else 0.0
+
+    def record_cycle(self, drafted: int, accepted: int) -> None:
+        self.cycles += 1
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        self._count(accepted, 1)
+
+    def _count(self, accepted: int, cycles: int) -> None:
+        while len(self.accepted_histogram) <= accepted:
+            self.accepted_histogram.append(0)
+        self.accepted_histogram[accepted] += cycles
+
+    def merge(self, other: GenerationStats) -> None:
+        """Add another generation's counts to these (to report a prompt set as a whole)."""
+        for name in (
+            "new_tokens",
+            "cycles",
+            "drafted_tokens",
+            "accepted_tokens",
+            "prefill_passes",
+            "draft_passes",
+            "verify_passes",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for accepted, cycles in enumerate(other.accepted_histogram):
+            self._count(accepted, cycles)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "new_tokens": self.new_tokens,
+            "cycles": self.cycles,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_tokens_per_cycle": self.mean_tokens_per_cycle,
+            "accepted_histogram": list(self.accepted_histogram),
+            "passes": {
+                "prefill": self.prefill_passes,
+                "draft": self.draft_passes,
+                "verify": self.verify_passes,
+            },
+        }
+
+
+def stream(
+    backend: Backend,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampling_config: SamplingConfig = GREEDY,
+    draft: DraftConfig | None = DEFAULT_DRAFT,
+    stop_token_ids: Sequence[int] = (),
+    stats: GenerationStats | None = None,
+    guard: SpeedGuard | None = None,
+) -> Iterator[list[int]]:
+    """Yield the new tokens in chunks as they are decided (one chunk per cycle).
+
+    ``draft=None`` decodes plainly with the full model. Greedy output is identical either way;
+    sampled output is distributed exactly as plain sampling. A ``guard`` may turn drafting off
+    for some cycles (when speculation is measured slower than plain decoding); that changes
+    speed only, never the output distribution.
+    """
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty: give at least one token")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    stats = stats if stats is not None else GenerationStats()
+    rng = np.random.default_rng(sampling_config.seed)
+    stops = set(stop_token_ids)
+
+    def choose(logits_row: np.ndarray) -> int:
+        if sampling_config.greedy:
+            return int(logits_row.argmax())
+        return sampling.sample(sampling.warp(logits_row, sampling_config), rng)
+
+    prompt = list(prompt_ids)
+    pending = choose(backend.forward(prompt, 0, draft=False)[-1])  # prefill
+    stats.prefill_passes += 1
+    cached = len(prompt)  # valid KV positions; `pending` is not in the cache yet
+    produced = 1
+    stats.new_tokens = 1
+    yield [pending]
+    if pending in stops:
+        return
+
+    while produced < max_new_tokens:
+        # Leave room for the full model's own token: a cycle emits accepted drafts + 1.
+        budget = 0 if draft is None else min(draft.max_draft_tokens, max_new_tokens - produced - 1)
+        if guard is not None and not guard.allow_draft():
+            budget = 0
+        started = time.perf_counter()
+        drafted, q_rows = _draft(backend, pending, cached, budget, draft, sampling_config, rng)
+        stats.draft_passes += len(drafted)
+
+        verify_logits = backend.forward([pending, *drafted], cached, draft=False)  # [k+1, V]
+        stats.verify_passes += 1
+        if sampling_config.greedy:
+            accepted, next_token = sampling.accept_greedy(verify_logits, drafted)
+        else:
+            p = sampling.warp(verify_logits, sampling_config)
+            q = _over_vocabulary(q_rows, getattr(backend, "draft_token_ids", None), p.shape[-1])
+            accepted, next_token = sampling.accept_sampled(p, q, drafted, rng)
+        if drafted:
+            stats.record_cycle(len(drafted), accepted)
+
+        chunk = [*drafted[:accepted], next_token]
+        if guard is not None:
+            guard.record(bool(drafted), 1 + accepted, time.perf_counter() - started)
+        stop_at = next((i for i, t in enumerate(chunk) if t in stops), None)
+        if stop_at is not None:
+            chunk = chunk[: stop_at + 1]
+        cached += 1 + accepted
+        pending = next_token
+        produced += len(chunk)
+        stats.new_tokens = produced
+        yield chunk
+        if stop_at is not None:
+            return
+
+
+class SpeedGuard:
+    """Decodes plainly while speculation is measured slower than plain decoding, probing again later.
+
+    It keeps an exponential moving average of seconds per emitted token for speculative cycles
+    and for plain steps. The first ``warmup`` steps are plain (the baseline); then it drafts as
+    long as speculation is not slower than plain, else it decodes plainly for ``probe_every``
+    steps before trying speculation again, doubling that wait after each consecutive loss so a
+    losing draft costs ever less.
+    """
+
+    def __init__(self, warmup: int = 2, probe_every: int = 16, smoothing: float = 0.3, max_wait: int = 512):
+        self.warmup = warmup
+        self.probe_every = probe_every
+        self.smoothing = smoothing
+        self.plain: float | None = None  # seconds per token
+        self.speculative: float | None = None
+        self.plain_steps = 0
+        self.plain_until_probe = 0
+        self.wait = probe_every
+        self.max_wait = max_wait
+        self.switches = 0
+
+    def allow_draft(self) -> bool:
+        if self.plain_steps < self.warmup:
+            return False
+        if self.plain_until_probe > 0:
+            self.plain_until_probe -= 1
+            return False
+        return True
+
+    def record(self, drafted: bool, tokens: int, seconds: float) -> None:
+        per_token = seconds / tokens
+        if not drafted:
+            self.plain_steps += 1
+            self.plain = self._mix(self.plain, per_token)
+            return
+        self.speculative = self._mix(self.speculative, per_token)
+        if self.plain is not None and self.speculative > self.plain:
+            self.plain_until_probe = self.wait
+            self.wait = min(2 * self.wait, self.max_wait)
+            self.switches += 1
+        else:
+            self.wait = self.probe_every
+
+    def _mix(self, average: float | None, value: float) -> float:
+        return value if average is None else (1 - self.smoothing) * average + self.smoothing * value
+
+
+def _draft(
+    backend: Backend,
+    pending: int,
+    cached: int,
+    budget: int,
+    draft: DraftConfig | None,
+    sampling_config: SamplingConfig,
+    rng: np.random.Generator,
+) -> tuple[list[int], list[np.ndarray]]:
+    """Propose up to ``budget`` tokens with the draft. Returns (tokens, their draft distributions,
+    over the draft's own columns)."""
+    drafted: list[int] = []
+    q_rows: list[np.ndarray] = []
+    token_ids = getattr(backend, "draft_token_ids", None)  # optional: most backends have no pruned draft
+    token = pending
+    for position in range(cached, cached + budget):
+        logits = backend.forward([token], position, draft=True)[0]
+        q = sampling.warp(logits, sampling_config)
+        column = int(q.argmax()) if sampling_config.greedy else sampling.sample(q, rng)
+        token = column if token_ids is None else int(token_ids[column])
+        drafted.append(token)
+        q_rows.append(q)
+        if draft is not None and q.max() < draft.confidence_threshold:
+            break
+    return drafted, q_rows
+
+
+def _over_vocabulary(q_rows: list[np.ndarray], token_ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
+    """Draft distributions [k, vocab]: a pruned draft gives probability 0 to every token outside its
+    columns, so rejection sampling resamples those from the residual and stays exact."""
+    if token_ids is None:
+        return np.array(q_rows)
+    q = np.zeros((len(q_rows), vocab_size))
+    if q_rows:
+        q[:, token_ids] = q_rows
+    return q
+
+
+def generate(
+    backend: Backend,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampling_config: SamplingConfig = GREEDY,
+    draft: DraftConfig | None = DEFAULT_DRAFT,
+    stop_token_ids: Sequence[int] = (),
+) -> tuple[list[int], GenerationStats]:
+    """Run :func:`stream` to the end. Returns (new token ids, stats)."""
+    stats = GenerationStats()
+    tokens: list[int] = []
+    for chunk in stream(backend, prompt_ids, max_new_tokens, sampling_config, draft, stop_token_ids, stats):
+        tokens.extend(chunk)
+    return tokens, stats
+
+
+def measure_pass_costs(
+    backend: Backend, repeats: int = 15, context: int = 64, verify_tokens: int = 4
+) -> tuple[float, float]:
+    """(c_draft, c_verify): the median time of one draft pass and of one ``verify_tokens``-token
+    verify pass (pass the typical drafts per cycle + 1), relative to one full-model decoding step,
+    after a ``context``-token prefill."""
+    prompt = list(range(100, 100 + context))
+    backend.forward(prompt, 0, draft=False)
+
+    def median_seconds(tokens: list[int], draft: bool) -> float:
+        backend.forward(tokens, context, draft)  # warm-up: first calls allocate
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            backend.forward(tokens, context, draft)
+            samples.append(time.perf_counter() - start)
+        return float(np.median(samples))
+
+    step = median_seconds([101], draft=False)
+    verify = list(range(101, 101 + verify_tokens))
+    return median_seconds([101], draft=True) / step, median_seconds(verify, draft=False) / step

@@ -1,0 +1,96 @@
+"""Sampling is exact over whole cycles: every drafted position, the rejection residual at each of
+them, the bonus token, and a pruned draft vocabulary, through the runtime's decoding loop.
+
+The model is a Markov chain (the next token's distribution depends on the previous token), run
+by a backend that needs no graph, so the exact joint distribution of the generated tokens is a
+product of known rows, and 30,000 generations take seconds. Each generation drafts up to three
+tokens in its first cycle, so the joint of its five tokens covers rows 0-3 of a verify pass."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from conflayers_runtime import DraftConfig, SamplingConfig, generate, sampling
+
+from tests.test_reference import chi_square_p_value
+
+VOCAB = 4
+NEW_TOKENS = 5
+SAMPLES = 30_000
+PROMPT = [0, 2]
+
+
+class MarkovBackend:
+    """Full model: p(next | previous) = full[previous]. Draft: another chain over a pruned
+    vocabulary (token 3 missing), its logits over ``draft_token_ids`` only."""
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        # Random rows mixed with the uniform one, so that no probability is tiny.
+        self.full = 0.6 * rng.dirichlet(np.ones(VOCAB), VOCAB) + 0.4 / VOCAB
+        self.draft_token_ids = np.array([0, 1, 2])
+        width = len(self.draft_token_ids)
+        self.draft = 0.6 * rng.dirichlet(np.ones(width), VOCAB) + 0.4 / width
+
+    def forward(self, token_ids, start, draft):
+        table = self.draft if draft else self.full
+        return np.log(table[np.asarray(token_ids)])
+
+
+def exact_joint(backend: MarkovBackend) -> np.ndarray:
+    probs = np.zeros((VOCAB,) * NEW_TOKENS)
+    for tokens in itertools.product(range(VOCAB), repeat=NEW_TOKENS):
+        previous = [PROMPT[-1], *tokens[:-1]]
+        probs[tokens] = np.prod([backend.full[a, b] for a, b in zip(previous, tokens, strict=True)])
+    return probs
+
+
+def sampled_joint(backend: MarkovBackend) -> np.ndarray:
+    counts = np.zeros((VOCAB,) * NEW_TOKENS)
+    draft = DraftConfig(max_draft_tokens=3, confidence_threshold=0.0)  # always draft the maximum
+    for seed in range(SAMPLES):
+        tokens, _ = generate(backend, PROMPT, NEW_TOKENS, SamplingConfig(temperature=1.0, seed=seed), draft)
+        counts[tuple(tokens)] += 1
+    return counts
+
+
+def bonus_from_row_zero(p, q, drafted, rng):
+    """Wrong: when every draft is accepted, the bonus token comes from row 0 instead of row k."""
+    return _accept_sampled(np.vstack([p[:-1], p[:1]]), q, drafted, rng)
+
+
+def residual_from_row_zero(p, q, drafted, rng):
+    """Wrong: a rejection at position i > 0 resamples from the residual of row 0."""
+    accepted, token = _accept_sampled(p, q, drafted, rng)
+    if 0 < accepted < len(drafted):
+        residual = np.maximum(p[0] - q[0], 0.0)
+        token = sampling.sample(residual / residual.sum(), rng)
+    return accepted, token
+
+
+_accept_sampled = sampling.accept_sampled
+
+
+@pytest.fixture(scope="module")
+def chain():
+    backend = MarkovBackend()
+    # Preconditions: the draft often disagrees (rejections at every row), and the full model puts
+    # mass on the token the pruned draft cannot propose (the residual must supply it).
+    assert backend.full[:, 3].min() > 0.05
+    return backend, exact_joint(backend)
+
+
+def test_sampled_cycles_are_distributed_as_the_full_model(chain):
+    backend, expected = chain
+    counts = sampled_joint(backend)
+    assert chi_square_p_value(counts, expected) > 1e-3
+
+
+@pytest.mark.parametrize("wrong_rule", [bonus_from_row_zero, residual_from_row_zero])
+def test_a_wrong_bonus_or_residual_row_fails(chain, monkeypatch, wrong_rule):
+    backend, expected = chain
+    monkeypatch.setattr(sampling, "accept_sampled", wrong_rule)
+    counts = sampled_joint(backend)
+    assert chi_square_p_value(counts, expected) < 1e-6
