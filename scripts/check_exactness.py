@@ -76,6 +76,14 @@ def check_dtype(loaded, dtype, prompts, new_tokens, device, ranking, reference, 
     started = time.perf_counter()
     plain = [generate(plain_backend, ids, new_tokens, draft=None)[0] for ids in prompts]
     result: dict = {"plain_seconds": time.perf_counter() - started}
+    if plain_backend.full_pass_rows > 1:  # what the padding costs, and what one-row steps would give
+        unpadded_backend = open_backend(folder, manifest, device=device, exact=False)
+        started = time.perf_counter()
+        unpadded = [generate(unpadded_backend, ids, new_tokens, draft=None)[0] for ids in prompts]
+        result["plain_unpadded_seconds"] = time.perf_counter() - started
+        result["plain_unpadded_vs_plain"] = [
+            first_difference(u, p) for u, p in zip(unpadded, plain, strict=True)
+        ]
     sample = [*prompts[0], *plain[0][:32]]
     result["row_invariance"] = []
     for rows in sorted({1, 2, row_invariant_rows(manifest.artifacts, device)}):  # and the device's own
