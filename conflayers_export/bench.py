@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conflayers_runtime import GenerationStats, load, read_manifest
+from conflayers_runtime.artifact import artifact_section
 from conflayers_runtime.speculative import measure_pass_costs
 
 DEFAULT_PROMPTS = [
@@ -75,7 +76,7 @@ def run_bench(
     engines: dict[str, Callable[[str], Timed]] = {}
     plain_model = load(artifact, device=device, draft=None, threads=threads)
     engines["ours plain"] = lambda p: _ours(plain_model, p, max_new_tokens, "plain")
-    drafts = list(manifest.artifacts["drafts"])
+    drafts = list(artifact_section(manifest).drafts)
     spec_models = {d: load(artifact, device=device, draft=d, threads=threads, verify=False) for d in drafts}
     for name, model in spec_models.items():
         engines[f"ours speculative ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "speculative")
@@ -136,7 +137,7 @@ def run_bench(
     return {
         "artifact": str(artifact),
         "model": manifest.model.source,
-        "dtype": manifest.artifacts["dtype"],
+        "dtype": artifact_section(manifest).dtype,
         "device": device,
         "threads": threads,
         "prompts": len(prompts),
@@ -240,7 +241,7 @@ def _genai_engine(
     from .models import cache_dir
 
     try:
-        dtype = model.manifest.artifacts["dtype"]
+        dtype = artifact_section(model.manifest).dtype
         target = cache_dir() / "genai" / f"{loaded.folder.name}-{dtype}"
         folder = genai_model_folder(loaded.folder, target, threads, dtype)
     except RuntimeError as exc:  # report and bench the other engines

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import click
 from conflayers_runtime.errors import ConflayersError, SkipSetError
+from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS
 
 if TYPE_CHECKING:
     from conflayers_runtime import SamplingConfig
@@ -35,8 +36,7 @@ def _parse_layers(value: str, option: str = "--skip") -> list[int]:
 
 
 def _dtype_option(help_text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    # The artifact dtypes of export/graph.py's DTYPES, listed here so that --help imports no torch.
-    choices = click.Choice(["fp32", "fp16", "int4", "int4-fp16"])
+    choices = click.Choice(list(ARTIFACT_DTYPES))  # the runtime's list: --help imports no torch
     return click.option("--dtype", default="fp32", show_default=True, type=choices, help=help_text)
 
 
@@ -313,7 +313,7 @@ def calibrate(
 @click.option(
     "--draft-precision",
     default=None,
-    type=click.Choice(["base", "int8", "int4"]),
+    type=click.Choice(WEIGHT_PRECISIONS),
     help="Weights of the 'manual' draft (base: the artifact's dtype).",
 )
 @click.option(
@@ -345,6 +345,7 @@ def build(
     """Export the full graph and one draft graph per draft into OUT_DIR, over one weights file."""
     from pathlib import Path
 
+    from conflayers_runtime.artifact import artifact_section
     from conflayers_runtime.manifest import MANIFEST_NAME, read_manifest
 
     from .export.build import build_artifact, hand_draft, manifest_for_build
@@ -369,14 +370,15 @@ def build(
 
         manifest = build_artifact(folder, loaded, manifest, dtype, max_seq_len, progress)
     seconds = time.perf_counter() - start
-    files = manifest.artifacts["files"]
+    section = artifact_section(manifest)
+    files = {name: dataclasses.asdict(entry) for name, entry in section.files.items()}
     result = {
         "folder": str(folder),
         "seconds": seconds,
         "dtype": dtype,
-        "drafts": list(manifest.artifacts["drafts"]),
+        "drafts": list(section.drafts),
         "files": files,
-        "total_bytes": sum(f["size"] for f in files.values()),
+        "total_bytes": sum(entry.size for entry in section.files.values()),
     }
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -384,7 +386,7 @@ def build(
     click.echo(
         f"built {folder} in {seconds:.1f} s: full graph + {len(result['drafts'])} draft(s) "
         f"{result['drafts']}, {result['total_bytes'] / 1e6:.1f} MB on disk "
-        f"(weights {files['weights.bin']['size'] / 1e6:.1f} MB)"
+        f"(weights {section.files[section.weights].size / 1e6:.1f} MB)"
     )
 
 

@@ -16,10 +16,14 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import onnxruntime as ort
 from conflayers_runtime import read_manifest
-from conflayers_runtime.artifact import open_backend
+from conflayers_runtime.artifact import kv_spec, session_options
+from conflayers_runtime.onnx_backend import OnnxBackend
 
 from conflayers_export.export import build as build_module
 from conflayers_export.export import graph as graph_module
@@ -29,13 +33,15 @@ from conflayers_export.models import load_model
 ROWS = (1, 2, 3, 5, 9)
 
 
-def build_variant(loaded, folder: Path, dtype: str, attention_rows: int, accuracy_level: int) -> None:
-    """Build with the graph builder's constants of an earlier design (restored afterwards)."""
+@contextmanager
+def builder_constants(attention_rows: int, accuracy_level: int) -> Iterator[None]:
+    """Build graphs of an earlier design inside this block: the graph builder's attention padding
+    (graph.MIN_ATTENTION_ROWS) and MatMulNBits accuracy level set as given, restored afterwards."""
     saved = graph_module.MIN_ATTENTION_ROWS, graph_module.ACCURACY_LEVEL
     for module in (graph_module, build_module):
         module.MIN_ATTENTION_ROWS, module.ACCURACY_LEVEL = attention_rows, accuracy_level
     try:
-        build_artifact(folder, loaded, manifest_for_build(folder, loaded), dtype=dtype, max_seq_len=256)
+        yield
     finally:
         for module in (graph_module, build_module):
             module.MIN_ATTENTION_ROWS, module.ACCURACY_LEVEL = saved
@@ -59,8 +65,17 @@ def main() -> None:
                 variants["float-math"] = (1, 0)
             for name, (attention_rows, level) in variants.items():
                 folder = Path(tmp) / f"{dtype}-{name}"
-                build_variant(loaded, folder, dtype, attention_rows, level)
-                backend = open_backend(folder, read_manifest(folder), threads=args.threads, exact=False)
+                with builder_constants(attention_rows, level):
+                    build_artifact(
+                        folder, loaded, manifest_for_build(folder, loaded), dtype=dtype, max_seq_len=256
+                    )
+                # Spinning stopped after each run, as for a session pair: otherwise the idle
+                # sessions' thread pools spin and take the cores from the one being timed.
+                options = session_options(args.threads, paired=True)
+                session = ort.InferenceSession(
+                    str(folder / "full.onnx"), options, providers=["CPUExecutionProvider"]
+                )
+                backend = OnnxBackend(session, None, kv_spec(read_manifest(folder)))
                 backend.forward(list(range(100, 164)), 0, draft=False)
                 backends[f"{dtype} {name}"] = backend
         samples: dict[str, list[float]] = {f"{v} {r}": [] for v in backends for r in ROWS}

@@ -21,14 +21,17 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_pass_rows import builder_constants  # scripts/, beside this file
 from conflayers_runtime import DraftConfig, GenerationStats, generate, read_manifest
-from conflayers_runtime.artifact import open_backend, row_invariant_rows
-from conflayers_runtime.manifest import Draft
+from conflayers_runtime.artifact import artifact_section, open_backend, row_invariant_rows
+from conflayers_runtime.manifest import Draft, VocabularyRanking
 from conflayers_runtime.row_invariance import measure
 
 from conflayers_export.calibrate.data import default_prompts
 from conflayers_export.calibrate.drafts import rank_vocabulary
 from conflayers_export.export.build import build_artifact, hand_draft, manifest_for_build
+from conflayers_export.export.graph import MIN_ATTENTION_ROWS
+from conflayers_export.export.quantize import ACCURACY_LEVEL
 from conflayers_export.models import load_model
 from conflayers_export.reference import TorchBackend
 
@@ -68,7 +71,7 @@ def check_dtype(loaded, dtype, prompts, new_tokens, device, ranking, reference, 
     drafts = drafts_for(dtype, loaded.identity.num_layers, loaded.model.config.vocab_size)
     drafts = [d for d in drafts if only is None or d.name in only]
     manifest = manifest_for_build(folder, loaded, drafts)
-    manifest.calibration["vocabulary"] = {"ranked_token_ids": ranking}
+    manifest.vocabulary = VocabularyRanking(ranking)
     longest = max(map(len, prompts)) + new_tokens + 32
     build_artifact(folder, loaded, manifest, dtype=dtype, max_seq_len=longest)
     manifest = read_manifest(folder)
@@ -86,7 +89,8 @@ def check_dtype(loaded, dtype, prompts, new_tokens, device, ranking, reference, 
         ]
     sample = [*prompts[0], *plain[0][:32]]
     result["row_invariance"] = []
-    for rows in sorted({1, 2, row_invariant_rows(manifest.artifacts, device)}):  # and the device's own
+    device_rows = row_invariant_rows(artifact_section(manifest), device)
+    for rows in sorted({1, 2, device_rows}):  # and the device's own
         backend = open_backend(folder, manifest, device=device, exact=False)
         backend.full_pass_rows = rows
         result["row_invariance"].append(vars(measure(backend, sample, len(prompts[0]))))
@@ -121,12 +125,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--reference", action="store_true", help="also decode the fp32 PyTorch model")
     parser.add_argument("--drafts", help="comma-separated draft names to run (default: every kind)")
+    parser.add_argument(
+        "--accuracy-level",
+        type=int,
+        default=ACCURACY_LEVEL,
+        help="MatMulNBits accuracy_level of the int4 graphs (0: float math, as full graphs had before)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     loaded = load_model(args.model)
     texts = [line for line in PROMPTS.read_text(encoding="utf-8").splitlines() if line.strip()]
     prompts = [loaded.encode(text) for text in texts[: args.prompts]]
     report: dict = {"model": args.model, "device": args.device, "prompts": len(prompts)}
+    report["accuracy_level"] = args.accuracy_level
     report["new_tokens"] = args.new_tokens
     with tempfile.TemporaryDirectory(prefix="conflayers-exactness-") as tmp:
         ranking = vocabulary_ranking(loaded, Path(tmp) / "ranking", args.device)
@@ -136,19 +147,20 @@ def main() -> None:
             torch_backend = TorchBackend(loaded.model, loaded.architecture)
             reference = [generate(torch_backend, ids, args.new_tokens, draft=None)[0] for ids in prompts]
             report["reference_seconds"] = time.perf_counter() - started
-        for dtype in args.dtypes.split(","):
-            report[dtype] = check_dtype(
-                loaded,
-                dtype,
-                prompts,
-                args.new_tokens,
-                args.device,
-                ranking,
-                reference,
-                Path(tmp) / dtype,
-                args.drafts.split(",") if args.drafts else None,
-            )
-            print(json.dumps({dtype: report[dtype]}), flush=True)
+        with builder_constants(MIN_ATTENTION_ROWS, args.accuracy_level):
+            for dtype in args.dtypes.split(","):
+                report[dtype] = check_dtype(
+                    loaded,
+                    dtype,
+                    prompts,
+                    args.new_tokens,
+                    args.device,
+                    ranking,
+                    reference,
+                    Path(tmp) / dtype,
+                    args.drafts.split(",") if args.drafts else None,
+                )
+                print(json.dumps({dtype: report[dtype]}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -7,16 +7,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from conflayers_runtime.manifest import Draft
+from conflayers_runtime.manifest import Draft, VocabularyRanking
 
 from conflayers_export.export.build import build_artifact, hand_draft, manifest_for_build
 
 
-def build(folder, loaded, drafts, max_seq_len=64, calibration=None, **kwargs):
+def build(folder, loaded, drafts, max_seq_len=64, ranked=None, **kwargs):
+    """``ranked``: the vocabulary ranking pruned drafts are cut from (calibrate's, in a real run)."""
     hand = [d if isinstance(d, Draft) else hand_draft(name, d) for name, d in drafts.items()]
     manifest = manifest_for_build(folder, loaded, hand)
-    if calibration:
-        manifest.calibration.update(calibration)
+    if ranked is not None:
+        manifest.vocabulary = VocabularyRanking(list(ranked))
     return build_artifact(folder, loaded, manifest, max_seq_len=max_seq_len, **kwargs)
 
 

@@ -94,10 +94,10 @@ def test_weights_are_stored_once_and_drafts_point_into_them(tiny_artifacts):
 @pytest.mark.real_model
 def test_smollm2_artifact_size_and_parity(smollm2, tmp_path):
     manifest = build(tmp_path / "smol", smollm2, {"mid3": [14, 15, 16]}, max_seq_len=256)
-    files = manifest.artifacts["files"]
+    files = manifest.artifacts.files
     one_copy = sum(p.numel() * p.element_size() for p in smollm2.model.parameters())
-    tokenizer = sum(f["size"] for n, f in files.items() if n.startswith(("tokenizer", "chat_template")))
-    assert sum(f["size"] for f in files.values()) <= 1.02 * one_copy + tokenizer
+    tokenizer = sum(f.size for n, f in files.items() if n.startswith(("tokenizer", "chat_template")))
+    assert sum(f.size for f in files.values()) <= 1.02 * one_copy + tokenizer
     results = check_parity(tmp_path / "smol", smollm2)
     assert max(r.max_abs_diff for r in results) <= TOLERANCE["fp32"]
 
@@ -184,8 +184,30 @@ def test_cli_build_and_validate(tiny_folder, tmp_path, capsys):
     assert main(["validate", str(folder)]) == 0
     assert capsys.readouterr().out.startswith("ok: hashes match; 2 graph(s)")
     manifest = read_manifest(folder)
-    assert manifest.artifacts["layers"]["manual"] == [0, 3]
+    assert manifest.artifacts.layers["manual"] == [0, 3]
     np.testing.assert_array_equal(manifest.draft("manual").skip_layers, [1, 2])
+
+
+def test_the_manifest_reads_back_to_the_json_build_wrote(tiny_folder, tmp_path):
+    """Typed on read, the same JSON on write: drivers in other languages read that JSON."""
+    from conflayers_runtime.manifest import Draft
+
+    loaded = load_model(str(tiny_folder("llama")))
+    drafts = {"mid": [1, 2], "v": Draft("v", [1], 64, "int8")}
+    build(tmp_path / "a", loaded, drafts, ranked=range(255, -1, -1))
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "a")
+    assert manifest.to_dict() == on_disk
+    section = on_disk["artifacts"]
+    assert list(section) == [
+        *("dtype", "max_seq_len", "weights", "full", "drafts", "draft_vocab", "quantization", "kv"),
+        *("layers", "weights_index", "graph_weights", "inputs", "outputs", "tokenizer", "files"),
+    ]
+    dtype, shape, _, length = section["weights_index"][section["draft_vocab"]["v"]]  # a 4-item list
+    assert (dtype, shape, length) == ("int64", [64], 64 * 8)
+    assert set(section["files"]["weights.bin"]) == {"size", "sha256"}
+    assert on_disk["calibration"]["vocabulary"] == {"ranked_token_ids": list(range(255, -1, -1))}
+    assert manifest.artifacts.weights_index[manifest.artifacts.draft_vocab["v"]].length == 64 * 8
 
 
 def test_the_minimal_example_driver_reproduces_greedy_output(tiny_artifacts, tiny_folder, tmp_path):
@@ -197,8 +219,7 @@ def test_the_minimal_example_driver_reproduces_greedy_output(tiny_artifacts, tin
 
     # A plain layer-skip draft, and a pruned int8 draft (the driver maps its columns to ids).
     loaded = load_model(str(tiny_folder("llama")))
-    ranking = {"vocabulary": {"ranked_token_ids": list(range(255, -1, -1))}}
-    build(tmp_path / "p", loaded, {"one": Draft("one", [1], 64, "int8")}, calibration=ranking)
+    build(tmp_path / "p", loaded, {"one": Draft("one", [1], 64, "int8")}, ranked=range(255, -1, -1))
     for folder in (tiny_artifacts("qwen3")[0], tmp_path / "p"):
         prompt = [5, 17, 3, 9, 10, 7]
         expected, _ = generate(open_backend(folder, read_manifest(folder)), prompt, 24, draft=None)

@@ -168,7 +168,7 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
     )
     assert all(0 < c.bytes_ratio < 1 and c.c_draft == c.bytes_ratio for c in joint.candidates)
     assert set(joint.coverage) == {64} and 0 <= joint.coverage[64] <= 1
-    ranked = written.calibration["vocabulary"]["ranked_token_ids"]
+    ranked = written.vocabulary.ranked_token_ids
     assert len(ranked) == 64 and len(set(ranked)) == 64
     assert written.tasks["default"].draft == "default"
     assert written.calibration["settings"]["skip_ratio"] == 0.4
@@ -191,7 +191,7 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
 
     # The manifest feeds build directly.
     built = build_artifact(tmp_path / "a", loaded, manifest_for_build(tmp_path / "a", loaded), max_seq_len=64)
-    assert set(built.artifacts["drafts"]) == {"default", "other"}
+    assert set(built.artifacts.drafts) == {"default", "other"}
     check_parity(tmp_path / "a", loaded)
     assert (tmp_path / "a" / "calibration" / "report.md").is_file(), "build must keep the report"
 
@@ -314,14 +314,12 @@ def test_graph_bytes_count_what_a_step_reads(tiny_folder, tmp_path):
     loaded = load_model(str(tiny_folder("qwen2", tie_word_embeddings=False)))
     build(tmp_path / "a", loaded, {"mid": [1, 2]})
     section = read_manifest(tmp_path / "a").artifacts
-    sizes = {name: entry[3] for name, entry in section["weights_index"].items()}
-    full = graph_bytes(tmp_path / "a" / section["full"])
+    sizes = {name: entry.length for name, entry in section.weights_index.items()}
+    full = graph_bytes(tmp_path / "a" / section.full)
     # Every weight of the full graph except the untied embedding table (one row per token).
-    read = sum(
-        sizes[n] for n in section["graph_weights"][section["full"]] if n != "model.embed_tokens.weight"
-    )
+    read = sum(sizes[n] for n in section.graph_weights[section.full] if n != "model.embed_tokens.weight")
     assert full == read
-    assert graph_bytes(tmp_path / "a" / section["drafts"]["mid"]) < full
+    assert graph_bytes(tmp_path / "a" / section.drafts["mid"]) < full
 
 
 def test_nothing_cheaper_than_the_full_graph_is_a_clear_error(tiny_folder):

@@ -30,7 +30,7 @@ from tests.test_reference import VOCAB, chi_square_p_value, exact_first_two, spe
 def ranking(vocab_size):
     """A vocabulary ranking as calibrate writes it (here: highest ids first, so that a pruned draft
     keeps a block of ids unlike the identity)."""
-    return {"vocabulary": {"ranked_token_ids": list(range(vocab_size - 1, -1, -1))}}
+    return list(range(vocab_size - 1, -1, -1))
 
 
 # --- quantization -----------------------------------------------------------------------------
@@ -93,11 +93,11 @@ KINDS = {
 def test_cheap_drafts_match_pytorch_and_keep_greedy_output(tiny_folder, tmp_path, model_type):
     loaded = load_model(str(tiny_folder(model_type)))
     vocab = loaded.model.config.vocab_size
-    build(tmp_path / "a", loaded, KINDS, calibration=ranking(vocab))
+    build(tmp_path / "a", loaded, KINDS, ranked=ranking(vocab))
     results = check_parity(tmp_path / "a", loaded)  # raises on any disagreement beyond tolerance
     assert {r.graph for r in results} == {"full", *(f"draft.{k}" for k in KINDS)}
     section = read_manifest(tmp_path / "a").artifacts
-    assert set(section["draft_vocab"]) == {"pruned", "all"}
+    assert set(section.draft_vocab) == {"pruned", "all"}
     plain = load(tmp_path / "a", draft=None).generate("abcdefg", 24, chat=False, mode="plain").token_ids
     for name, draft in KINDS.items():
         model = load(tmp_path / "a", draft=name)
@@ -112,13 +112,13 @@ def test_quantized_copies_are_stored_once_and_drafts_share_them(tiny_folder, tmp
     drafts = {"a": Draft("a", [1], weight_precision="int4"), "b": Draft("b", [2], weight_precision="int4")}
     build(tmp_path / "a", loaded, drafts)
     section = read_manifest(tmp_path / "a").artifacts
-    quantized = [n for n in section["weights_index"] if ".int4" in n]
+    quantized = [n for n in section.weights_index if ".int4" in n]
     assert quantized and len(quantized) == len(set(quantized))
-    a, b = (set(section["graph_weights"][section["drafts"][d]]) for d in "ab")
+    a, b = (set(section.graph_weights[section.drafts[d]]) for d in "ab")
     assert "model.layers.3.mlp.down_proj.weight.int4" in a & b  # a layer both keep: one copy
-    full = set(section["graph_weights"][section["full"]])
+    full = set(section.graph_weights[section.full])
     assert not full & set(quantized)  # the verify pass keeps the artifact's precision
-    graph = onnx.load(str(tmp_path / "a" / section["drafts"]["a"]), load_external_data=False).graph
+    graph = onnx.load(str(tmp_path / "a" / section.drafts["a"]), load_external_data=False).graph
     names = [n.name for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(set(names)) == len(names) and all(n.startswith(("/model/layers.", "/lm_head")) for n in names)
 
@@ -131,14 +131,15 @@ def test_int4_artifacts_match_dequantized_pytorch_and_speculate_exactly(tiny_fol
     loaded = load_model(str(tiny_folder(model_type)))
     vocab = loaded.model.config.vocab_size
     drafts = {"skip": [1, 2], "pruned": Draft("pruned", [1], vocab_size=vocab // 2)}
-    build(tmp_path / "a", loaded, drafts, calibration=ranking(vocab), dtype="int4")
+    build(tmp_path / "a", loaded, drafts, ranked=ranking(vocab), dtype="int4")
     # The int4 full graph rounds its activations to int8, like the drafts: check_parity holds it to
     # the quantized tolerance against the same weights (it raises otherwise), argmax up to near-ties.
     results = check_parity(tmp_path / "a", loaded)
     assert all(r.argmax_equal for r in results if r.graph == "full")
     manifest = read_manifest(tmp_path / "a")
-    assert manifest.artifacts["dtype"] == "int4" and manifest.artifacts["kv"]["dtype"] == "fp32"
-    assert manifest.artifacts["quantization"]["accuracy_level"] == {"full": 4, "drafts": 4}
+    section = manifest.artifacts
+    assert section.dtype == "int4" and section.kv.dtype == "fp32"
+    assert section.quantization.accuracy_level == {"full": 4, "drafts": 4}
     plain = load(tmp_path / "a", draft=None).generate("abcdefgh", 32, chat=False, mode="plain").token_ids
     for name in drafts:
         model = load(tmp_path / "a", draft=name)
@@ -163,7 +164,7 @@ def sampling_model(tiny_folder):
     ids=lambda d: d.name,
 )
 def test_sampling_with_cheap_drafts_is_distributed_as_plain_sampling(sampling_model, tmp_path, draft):
-    build(tmp_path / "a", sampling_model, {draft.name: draft}, calibration=ranking(VOCAB))
+    build(tmp_path / "a", sampling_model, {draft.name: draft}, ranked=ranking(VOCAB))
     backend = open_backend(tmp_path / "a", read_manifest(tmp_path / "a"), draft.name)
     prompt = [1, 2, 3, 4]
     counts = speculative_first_two(backend, prompt, 3000)
@@ -180,7 +181,7 @@ def test_a_pruned_draft_that_ignored_its_zero_mass_would_fail(sampling_model, tm
         tmp_path / "a",
         sampling_model,
         {"p": Draft("p", [1, 2], vocab_size=VOCAB // 2)},
-        calibration=ranking(VOCAB),
+        ranked=ranking(VOCAB),
     )
     backend = open_backend(tmp_path / "a", read_manifest(tmp_path / "a"), "p")
     right = speculative._over_vocabulary
@@ -223,7 +224,7 @@ def test_bad_cheap_drafts_are_refused_with_the_fix(tiny_folder, tmp_path):
     with pytest.raises(
         ManifestError, match=f"vocab_size {vocab + 1} exceeds the model's vocabulary of {vocab}"
     ):
-        build(tmp_path / "a", loaded, {"v": Draft("v", [], vocab_size=vocab + 1)}, calibration=ranking(vocab))
+        build(tmp_path / "a", loaded, {"v": Draft("v", [], vocab_size=vocab + 1)}, ranked=ranking(vocab))
     with pytest.raises(ManifestError, match="manifest ranks 0: run `conflayers-export calibrate`"):
         build(tmp_path / "a", loaded, {"v": Draft("v", [], vocab_size=16)})
     with pytest.raises(ManifestError, match="int8 weights on a int4 artifact would read more bytes"):
@@ -280,7 +281,7 @@ def test_smollm2_cheap_drafts_keep_greedy_output(smollm2, tmp_path):
         smollm2,
         drafts,
         max_seq_len=256,
-        calibration={"vocabulary": {"ranked_token_ids": ranked}},
+        ranked=ranked,
     )
     check_parity(tmp_path / "a", smollm2)
     model = load(tmp_path / "a", draft="q8v")

@@ -57,12 +57,3 @@ def test_bad_skip_set_for_the_model(tiny_folder, capsys):
     argv = ["reference", "--model", str(tiny_folder("llama")), "--prompt", "ab", "--no-chat", "--skip", "3"]
     assert main(argv) == 1
     assert "invalid layers [3]" in capsys.readouterr().err
-
-
-def test_dtype_choices_are_the_builders_dtypes():
-    from conflayers_export.cli import cli
-    from conflayers_export.export.graph import DTYPES
-
-    for command in ("build", "calibrate"):
-        option = next(p for p in cli.commands[command].params if p.name == "dtype")
-        assert list(option.type.choices) == list(DTYPES)

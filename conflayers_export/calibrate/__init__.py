@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 from conflayers_runtime.artifact import providers_for
 from conflayers_runtime.manifest import (
+    ARTIFACT_DTYPES,
     MANIFEST_NAME,
     WEIGHT_PRECISIONS,
     Draft,
     Manifest,
     Task,
+    VocabularyRanking,
     read_manifest,
     write_manifest,
 )
@@ -27,7 +29,6 @@ from conflayers_runtime.speculative import GREEDY, generate
 
 from .. import __version__
 from ..errors import CalibrationError
-from ..export.graph import DTYPES
 from ..models import LoadedModel
 from ..reference import TorchBackend
 from ..staging import replace_folder
@@ -47,15 +48,15 @@ def check_settings(settings: CalibrationSettings) -> None:
     for name in ("context_window", "search_interval", "max_iter", "max_new_tokens", "eval_prompts"):
         if getattr(settings, name) < 1:
             raise CalibrationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
-    if settings.dtype not in DTYPES:
-        raise CalibrationError(f"--dtype must be one of {', '.join(DTYPES)}, got {settings.dtype!r}")
+    if settings.dtype not in ARTIFACT_DTYPES:
+        raise CalibrationError(f"--dtype must be one of {', '.join(ARTIFACT_DTYPES)}, got {settings.dtype!r}")
     unknown = [p for p in settings.precisions if p not in WEIGHT_PRECISIONS]
     if unknown:
         raise CalibrationError(f"unknown draft precision(s) {unknown}: use {', '.join(WEIGHT_PRECISIONS)}")
     if any(n < 1 for n in settings.vocab_sizes):
         raise CalibrationError(f"--vocab-sizes must be positive, got {list(settings.vocab_sizes)}")
     providers_for(settings.device)  # a device this onnxruntime cannot run fails before the search
-    if settings.device == "cuda" and DTYPES[settings.dtype][0] is not np.float16:
+    if settings.device == "cuda" and ARTIFACT_DTYPES[settings.dtype].activations != "fp16":
         raise CalibrationError(f"--dtype {settings.dtype} cannot run on CUDA: use fp16 or int4-fp16")
 
 
@@ -104,12 +105,9 @@ def calibrate(
         calibration={
             "settings": dataclasses.asdict(settings),
             "tasks": {t: len(p) for t, p in tasks.items()},
-            # build reads the first vocab_size ids of a pruned draft from here
-            "vocabulary": {
-                "ranked_token_ids": ranked[: max(settings.vocab_sizes, default=0)],
-                "source": ranking_note,
-            },
         },
+        # build reads the first vocab_size ids of a pruned draft from here
+        vocabulary=VocabularyRanking(ranked[: max(settings.vocab_sizes, default=0)], ranking_note),
         tool={"name": "conflayers-export", "version": __version__},
     )
     header = {

@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 from conflayers_runtime import DraftConfig, GenerationStats
-from conflayers_runtime.artifact import open_backend
-from conflayers_runtime.manifest import Draft, Manifest, read_manifest
+from conflayers_runtime.artifact import artifact_section, open_backend
+from conflayers_runtime.manifest import ARTIFACT_DTYPES, Draft, Manifest, VocabularyRanking, read_manifest
 from conflayers_runtime.speculative import GREEDY, generate, measure_pass_costs
 
 from ..errors import CalibrationError
 from ..export.build import build_artifact
-from ..export.graph import DTYPES
 from ..export.quantize import BITS
 from ..models import LoadedModel
 from .search import CalibrationSettings, expected_speedup
@@ -117,7 +116,7 @@ def draft_combinations(
     """(skip, precision, vocab size) to score. Precisions that read as many bytes as the artifact's
     own or more (int4 or int8 drafts of an int4 artifact) collapse into "base". The unchanged full
     graph is no draft (every graph of an int4 artifact computes alike, at quantize.ACCURACY_LEVEL)."""
-    artifact_bits = DTYPES[settings.dtype][2]
+    artifact_bits = ARTIFACT_DTYPES[settings.dtype].weight_bits
     precisions = [
         p
         for p in dict.fromkeys(settings.precisions)
@@ -164,13 +163,13 @@ class DraftSearch:
             manifest = Manifest(
                 model=self.loaded.identity,
                 drafts=drafts,
-                calibration={"vocabulary": {"ranked_token_ids": ranked}},
+                vocabulary=VocabularyRanking(ranked),
             )
             self.progress(f"[{task}] building {len(drafts)} candidate drafts ({s.dtype})")
             build_artifact(folder, self.loaded, manifest, s.dtype, max_seq_len=longest)
             manifest = read_manifest(folder)
-            section = manifest.artifacts
-            full_bytes = graph_bytes(folder / section["full"])
+            section = artifact_section(manifest)
+            full_bytes = graph_bytes(folder / section.full)
 
             plain = open_backend(folder, manifest, None, s.device, s.threads)
             plain_stats, plain_seconds, generations = self._decode(plain, prompts, None)
@@ -181,7 +180,7 @@ class DraftSearch:
                 """One run per draft length, on one pair of sessions (opened once: costly for big models)."""
                 draft = drafts[index]
                 backend = open_backend(folder, manifest, draft.name, s.device, s.threads)
-                ratio = graph_bytes(folder / section["drafts"][draft.name]) / full_bytes
+                ratio = graph_bytes(folder / section.drafts[draft.name]) / full_bytes
                 scored = []
                 for config in configs:
                     stats, seconds, _ = self._decode(backend, prompts, config)

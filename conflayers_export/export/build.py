@@ -14,9 +14,16 @@ import numpy as np
 import onnx
 from conflayers_runtime.artifact import file_sha256
 from conflayers_runtime.manifest import (
+    ARTIFACT_DTYPES,
     MANIFEST_NAME,
+    Artifacts,
+    CacheLayout,
     Draft,
+    FileEntry,
     Manifest,
+    Quantization,
+    TokenizerFiles,
+    WeightEntry,
     check_skip_layers,
     read_manifest,
     write_manifest,
@@ -27,7 +34,7 @@ from ..architectures import KVLayout
 from ..errors import ManifestError
 from ..models import LoadedModel
 from ..staging import replace_folder
-from .graph import DTYPES, MIN_ATTENTION_ROWS, WeightStore, build_graph
+from .graph import MIN_ATTENTION_ROWS, WeightStore, build_graph
 from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE
 from .weights import attach_external, write_weights
 
@@ -56,11 +63,13 @@ def build_artifact(
     progress: Callable[[str], None] = lambda step: None,
 ) -> Manifest:
     """Build every draft listed in ``manifest.drafts`` next to the full graph; returns the new manifest."""
-    if dtype not in DTYPES:
-        raise ManifestError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if dtype not in ARTIFACT_DTYPES:
+        raise ManifestError(f"unsupported dtype {dtype!r}: use one of {', '.join(ARTIFACT_DTYPES)}")
     num_layers = loaded.identity.num_layers
     for draft in manifest.drafts:
         check_skip_layers(draft.skip_layers, num_layers)
+    # Rebuilt below: an earlier build's section may name drafts the manifest no longer lists.
+    manifest.artifacts = None
     manifest.validate()
     for draft in manifest.drafts:
         draft_bits(draft, dtype)
@@ -90,7 +99,7 @@ def _write(
 
     progress("full graph")
     graphs[FULL_GRAPH] = build_graph(
-        model, arch, range(num_layers), dtype, max_seq_len, store, "full", DTYPES[dtype][2]
+        model, arch, range(num_layers), dtype, max_seq_len, store, "full", ARTIFACT_DTYPES[dtype].weight_bits
     )
     layers["full"] = list(range(num_layers))
     drafts: dict[str, str] = {}
@@ -122,77 +131,41 @@ def _write(
         onnx.save(graph, folder / file_name)
 
     progress("tokenizer")
-    for name in TOKENIZER_FILES:
-        source = loaded.folder / name
-        if source.is_file():
-            shutil.copy2(source, folder / name)
-    if not (folder / "tokenizer.json").is_file():
-        raise ManifestError(
-            f"{loaded.folder} has no tokenizer.json (a fast tokenizer is required by the runtime)"
-        )
-
+    tokenizer_files = _copy_tokenizer(loaded, folder)
     layout = arch.kv_layout(model.config)
     _write_genai_config(folder, loaded, layout, max_seq_len)
-    files = [
-        FULL_GRAPH,
-        GENAI_CONFIG,
-        *drafts.values(),
-        WEIGHTS_FILE,
-        *(n for n in TOKENIZER_FILES if (folder / n).is_file()),
-    ]
-    manifest.artifacts = {
-        "dtype": dtype,
-        "max_seq_len": max_seq_len,
-        "weights": WEIGHTS_FILE,
-        "full": FULL_GRAPH,
-        "drafts": drafts,
-        # Drafts with a pruned vocabulary: the int64 tensor (in weights_index) mapping each of
-        # their logits columns to a token id.
-        "draft_vocab": draft_vocab,
-        "quantization": {
-            "operator": "com.microsoft.MatMulNBits",
-            "scheme": "asymmetric round-to-nearest per block (scales and zero points)",
-            "block_size": BLOCK_SIZE,
-            "accuracy_level": {"full": ACCURACY_LEVEL, "drafts": ACCURACY_LEVEL},
+    files = [FULL_GRAPH, GENAI_CONFIG, *drafts.values(), WEIGHTS_FILE, *tokenizer_files]
+    manifest.artifacts = Artifacts(
+        dtype=dtype,
+        max_seq_len=max_seq_len,
+        weights=WEIGHTS_FILE,
+        full=FULL_GRAPH,
+        drafts=drafts,
+        draft_vocab=draft_vocab,
+        quantization=Quantization(
+            operator="com.microsoft.MatMulNBits",
+            scheme="asymmetric round-to-nearest per block (scales and zero points)",
+            block_size=BLOCK_SIZE,
+            accuracy_level={"full": ACCURACY_LEVEL, "drafts": ACCURACY_LEVEL},
+        ),
+        kv=_cache_layout(layout, dtype),
+        layers=layers,
+        weights_index={
+            name: WeightEntry(str(a.dtype), list(a.shape), *offsets[name]) for name, a in store.arrays.items()
         },
-        "kv": {
-            "dtype": "fp16" if DTYPES[dtype][0] is np.float16 else "fp32",
-            "num_layers": layout.num_layers,
-            "num_kv_heads": layout.num_kv_heads,
-            "head_dim": layout.head_dim,
-            "sliding_windows": list(layout.sliding_windows),
-            "shape": ["batch", "num_kv_heads", "max_seq_len", "head_dim"],
-            "past_is_present": True,
-            # The graphs run a one-token pass's attention over its row twice (row invariance,
-            # graph.pad_attention_rows): every pass writes at least this many cache positions.
-            "min_attention_rows": MIN_ATTENTION_ROWS,
-        },
-        "layers": layers,
-        # Where each weight lives in the weights file, and which graph reads which: enough for a
-        # runtime to hand both sessions the same device-resident tensors.
-        "weights_index": {
-            name: [str(a.dtype), list(a.shape), *offsets[name]] for name, a in store.arrays.items()
-        },
-        "graph_weights": {file_name: sorted(used) for file_name, (_, used) in graphs.items()},
-        "inputs": {
+        graph_weights={file_name: sorted(used) for file_name, (_, used) in graphs.items()},
+        inputs={
             "input_ids": "int64 [batch, sequence]",
             "attention_mask": "int64 [batch, total] (ones; total = cached + sequence)",
             "past_key_values.{layer}.key|value": f"{dtype} cache, bound to the same buffer as present",
         },
-        "outputs": {
+        outputs={
             "logits": "float32 [batch, sequence, vocab] (a pruned draft: [.., len(draft_vocab ids)])",
             "present.{layer}.key|value": "the past buffer, updated in place at [total - sequence, total)",
         },
-        "tokenizer": {
-            "file": "tokenizer.json",
-            **_chat_affixes(loaded),
-            "stop_token_ids": loaded.stop_token_ids,
-        },
-        "files": {
-            name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-            for name in files
-        },
-    }
+        tokenizer=TokenizerFiles("tokenizer.json", *_chat_affixes(loaded), loaded.stop_token_ids),
+        files={name: FileEntry((folder / name).stat().st_size, file_sha256(folder / name)) for name in files},
+    )
     manifest.tool = {"name": "conflayers-export", "version": __version__}
     write_manifest(manifest, folder)
     return manifest
@@ -200,7 +173,7 @@ def _write(
 
 def draft_bits(draft: Draft, dtype: str) -> int | None:
     """Weight bits of a draft's linears (None: float weights, as the artifact's dtype)."""
-    artifact_bits = DTYPES[dtype][2]
+    artifact_bits = ARTIFACT_DTYPES[dtype].weight_bits
     if draft.weight_precision == "base":
         return artifact_bits
     bits = BITS[draft.weight_precision]
@@ -225,7 +198,7 @@ def draft_vocabulary(draft: Draft, manifest: Manifest, vocab_size: int) -> np.nd
             f"draft {draft.name!r}: vocab_size {draft.vocab_size} exceeds the model's vocabulary of "
             f"{vocab_size} tokens: choose a smaller --draft-vocab (or none for the whole vocabulary)"
         )
-    ranked = manifest.calibration.get("vocabulary", {}).get("ranked_token_ids", [])
+    ranked = manifest.vocabulary.ranked_token_ids if manifest.vocabulary is not None else []
     if len(ranked) < draft.vocab_size:
         raise ManifestError(
             f"draft {draft.name!r} asks for a pruned vocabulary of {draft.vocab_size} tokens, but the "
@@ -288,16 +261,45 @@ def _write_genai_config(folder: Path, loaded: LoadedModel, layout: KVLayout, max
     (folder / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
 
 
-def _chat_affixes(loaded: LoadedModel) -> dict[str, str | None]:
-    """The chat template rendered around one user turn, so the runtime needs no Jinja engine."""
+def _copy_tokenizer(loaded: LoadedModel, folder: Path) -> list[str]:
+    """Copy the tokenizer files the model folder has; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        source = loaded.folder / name
+        if source.is_file():
+            shutil.copy2(source, folder / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        raise ManifestError(
+            f"{loaded.folder} has no tokenizer.json (a fast tokenizer is required by the runtime)"
+        )
+    return copied
+
+
+def _cache_layout(layout: KVLayout, dtype: str) -> CacheLayout:
+    return CacheLayout(
+        dtype=ARTIFACT_DTYPES[dtype].activations,
+        num_layers=layout.num_layers,
+        num_kv_heads=layout.num_kv_heads,
+        head_dim=layout.head_dim,
+        sliding_windows=list(layout.sliding_windows),
+        # The graphs run a one-token pass's attention over its row twice (row invariance,
+        # graph.pad_attention_rows): every pass writes at least this many cache positions.
+        min_attention_rows=MIN_ATTENTION_ROWS,
+    )
+
+
+def _chat_affixes(loaded: LoadedModel) -> tuple[str | None, str | None]:
+    """(prefix, suffix): the chat template rendered around one user turn, so the runtime needs no
+    Jinja engine; (None, None) without a usable template."""
     try:
         text = loaded.tokenizer.apply_chat_template(
             [{"role": "user", "content": _CHAT_SENTINEL}], add_generation_prompt=True, tokenize=False
         )
     except Exception:  # no template, or one that cannot render a lone user turn
-        return {"chat_prefix": None, "chat_suffix": None}
+        return None, None
     prefix, _, suffix = text.partition(_CHAT_SENTINEL)
-    return {"chat_prefix": prefix, "chat_suffix": suffix}
+    return prefix, suffix
 
 
 def manifest_for_build(

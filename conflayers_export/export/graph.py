@@ -30,20 +30,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
+from conflayers_runtime.manifest import ARTIFACT_DTYPES
 from onnx import TensorProto, helper, numpy_helper
 
 from ..architectures import Architecture
 from .quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantize
 
 OPSET = 21
-# Artifact dtype -> (activation and KV dtype, weight bits of every graph unless a draft asks for
-# fewer; None = float weights in the activation dtype).
-DTYPES: dict[str, tuple[type, int, int | None]] = {
-    "fp32": (np.float32, TensorProto.FLOAT, None),
-    "fp16": (np.float16, TensorProto.FLOAT16, None),
-    "int4": (np.float32, TensorProto.FLOAT, 4),  # CPU
-    # CUDA: its GroupQueryAttention kernels take fp16 only (fp32 graphs fall back to CPU attention).
-    "int4-fp16": (np.float16, TensorProto.FLOAT16, 4),
+# An artifact dtype's activations (ARTIFACT_DTYPES, the runtime's list) -> numpy and ONNX types.
+_FLOATS: dict[str, tuple[type, int]] = {
+    "fp32": (np.float32, TensorProto.FLOAT),
+    "fp16": (np.float16, TensorProto.FLOAT16),
 }
 
 
@@ -80,7 +77,7 @@ class _GraphBuilder:
         self.model = model
         self.arch = architecture
         self.config = model.config
-        self.np_dtype, self.onnx_dtype, _ = DTYPES[dtype]
+        self.np_dtype, self.onnx_dtype = _FLOATS[ARTIFACT_DTYPES[dtype].activations]
         self.bits = bits
         self.vocab_ids = vocab_ids
         self.max_seq_len = max_seq_len

@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conflayers_runtime.artifact import open_backend, verify_files
-from conflayers_runtime.manifest import Draft, read_manifest
+from conflayers_runtime.artifact import artifact_section, open_backend, verify_files
+from conflayers_runtime.manifest import ARTIFACT_DTYPES, Draft, read_manifest
 from conflayers_runtime.row_invariance import RowInvariance, measure
 
 from ..errors import ConflayersError
 from ..models import LoadedModel
 from ..reference import TorchBackend
 from .build import draft_bits
-from .graph import DTYPES
 from .quantize import quantized_copy
 
 # fp32: the graphs compute what PyTorch computes, up to summation order.
@@ -88,8 +87,8 @@ def check_parity(
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
-    section = manifest.artifacts
-    dtype = section["dtype"]
+    section = artifact_section(manifest)
+    dtype = section.dtype
     references: dict[int | None, torch.nn.Module] = {None: loaded.model}
 
     def reference(bits: int | None) -> torch.nn.Module:
@@ -97,10 +96,10 @@ def check_parity(
             references[bits] = quantized_copy(loaded.model, bits)
         return references[bits]
 
-    full_bits = DTYPES[dtype][2]
-    dtype_family = "fp16" if DTYPES[dtype][0] is np.float16 else "fp32"  # the activations' dtype
+    full_bits = ARTIFACT_DTYPES[dtype].weight_bits
+    dtype_family = ARTIFACT_DTYPES[dtype].activations
     graphs: list[tuple[str, Draft | None]] = [("full", None)]
-    graphs += [(f"draft.{d.name}", d) for d in manifest.drafts if d.name in section["drafts"]]
+    graphs += [(f"draft.{d.name}", d) for d in manifest.drafts if d.name in section.drafts]
     results: list[StepResult] = []
     failures = []
     for label, draft in graphs:
@@ -151,7 +150,7 @@ def check_row_invariance(
     results = [measure(exact, tokens, prompt)]
     if exact.full_pass_rows > 1:
         results.append(measure(open_backend(folder, manifest, None, device, exact=False), tokens, prompt))
-    for name in manifest.artifacts["drafts"]:
+    for name in artifact_section(manifest).drafts:
         backend = open_backend(folder, manifest, name, device)
         results.append(measure(backend, tokens, prompt, draft=True, graph=f"draft.{name}"))
     return results

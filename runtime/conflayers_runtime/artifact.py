@@ -1,13 +1,9 @@
 """Reading a built artifact: file integrity, the I/O contract, and ONNX Runtime sessions.
 
-The ``artifacts`` section of the manifest (written by ``conflayers-export build``) holds::
-
-    dtype, max_seq_len, weights (file name), full (graph file), drafts {name: graph file},
-    files {name: {size, sha256}}, kv {num_layers, num_kv_heads, head_dim},
-    layers {"full": [...], "<draft>": [kept layer indices]}, inputs/outputs (name patterns),
-    tokenizer {file, chat_prefix, chat_suffix, stop_token_ids},
-    weights_index {tensor: [dtype, shape, offset, length]}, graph_weights {graph file: [tensors]},
-    draft_vocab {draft: int64 tensor of token ids, one per logits column}, quantization {...}
+The ``artifacts`` section of the manifest (written by ``conflayers-export build``) is typed by
+:class:`~conflayers_runtime.manifest.Artifacts`: graph and weights files, the KV-cache layout,
+the layers each graph runs, where each tensor lies in the weights file, the tokenizer and the
+size and sha256 of every file.
 """
 
 from __future__ import annotations
@@ -15,27 +11,23 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import ManifestError
-from .manifest import Manifest
+from .manifest import Artifacts, Manifest
 from .onnx_backend import PROVIDERS, KVSpec, OnnxBackend
 
-REQUIRED = ("dtype", "max_seq_len", "weights", "full", "drafts", "files", "kv", "layers", "tokenizer")
 
-
-def artifact_section(manifest: Manifest) -> dict[str, Any]:
-    section = manifest.artifacts
-    missing = [key for key in REQUIRED if key not in section]
-    if missing:
+def artifact_section(manifest: Manifest) -> Artifacts:
+    """The manifest's artifacts section (checked field by field when the manifest was read)."""
+    if manifest.artifacts is None:
         raise ManifestError(
-            f"the manifest describes no built artifact (missing {', '.join(missing)}): "
+            "the manifest describes no built artifact (no artifacts section): "
             "run `conflayers-export build` on this folder"
         )
-    return section
+    return manifest.artifacts
 
 
 def file_sha256(path: Path) -> str:
@@ -50,13 +42,13 @@ def verify_files(folder: str | os.PathLike[str], manifest: Manifest) -> None:
     """Check every listed file's size and sha256; raise ManifestError naming each bad file."""
     folder = Path(folder)
     problems = []
-    for name, entry in artifact_section(manifest)["files"].items():
+    for name, entry in artifact_section(manifest).files.items():
         path = folder / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{name} has {path.stat().st_size} bytes, expected {entry['size']}")
-        elif file_sha256(path) != entry["sha256"]:
+        elif path.stat().st_size != entry.size:
+            problems.append(f"{name} has {path.stat().st_size} bytes, expected {entry.size}")
+        elif file_sha256(path) != entry.sha256:
             problems.append(f"{name} does not match its sha256")
     if problems:
         raise ManifestError(
@@ -66,18 +58,13 @@ def verify_files(folder: str | os.PathLike[str], manifest: Manifest) -> None:
 
 def kv_spec(manifest: Manifest) -> KVSpec:
     section = artifact_section(manifest)
-    kv = section["kv"]
+    kv = section.kv
     return KVSpec(
-        kv["num_layers"],
-        kv["num_kv_heads"],
-        kv["head_dim"],
-        section["max_seq_len"],
-        kv.get("dtype", section["dtype"]),  # schema 1.0 artifacts had float dtypes only
-        kv.get("min_attention_rows", 1),  # graphs built before the attention padding
+        kv.num_layers, kv.num_kv_heads, kv.head_dim, section.max_seq_len, kv.dtype, kv.min_attention_rows
     )
 
 
-def row_invariant_rows(section: dict[str, Any], device: str) -> int:
+def row_invariant_rows(section: Artifacts, device: str) -> int:
     """Fewest rows of a full-graph pass that make every row bitwise equal to the same row of any
     other pass, so that greedy speculation equals plain decoding (DESIGN.md, row invariance).
 
@@ -91,7 +78,7 @@ def row_invariant_rows(section: dict[str, Any], device: str) -> int:
     """
     if device == "cuda":
         return 16
-    return 1 if section["kv"].get("min_attention_rows", 1) >= 2 else 2
+    return 1 if section.kv.min_attention_rows >= 2 else 2
 
 
 # "prepacked": each session keeps its own prepacked copy of the weights it reads (fastest on
@@ -163,19 +150,19 @@ def open_backend(
         # so attention falls back to the CPU behind copies of the caches, which breaks the shared
         # past/present buffers: every step after the prompt is wrong.
         raise ManifestError(
-            f"{folder} is a {section['dtype']} artifact (fp32 activations), which ONNX Runtime cannot run "
+            f"{folder} is a {section.dtype} artifact (fp32 activations), which ONNX Runtime cannot run "
             "correctly on CUDA: rebuild it with --dtype fp16 or --dtype int4-fp16 for CUDA"
         )
     if device != "cpu" and weights == "shared":
         raise ManifestError(
             'weights="shared" is a CPU mode (one memory map): on CUDA use the default ("prepacked")'
         )
-    graphs = {"full": section["full"]}
+    graphs = {"full": section.full}
     if draft is not None:
-        if draft not in section["drafts"]:
-            known = ", ".join(section["drafts"]) or "none"
+        if draft not in section.drafts:
+            known = ", ".join(section.drafts) or "none"
             raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
-        graphs["draft"] = section["drafts"][draft]
+        graphs["draft"] = section.drafts[draft]
     sessions = {}
     for role, graph in graphs.items():
         options = session_options(threads, weights, paired=len(graphs) > 1)
@@ -184,15 +171,13 @@ def open_backend(
         except Exception as exc:  # e.g. a quantized kernel this build of ONNX Runtime lacks
             precision = next((d.weight_precision for d in manifest.drafts if d.name == draft), "base")
             what = (
-                f"draft {draft!r} ({precision} weights)"
-                if role == "draft"
-                else f"{section['dtype']} full graph"
+                f"draft {draft!r} ({precision} weights)" if role == "draft" else f"{section.dtype} full graph"
             )
             raise ManifestError(
                 f"ONNX Runtime cannot run the {what} of {folder} on {device}: {exc}. Choose another "
                 "draft (--draft) or device, or rebuild the artifact with a precision this device runs"
             ) from exc
-    vocab_tensor = section.get("draft_vocab", {}).get(draft) if draft is not None else None
+    vocab_tensor = section.draft_vocab.get(draft) if draft is not None else None
     token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
     rows = row_invariant_rows(section, device) if exact else 1
     return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device, token_ids, rows)
@@ -207,8 +192,10 @@ _NUMPY_DTYPES = {
 }
 
 
-def _read_weight(folder: Path, section: dict[str, Any], name: str) -> np.ndarray:
+def _read_weight(folder: Path, section: Artifacts, name: str) -> np.ndarray:
     """One tensor of the weights file, as a host array (a copy: the file is closed afterwards)."""
-    dtype, shape, offset, length = section["weights_index"][name]
-    mapped = np.memmap(folder / section["weights"], dtype=np.uint8, mode="r", offset=offset, shape=(length,))
-    return np.array(mapped.view(_NUMPY_DTYPES[dtype]).reshape(shape))
+    entry = section.weights_index[name]
+    mapped = np.memmap(
+        folder / section.weights, dtype=np.uint8, mode="r", offset=entry.offset, shape=(entry.length,)
+    )
+    return np.array(mapped.view(_NUMPY_DTYPES[entry.dtype]).reshape(entry.shape))

@@ -8,22 +8,53 @@ A *draft* is described by what makes it cheaper than the full model: the decoder
 skips, and (open for later kinds of drafts) a pruned output vocabulary and the precision of the
 weights it reads. Tasks map a name (e.g. ``default``, ``code``) to the draft chosen for it, or
 to none when speculation is not recommended for that task.
+
+The ``artifacts`` section (written by ``conflayers-export build``) and calibrate's vocabulary
+ranking are typed (:class:`Artifacts`, :class:`VocabularyRanking`) and type-checked on read,
+field by field: an error names the field (``artifacts.kv.head_dim``) and the fix. Their JSON
+layout is the one drivers in other languages read (``examples/driver.py``), so the dataclasses
+mirror it key for key and ``Manifest.to_dict`` of a manifest read from disk gives back the
+file's JSON (an older artifacts section reads back with the defaults of the fields it lacked).
+Keys a reader does not know are ignored (a newer minor version's optional fields).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import ManifestError, SkipSetError
 
 SCHEMA_VERSION = "1.1"  # 1.1: draft length policy, pruned-vocabulary and quantized drafts built
 MANIFEST_NAME = "manifest.json"
 WEIGHT_PRECISIONS = ("base", "int8", "int4")  # "base" = the artifact's own precision
+_REBUILD = "rebuild the artifact with `conflayers-export build`"
+_RECALIBRATE = "run `conflayers-export calibrate` again"
+
+
+@dataclass(frozen=True)
+class ArtifactDtype:
+    """What an artifact dtype (``build --dtype``) means for its graphs."""
+
+    activations: str  # "fp32" or "fp16": the graphs' float dtype, and the KV caches'
+    weight_bits: int | None  # 4: the linears are MatMulNBits int4 weights; None: float weights
+
+
+# The artifact dtypes: the one list the builder (export/graph.py), the CLI and this reader use.
+ARTIFACT_DTYPES: dict[str, ArtifactDtype] = {
+    "fp32": ArtifactDtype("fp32", None),
+    "fp16": ArtifactDtype("fp16", None),
+    "int4": ArtifactDtype("fp32", 4),  # CPU
+    # CUDA: its GroupQueryAttention kernels take fp16 only (fp32 graphs fall back to CPU attention).
+    "int4-fp16": ArtifactDtype("fp16", 4),
+}
 
 
 @dataclass
@@ -56,13 +87,165 @@ class Task:
     note: str = ""
 
 
+def _omitted_when_none() -> Any:
+    """An optional field that older writers left out: absent from the JSON while None, so that a
+    manifest they wrote reads back to the same dict."""
+    return field(default=None, metadata={"omit_if_none": True})
+
+
+@dataclass
+class VocabularyRanking:
+    """Calibrate's ranking of the vocabulary (``calibration.vocabulary`` in the JSON): stop tokens,
+    then tokens by frequency in its calibration generations. A pruned draft of N tokens scores the
+    N first ids (``export/build.py``)."""
+
+    ranked_token_ids: list[int]
+    source: str | None = _omitted_when_none()  # how the ranking was made, for the reader
+
+
+@dataclass
+class Quantization:
+    """How quantized weights are stored (``export/quantize.py``)."""
+
+    operator: str  # "com.microsoft.MatMulNBits"
+    scheme: str  # in words, e.g. asymmetric round-to-nearest per block
+    block_size: int
+    # ONNX Runtime's MatMulNBits accuracy_level per kind of graph: {"full": 4, "drafts": 4}
+    # (4: int8 activations); a plain map, as drivers read it.
+    accuracy_level: dict[str, int]
+
+
+KV_SHAPE = ("batch", "num_kv_heads", "max_seq_len", "head_dim")
+
+
+@dataclass(kw_only=True)  # keyword-only: the fields keep the JSON's key order, defaults or not
+class CacheLayout:
+    """The ``kv`` section: every layer's past/present buffer is [batch, num_kv_heads,
+    max_seq_len, head_dim] of ``dtype``, bound as past and present at once."""
+
+    dtype: str  # "fp32" or "fp16"; absent in schema 1.0, which had float artifacts only: the artifact's
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_windows: list[int | None]  # per layer; None = full attention
+    shape: list[str] = field(default_factory=lambda: list(KV_SHAPE))
+    past_is_present: bool = True
+    # Cache positions every pass writes: graphs that run a one-token pass's attention over its
+    # row twice (row invariance) say 2; absent (graphs built before that) means 1.
+    min_attention_rows: int = 1
+
+
+class WeightEntry(NamedTuple):
+    """Where a tensor lies in the weights file. A named tuple because the JSON stores it as the
+    4-item list ``[dtype, shape, offset, length]`` (compact for hundreds of tensors, and what
+    drivers index); it unpacks like that list and reads as attributes here."""
+
+    dtype: str  # numpy name, e.g. "float32", "uint8", "int64"
+    shape: list[int]
+    offset: int  # bytes from the start of the file
+    length: int  # bytes
+
+
+@dataclass
+class FileEntry:
+    """Size and sha256 of one file of the artifact (``load`` and ``validate`` check both)."""
+
+    size: int
+    sha256: str
+
+
+@dataclass
+class TokenizerFiles:
+    """The tokenizer file, and the chat template rendered around one user turn (no Jinja needed)."""
+
+    file: str
+    chat_prefix: str | None = None  # None: the model has no usable chat template
+    chat_suffix: str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)  # keyword-only: the fields keep the JSON's key order, defaults or not
+class Artifacts:
+    """The ``artifacts`` section: the files ``build`` wrote and the I/O contract a driver needs
+    (DESIGN.md, "Graph I/O"). Graph files are named relative to the artifact folder."""
+
+    dtype: str  # a key of ARTIFACT_DTYPES
+    max_seq_len: int
+    weights: str  # the one weights file every graph points into
+    full: str  # the full graph
+    drafts: dict[str, str]  # draft name -> its graph
+    # Drafts with a pruned vocabulary: the int64 tensor (in weights_index) mapping each of their
+    # logits columns to a token id. Absent in schema 1.0.
+    draft_vocab: dict[str, str] = field(default_factory=dict)
+    quantization: Quantization | None = _omitted_when_none()  # absent in schema 1.0
+    kv: CacheLayout
+    layers: dict[str, list[int]]  # "full" or a draft name -> the decoder layers its graph runs
+    # Where each weight lives in the weights file, and which graph reads which: enough for a
+    # runtime to hand both sessions the same device-resident tensors.
+    weights_index: dict[str, WeightEntry] = field(default_factory=dict)
+    graph_weights: dict[str, list[str]] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # name pattern -> description
+    outputs: dict[str, str] = field(default_factory=dict)
+    tokenizer: TokenizerFiles
+    files: dict[str, FileEntry]  # every file of the artifact but the manifest
+
+    @classmethod
+    def from_dict(cls, data: object) -> Artifacts:
+        """The section as read from JSON, type-checked; ManifestError names a bad field."""
+        if isinstance(data, dict) and isinstance(data.get("kv"), dict) and "dtype" not in data["kv"]:
+            data = {**data, "kv": {**data["kv"], "dtype": data.get("dtype")}}  # schema 1.0
+        return _parse(cls, data, "artifacts", _REBUILD)
+
+    def check(self, draft_names: list[str], num_layers: int) -> None:
+        """What types cannot say: known dtypes, and names that point at drafts, layers, tensors
+        and files that exist. Raises ManifestError naming the field and the fix."""
+        if self.dtype not in ARTIFACT_DTYPES:
+            _refuse(f"artifacts.dtype {self.dtype!r} is not one of {', '.join(ARTIFACT_DTYPES)}")
+        if self.kv.dtype != ARTIFACT_DTYPES[self.dtype].activations:
+            _refuse(
+                f"artifacts.kv.dtype {self.kv.dtype!r} does not match a {self.dtype} artifact "
+                f"(whose caches are {ARTIFACT_DTYPES[self.dtype].activations})"
+            )
+        for name in self.drafts:
+            if name not in draft_names:
+                _refuse(f"artifacts.drafts names draft {name!r}, which the manifest's drafts list lacks")
+        for name, tensor in self.draft_vocab.items():
+            if name not in self.drafts:
+                _refuse(f"artifacts.draft_vocab names draft {name!r}, which has no graph in artifacts.drafts")
+            if tensor not in self.weights_index:
+                _refuse(f"artifacts.draft_vocab.{name} names tensor {tensor!r}, absent from weights_index")
+        for graph, kept in self.layers.items():
+            if graph != "full" and graph not in self.drafts:
+                _refuse(f"artifacts.layers names graph {graph!r}, which is neither 'full' nor a draft")
+            if any(not 0 <= i < num_layers for i in kept):
+                _refuse(f"artifacts.layers.{graph} has layers outside 0..{num_layers - 1}: {kept}")
+        for graph in (self.weights, self.full, *self.drafts.values()):
+            if graph not in self.files:
+                _refuse(f"artifacts.files does not list {graph} (its size and sha256)")
+        kv = self.kv
+        for name, value in (
+            ("max_seq_len", self.max_seq_len),
+            ("kv.num_layers", kv.num_layers),
+            ("kv.num_kv_heads", kv.num_kv_heads),
+            ("kv.head_dim", kv.head_dim),
+            ("kv.min_attention_rows", kv.min_attention_rows),
+        ):
+            if value < 1:
+                _refuse(f"artifacts.{name} must be >= 1, got {value}")
+
+
 @dataclass
 class Manifest:
+    """Everything ``manifest.json`` holds: the model, its drafts, which task uses which, what
+    calibrate recorded, and (once built) the artifact's files and I/O contract."""
+
     model: ModelIdentity
     drafts: list[Draft] = field(default_factory=list)
     tasks: dict[str, Task] = field(default_factory=dict)
-    calibration: dict[str, Any] = field(default_factory=dict)  # settings and seed
-    artifacts: dict[str, Any] = field(default_factory=dict)  # files, I/O contract (build)
+    calibration: dict[str, Any] = field(default_factory=dict)  # settings, prompts per task (free-form)
+    # Stored in the JSON as calibration.vocabulary (see to_dict); None: calibrate ranked none.
+    vocabulary: VocabularyRanking | None = None
+    artifacts: Artifacts | None = None  # files, I/O contract; None: not built yet ({} in the JSON)
     tool: dict[str, str] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
 
@@ -74,18 +257,30 @@ class Manifest:
         raise ManifestError(f"the manifest has no draft named {name!r} (drafts: {known})")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The manifest's JSON, in the layout every reader knows."""
+        data = _plain(self)
+        vocabulary = data.pop("vocabulary")
+        if vocabulary is not None:
+            data["calibration"]["vocabulary"] = vocabulary
+        data["artifacts"] = data["artifacts"] or {}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
         _check_version(data.get("schema_version"))
         try:
+            calibration = dict(data.get("calibration", {}))
+            vocabulary = calibration.pop("vocabulary", None)
+            artifacts = data.get("artifacts")
             manifest = cls(
                 model=ModelIdentity(**data["model"]),
                 drafts=[Draft(**d) for d in data.get("drafts", [])],
                 tasks={k: Task(**v) for k, v in data.get("tasks", {}).items()},
-                calibration=dict(data.get("calibration", {})),
-                artifacts=dict(data.get("artifacts", {})),
+                calibration=calibration,
+                vocabulary=None
+                if vocabulary is None
+                else _parse(VocabularyRanking, vocabulary, "calibration.vocabulary", _RECALIBRATE),
+                artifacts=Artifacts.from_dict(artifacts) if artifacts else None,
                 tool=dict(data.get("tool", {})),
                 schema_version=data["schema_version"],
             )
@@ -119,6 +314,10 @@ class Manifest:
         for task_name, task in self.tasks.items():
             if task.draft is not None and task.draft not in names:
                 raise ManifestError(f"task {task_name!r} names an unknown draft {task.draft!r}")
+        if "vocabulary" in self.calibration:  # to_dict would write two rankings into one key
+            raise ManifestError("calibration['vocabulary'] is set: set Manifest.vocabulary instead")
+        if self.artifacts is not None:
+            self.artifacts.check(names, n)
 
 
 def check_skip_layers(skip_layers: list[int], num_layers: int) -> None:
@@ -131,6 +330,100 @@ def check_skip_layers(skip_layers: list[int], num_layers: int) -> None:
         )
     if len(set(skip_layers)) != len(skip_layers):
         raise SkipSetError(f"skip set {skip_layers} repeats a layer")
+
+
+def _refuse(problem: str) -> None:
+    raise ManifestError(f"the manifest's {problem}: {_REBUILD}")
+
+
+class _Invalid(Exception):
+    """A field that does not match its type; _parse turns it into a ManifestError with the fix."""
+
+
+def _parse(cls: type[Any], data: object, where: str, fix: str) -> Any:
+    """``data`` (parsed JSON) as a ``cls``, checked field by field against the type hints."""
+    try:
+        return _typed(cls, data, where)
+    except _Invalid as exc:
+        raise ManifestError(f"{exc}: {fix}") from None
+
+
+@functools.cache
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    return get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
+
+
+def _typed(hint: Any, value: object, where: str) -> Any:
+    """``value`` checked against ``hint`` (JSON scalars, lists, string-keyed maps, ``X | None``,
+    dataclasses from objects, named tuples from lists), with dataclasses and named tuples built."""
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):  # only ``X | None`` is used
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _typed(inner, value, where)
+    if dataclasses.is_dataclass(hint):
+        return _record(hint, value, where)
+    if isinstance(hint, type) and issubclass(hint, tuple):  # a NamedTuple, stored as a JSON list
+        hints = _hints(hint)
+        if not isinstance(value, list) or len(value) != len(hints):
+            raise _Invalid(f"the manifest's {where} must be a list [{', '.join(hints)}], got {_show(value)}")
+        items = zip(hints.items(), value, strict=True)
+        return hint(*(_typed(h, v, f"{where}.{name}") for (name, h), v in items))
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid(f"the manifest's {where} must be a list, got {_show(value)}")
+        return [_typed(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Invalid(f"the manifest's {where} must be an object, got {_show(value)}")
+        return {k: _typed(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    # JSON scalars. bool is an int in Python, not in JSON; a JSON float may be written as 3.
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    if not ok:
+        raise _Invalid(f"the manifest's {where} must be {_JSON_NAMES[hint]}, got {_show(value)}")
+    return value
+
+
+def _record(cls: type[Any], value: object, where: str) -> Any:
+    """A dataclass from a JSON object: required fields present, each field of its type. Keys that
+    are no field are ignored: a newer minor version's optional fields."""
+    if not isinstance(value, dict):
+        raise _Invalid(f"the manifest's {where} must be an object, got {_show(value)}")
+    fields = dataclasses.fields(cls)
+    for f in fields:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in value:
+            raise _Invalid(f"the manifest's {where}.{f.name} is missing")
+    hints = _hints(cls)
+    given = [f.name for f in fields if f.name in value]
+    return cls(**{name: _typed(hints[name], value[name], f"{where}.{name}") for name in given})
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _show(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses as JSON objects (fields in order), named tuples and lists as JSON lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)
+        }
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _check_version(version: object) -> None:

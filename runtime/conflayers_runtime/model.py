@@ -53,10 +53,10 @@ class Model:
         self.draft = draft
         self.last_stats = GenerationStats()
         self.last_token_ids: list[int] = []
-        tok = artifact_section(manifest)["tokenizer"]
-        self.chat_prefix: str | None = tok.get("chat_prefix")
-        self.chat_suffix: str | None = tok.get("chat_suffix")
-        self.stop_token_ids: list[int] = list(tok.get("stop_token_ids", []))
+        tok = artifact_section(manifest).tokenizer
+        self.chat_prefix: str | None = tok.chat_prefix
+        self.chat_suffix: str | None = tok.chat_suffix
+        self.stop_token_ids: list[int] = list(tok.stop_token_ids)
 
     @property
     def max_seq_len(self) -> int:
@@ -205,7 +205,7 @@ DEFAULT_DRAFT = _DefaultDraft()
 def default_draft(manifest: Manifest) -> str | None:
     """The built draft of the manifest's ``default`` task, else the first built draft, else None."""
     task = manifest.tasks.get("default")
-    built = list(artifact_section(manifest)["drafts"])
+    built = list(artifact_section(manifest).drafts)
     return task.draft if task is not None and task.draft in built else (built[0] if built else None)
 
 
@@ -239,7 +239,7 @@ def load(
             # may spin between runs) and takes half the memory. Name the draft to force it.
             draft = None
     backend = open_backend(folder, manifest, draft, device, threads, weights, exact)
-    tokenizer_file = folder / section["tokenizer"]["file"]
+    tokenizer_file = folder / section.tokenizer.file
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
