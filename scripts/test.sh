@@ -6,7 +6,7 @@ bash "$root/scripts/setup.sh"
 venv="${CONFLAYERS_VENV:-$root/.venv}"
 cd "$root"
 "$venv/bin/ruff" check .
-"$venv/bin/python" -m pytest "$@"
+"$venv/bin/python" -m pytest --durations=10 "$@"
 
 # The runtime installed alone, in a fresh virtual environment: an undeclared dependency, or one
 # on torch/transformers/onnx, fails here. Its artifact comes from the exporter.
