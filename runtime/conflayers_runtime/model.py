@@ -225,7 +225,8 @@ def load(
     ``weights``: "prepacked" or "shared" (a CPU mode; see artifact.WEIGHT_MODES); None is
     "prepacked". ``verify`` checks every file's sha256 first. ``exact`` (default) makes greedy
     speculative output bitwise equal to plain output: every full-model pass then has at least the
-    device's row-invariant row count (artifact.open_backend); False makes plain steps one row.
+    device's row-invariant row count (artifact.row_invariant_rows; 1 on the CPU for graphs that
+    pad their attention themselves, 16 on CUDA); False turns that padding off.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
