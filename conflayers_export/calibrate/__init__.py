@@ -35,7 +35,7 @@ from ..staging import replace_folder
 from .data import Prompt
 from .drafts import DraftSearch, rank_vocabulary
 from .report import write_reports
-from .search import COST_MODELS, CalibrationSettings, Calibrator, TaskResult
+from .search import COST_MODELS, SEARCHES, CalibrationSettings, Calibrator, TaskResult
 
 __all__ = ["CalibrationSettings", "TaskResult", "calibrate"]
 
@@ -43,6 +43,8 @@ __all__ = ["CalibrationSettings", "TaskResult", "calibrate"]
 def check_settings(settings: CalibrationSettings) -> None:
     if not 0.0 < settings.skip_ratio < 1.0:
         raise CalibrationError(f"--skip-ratio must be in (0, 1), got {settings.skip_ratio}")
+    if settings.search not in SEARCHES:
+        raise CalibrationError(f"--search must be one of {', '.join(SEARCHES)}, got {settings.search!r}")
     if settings.cost not in COST_MODELS:
         raise CalibrationError(f"--cost must be one of {', '.join(COST_MODELS)}, got {settings.cost!r}")
     for name in ("context_window", "search_interval", "max_iter", "max_new_tokens", "eval_prompts"):

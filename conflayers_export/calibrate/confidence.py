@@ -14,10 +14,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# The reference clamps block outputs to [log(smallest float32), 88.7] before the softmax entropy
+# (88.7 ~ log(largest float32): exp cannot overflow). Only the published search applies it, so
+# the cost-aware search keeps its sets on models with massive activations.
+CLAMP = (float(np.log(np.finfo(np.float32).tiny)), 88.7)
 
-def block_confidence(outputs: np.ndarray) -> float:
+
+def block_confidence(outputs: np.ndarray, clamp: bool = False) -> float:
     """outputs [tokens, hidden] -> 1 - mean token entropy of softmax over hidden / log(hidden)."""
     z = outputs.astype(np.float64)
+    if clamp:
+        z = np.clip(z, *CLAMP)
     z -= z.max(axis=-1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=-1, keepdims=True)
@@ -78,6 +85,27 @@ def select_skips(
     return {"skip": skip, "scores": s, "thresholds": thresholds, "windows": windows, "curvature": g}
 
 
+def select_at_least(
+    scores: Sequence[float],
+    num_layers: int,
+    lam: float,
+    min_size: int,
+    qwen: bool = False,
+    step: float = 0.05,
+    max_steps: int = 40,
+) -> tuple[dict[str, np.ndarray], float, int]:
+    """The reference's minimum size: a set smaller than ``min_size`` is never evaluated; selection
+    repeats at once with lambda one step lower (a higher threshold skips more) until it is big
+    enough, at most ``max_steps`` times. Returns (selection, lambda used, steps taken)."""
+    chosen = select_skips(scores, num_layers, lam, qwen)
+    steps = 0
+    while len(chosen["skip"]) < min_size and steps < max_steps:
+        steps += 1
+        lam -= step
+        chosen = select_skips(scores, num_layers, lam, qwen)
+    return chosen, lam, steps
+
+
 def adapt_lambda(lam: float, skipped: int, eligible: int, target_ratio: float, step: float = 0.05) -> float:
     """Move lambda toward the target skip ratio: raise it when far too many layers are skipped."""
     ratio = skipped / eligible
@@ -88,7 +116,9 @@ def adapt_lambda(lam: float, skipped: int, eligible: int, target_ratio: float, s
     return lam
 
 
-def profile_layers(model, architecture, token_ids: Sequence[int], window: int) -> np.ndarray:
+def profile_layers(
+    model, architecture, token_ids: Sequence[int], window: int, clamp: bool = False
+) -> np.ndarray:
     """Scores s_i for layers 1..L-2 from one full-model pass over ``token_ids`` (a prompt and the
     text the model generated for it), from the raw attention and MLP block outputs of the last
     ``window`` tokens (which attend to everything before them)."""
@@ -117,5 +147,8 @@ def profile_layers(model, architecture, token_ids: Sequence[int], window: int) -
         for handle in handles:
             handle.remove()
     return np.array(
-        [block_confidence(captured[(i, "attn")]) + block_confidence(captured[(i, "mlp")]) for i in eligible]
+        [
+            block_confidence(captured[(i, "attn")], clamp) + block_confidence(captured[(i, "mlp")], clamp)
+            for i in eligible
+        ]
     )

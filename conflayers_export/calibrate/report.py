@@ -58,19 +58,69 @@ def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
             *(_row(c, c is r.chosen) for c in r.finalists),
             *(_row(c, False) for c in r.baselines),
             "",
+            *_choices(r),
             "Search iterations:",
             "",
-            "| iteration | lambda | layers skipped | acceptance | accepted / cycle | expected speedup |",
-            "| --- | --- | --- | --- | --- | --- |",
-            *(
-                f"| {it['iteration']} | {it['lambda']:+.2f} | {len(it['skip'])} | "
-                f"{it['acceptance_rate']:.3f} | "
-                f"{it['accepted_per_cycle']:.2f} | {it['expected_speedup']:.3f} |"
-                for it in r.iterations
-            ),
-            "",
+            *_iterations(r.iterations),
         ]
+        if r.search == "both":
+            lines += ["Search iterations of the published loop:", "", *_iterations(r.published_iterations)]
     return "\n".join(lines)
+
+
+# Item 2 of issue 13: where our selection's numerics differ from the reference's, and why.
+NUMERICS = (
+    "Numerics: we compute the selection (z-normalisation, gradients, windows, thresholds) in float64; "
+    "the reference computes it in float16. On flat or near-tied profiles the two can pick different "
+    "sets (float16 keeps 11 significant bits, so near-equal scores tie or swap), and on a perfectly "
+    "flat profile the reference's min-max is 0/0 and it crashes. float64 is deterministic here and "
+    "defined on flat profiles (a flat profile gives curvature weights of 0.5 and skips nothing)."
+)
+
+
+def _choices(r: TaskResult) -> list[str]:
+    """The searches' choices side by side (search "published" or "both")."""
+    if r.search == "cost-aware":
+        return []
+    ships = "cost-aware" if r.search == "both" else "published"
+    return [
+        "Search choices, scored on the common evaluation slice (the bytes cost model):",
+        "",
+        "| search | skip set | acceptance | tokens / full pass | expected speedup |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {name}{' **(ships)**' if name == ships else ''} | {','.join(map(str, c.skip)) or '-'} | "
+            f"{c.acceptance_rate:.3f} | {c.mean_tokens_per_cycle:.2f} | {c.expected_speedup:.3f} |"
+            for name, c in r.choices().items()
+        ),
+        "",
+        NUMERICS,
+        "",
+    ]
+
+
+def _iterations(iterations: list[dict[str, object]]) -> list[str]:
+    def notes(it: dict[str, object]) -> str:
+        marks = []
+        if it.get("lambda_steps"):
+            marks.append(f"{it['lambda_steps']} lambda steps to the minimum size")
+        if it.get("below_min_size"):
+            marks.append("still below the minimum size")
+        if it.get("abandoned"):
+            marks.append("abandoned at half the interval")
+        return "; ".join(marks) or "-"
+
+    return [
+        "| iteration | lambda | layers skipped | acceptance | accepted / cycle | expected speedup | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {it['iteration']} | {it['lambda']:+.2f} | {len(it['skip'])} | "  # type: ignore[arg-type]
+            f"{it['acceptance_rate']:.3f} | "
+            f"{it['accepted_per_cycle']:.2f} | {it['expected_speedup']:.3f} | {notes(it)} |"
+            for it in iterations
+        ),
+        "",
+    ]
 
 
 def _draft_table(d: DraftSearchResult) -> list[str]:

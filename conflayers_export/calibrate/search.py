@@ -10,6 +10,12 @@ is deterministic for a given model, data and settings.
 The search tracks acceptance, but ships by expected speedup: the best few sets it found are
 re-scored on a common evaluation slice, next to baselines scored the same way (the ConfLayers
 start set, LayerSkip-style early exits, random sets of the same size).
+
+``search="published"`` runs the same loop under the reference's outer-loop rules (a
+:class:`SearchPolicy`): a minimum set size reached by stepping lambda, early abandon of sets that
+accept under one token per cycle at half the interval, block outputs clamped before the entropy,
+and the set with the most accepted tokens per cycle restored at the end. ``"both"`` runs the two
+and reports them side by side; the cost-aware choice ships.
 """
 
 from __future__ import annotations
@@ -25,12 +31,41 @@ from conflayers_runtime.speculative import stream
 
 from ..models import LoadedModel
 from ..reference import TorchBackend
-from .confidence import adapt_lambda, profile_layers, select_skips
+from .confidence import adapt_lambda, profile_layers, select_at_least
 
 if TYPE_CHECKING:
     from .drafts import DraftSearchResult
 
 COST_MODELS = ("bytes", "measured")
+SEARCHES = ("cost-aware", "published", "both")
+
+
+@dataclass(frozen=True)
+class SearchPolicy:
+    """What distinguishes the reference's outer loop from ours (CONFLAYERS.md, "Rules of the
+    reference's loop"); the default is the cost-aware search, which applies none of them."""
+
+    name: str = "cost-aware"
+    min_size: int = 0  # smaller selections are redone with the next lambda step (0: any size)
+    max_size_steps: int = 40  # lambda steps tried for min_size (2.0 in all) before evaluating anyway
+    abandon_below: float | None = None  # mean accepted tokens per cycle at half the interval
+    clamp: bool = False  # block outputs clamped to [log(tiny float32), 88.7] before the entropy
+
+    @classmethod
+    def published(cls, eligible: int, skip_ratio: float) -> SearchPolicy:
+        return cls("published", min_size=int(eligible * skip_ratio) + 1, abandon_below=1.0, clamp=True)
+
+
+def abandon_early(accepted: int, cycles: int, below: float | None) -> bool:
+    """The reference's early abandon, checked once at half of the search interval."""
+    return below is not None and accepted / max(cycles, 1) < below
+
+
+def best_set(iterations: Sequence[dict[str, object]]) -> list[int]:
+    """The set with the most accepted tokens per cycle (the first on ties): what the reference
+    restores when its iterations run out."""
+    best = max(iterations, key=lambda r: float(r["accepted_per_cycle"]))  # type: ignore[arg-type]
+    return list(best["skip"])  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True)
@@ -44,6 +79,7 @@ class CalibrationSettings:
     finalists: int = 3  # best search sets re-scored on the common slice
     ranked_sizes: tuple[int, ...] = (1, 2, 4, 8)  # sizes of the confidence-ranked sets also scored
     seed: int = 0  # random baselines
+    search: str = "cost-aware"  # SEARCHES: ours, the reference's outer loop, or both (ours ships)
     max_draft_tokens: int = 8
     confidence_threshold: float = 0.8
     # The joint choice of the draft that ships (drafts.py), on the target artifact's real graphs:
@@ -83,9 +119,17 @@ class TaskResult:
     conflayers_beats_baselines: bool = False
     seconds: float = 0.0
     drafts: DraftSearchResult | None = None  # the joint choice that ships (drafts.py)
+    search: str = "cost-aware"
+    published: Candidate | None = None  # the reference loop's choice (search "published" or "both")
+    published_iterations: list[dict[str, object]] = field(default_factory=list)
+
+    def choices(self) -> dict[str, Candidate]:
+        """Each search's choice, scored on the common evaluation slice."""
+        found = {} if self.search == "published" else {"cost-aware": self.chosen}
+        return {**found, **({"published": self.published} if self.published else {})}
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return {**asdict(self), "choices": {k: asdict(c) for k, c in self.choices().items()}}
 
 
 def expected_speedup(stats: GenerationStats, c_draft: float, c_verify: float = 1.0) -> float:
@@ -127,12 +171,19 @@ class Calibrator:
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(
-        self, skip: Sequence[int], prompts: Sequence[list[int]], max_cycles: int | None = None
-    ) -> tuple[GenerationStats, list[list[int]]]:
+        self,
+        skip: Sequence[int],
+        prompts: Sequence[list[int]],
+        max_cycles: int | None = None,
+        abandon_below: float | None = None,
+    ) -> tuple[GenerationStats, list[list[int]], bool]:
         """Greedy speculative decoding of each prompt (until ``max_cycles`` verify passes in all).
-        Returns summed stats and each prompt + its generated tokens."""
+        Returns summed stats, each prompt + its generated tokens, and whether the set was abandoned
+        (under ``abandon_below`` accepted tokens per cycle at half of ``max_cycles``)."""
         total = GenerationStats()
         texts = []
+        half = max((max_cycles or 0) // 2, 1)
+        checked = abandon_below is None or max_cycles is None
         backend = TorchBackend(self.loaded.model, self.loaded.architecture, skip)
         for prompt in prompts:
             stats = GenerationStats()
@@ -146,16 +197,24 @@ class Calibrator:
                 stats=stats,
             ):
                 generated.extend(chunk)
-                if max_cycles is not None and total.verify_passes + stats.verify_passes >= max_cycles:
+                passes = total.verify_passes + stats.verify_passes
+                if not checked and passes >= half:
+                    checked = True
+                    cycles = total.cycles + stats.cycles
+                    if abandon_early(total.accepted_tokens + stats.accepted_tokens, cycles, abandon_below):
+                        total.merge(stats)
+                        texts.append([*prompt, *generated])
+                        return total, texts, True
+                if max_cycles is not None and passes >= max_cycles:
                     break
             total.merge(stats)
             texts.append([*prompt, *generated])
             if max_cycles is not None and total.verify_passes >= max_cycles:
                 break
-        return total, texts
+        return total, texts, False
 
     def score(self, skip: Sequence[int], origin: str, prompts: Sequence[list[int]]) -> Candidate:
-        stats, _ = self.evaluate(skip, prompts)
+        stats, _, _ = self.evaluate(skip, prompts)
         c_draft, c_verify = self.cost(skip)
         return Candidate(
             skip=sorted(int(i) for i in skip),
@@ -173,14 +232,49 @@ class Calibrator:
     def run(self, task: str, prompts: Sequence[list[int]]) -> TaskResult:
         started = time.perf_counter()
         s = self.settings
+        evaluation = list(prompts[: s.eval_prompts])
+        result = TaskResult(task, Candidate([], ""), False, finalists=[], baselines=[], search=s.search)
+        if s.search != "published":
+            result.iterations, all_scores, result.profile, _ = self._search(task, prompts, SearchPolicy())
+            mean_scores = np.mean(all_scores, axis=0) if all_scores else np.zeros(len(self.eligible))
+            result.finalists = self._finalists(result.iterations, evaluation, mean_scores)
+            result.chosen = max(result.finalists, key=lambda c: c.expected_speedup)
+        if s.search != "cost-aware":
+            policy = SearchPolicy.published(len(self.eligible), s.skip_ratio)
+            iterations, _, profile, stopped = self._search(task, prompts, policy)
+            best = stopped if stopped is not None else best_set(iterations)
+            result.published = self.score(best, "conflayers (published loop)", evaluation)
+            result.published_iterations = iterations
+            speedup = result.published.expected_speedup
+            self.progress(f"  published loop {best}: expected speedup {speedup:.3f}")
+            if s.search == "published":
+                result.chosen, result.finalists = result.published, [result.published]
+                result.iterations, result.profile = iterations, profile
+        result.recommended = result.chosen.expected_speedup > 1.0
+        result.baselines = self._baselines(result.chosen, evaluation)
+        best_baseline = max(b.expected_speedup for b in result.baselines)
+        result.conflayers_beats_baselines = result.chosen.expected_speedup >= best_baseline
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _search(
+        self, task: str, prompts: Sequence[list[int]], policy: SearchPolicy
+    ) -> tuple[list[dict[str, object]], list[np.ndarray], dict[str, list[float]], list[int] | None]:
+        """The search loop: (iteration records, each iteration's scores, the first profile, the
+        set that met the paper's stop rule or None)."""
+        s = self.settings
         lam = 0.0
         current = self.eligible[::2]  # start set: every other eligible layer
         iterations: list[dict[str, object]] = []
         profile: dict[str, list[float]] = {}
         all_scores: list[np.ndarray] = []
+        note: dict[str, object] = {}
+        label = task if policy.name == "cost-aware" else f"{task}, {policy.name}"
         for it in range(s.max_iter):
             rotated = [*prompts[it % len(prompts) :], *prompts[: it % len(prompts)]]
-            stats, texts = self.evaluate(current, rotated, max_cycles=s.search_interval)
+            stats, texts, abandoned = self.evaluate(
+                current, rotated, max_cycles=s.search_interval, abandon_below=policy.abandon_below
+            )
             c_draft, c_verify = self.cost(current)
             accepted_per_cycle = stats.accepted_tokens / max(stats.cycles, 1)
             record = {
@@ -190,41 +284,38 @@ class Calibrator:
                 "accepted_per_cycle": accepted_per_cycle,
                 "acceptance_rate": stats.acceptance_rate,
                 "expected_speedup": expected_speedup(stats, c_draft, c_verify),
+                **note,
+                **({"abandoned": True} if abandoned else {}),
             }
             iterations.append(record)
             self.progress(
-                f"[{task}] iteration {it}: {len(current)} layers skipped, lambda {lam:+.2f}, "
+                f"[{label}] iteration {it}: {len(current)} layers skipped, lambda {lam:+.2f}, "
                 f"acceptance {stats.acceptance_rate:.2f}, {accepted_per_cycle:.2f} accepted/cycle"
+                + (" (abandoned at half the interval)" if abandoned else "")
             )
-            if accepted_per_cycle > 4 and stats.acceptance_rate > 0.95:
-                break  # the paper's stop rule: long drafts, almost all accepted
+            if not abandoned and accepted_per_cycle > 4 and stats.acceptance_rate > 0.95:
+                return iterations, all_scores, profile, record["skip"]  # type: ignore[return-value]
             window = texts[0][-s.context_window :] if len(texts[0]) > s.context_window else texts[0]
-            scores = profile_layers(self.loaded.model, self.loaded.architecture, texts[0], len(window))
-            chosen = select_skips(scores, self.num_layers, lam, self.qwen)
+            scores = profile_layers(
+                self.loaded.model, self.loaded.architecture, texts[0], len(window), policy.clamp
+            )
+            chosen, lam, steps = select_at_least(
+                scores, self.num_layers, lam, policy.min_size, self.qwen, max_steps=policy.max_size_steps
+            )
+            note = {"lambda_steps": steps} if steps else {}
+            if len(chosen["skip"]) < policy.min_size:
+                note["below_min_size"] = True
+                self.progress(
+                    f"[{label}] {steps} lambda steps left the set below {policy.min_size} layers: "
+                    "evaluating it anyway"
+                )
             all_scores.append(chosen["scores"])
             if not profile:
                 profile = {k: np.asarray(v, dtype=float).tolist() for k, v in chosen.items()}
                 profile["raw_scores"] = scores.tolist()
             current = [int(i) for i in chosen["skip"]]
             lam = adapt_lambda(lam, len(current), len(self.eligible), s.skip_ratio)
-
-        evaluation = list(prompts[: s.eval_prompts])
-        mean_scores = np.mean(all_scores, axis=0) if all_scores else np.zeros(len(self.eligible))
-        finalists = self._finalists(iterations, evaluation, mean_scores)
-        chosen_candidate = max(finalists, key=lambda c: c.expected_speedup)
-        baselines = self._baselines(chosen_candidate, evaluation)
-        best_baseline = max(b.expected_speedup for b in baselines)
-        return TaskResult(
-            task=task,
-            chosen=chosen_candidate,
-            recommended=chosen_candidate.expected_speedup > 1.0,
-            finalists=finalists,
-            baselines=baselines,
-            iterations=iterations,
-            profile=profile,
-            conflayers_beats_baselines=chosen_candidate.expected_speedup >= best_baseline,
-            seconds=time.perf_counter() - started,
-        )
+        return iterations, all_scores, profile, None
 
     def _finalists(
         self, iterations: list[dict[str, object]], evaluation: list[list[int]], mean_scores: np.ndarray

@@ -17,6 +17,11 @@ from .model import DEFAULT_DRAFT, MODES, default_draft, load
 from .sampling import SamplingConfig
 
 
+def acceptance_text(rate: float, speculative: bool) -> str:
+    """The rate to two decimals, or "n/a" for plain decoding (nothing is drafted, so no rate)."""
+    return f"{rate:.2f}" if speculative else "n/a"
+
+
 def generate_and_report(
     folder: str,
     prompt: str,
@@ -66,8 +71,8 @@ def generate_and_report(
         err.write(
             f"[{used}{', draft ' + str(model.draft) if used == 'speculative' else ''}] "
             f"{stats.new_tokens} tokens in {seconds:.2f} s ({result['tokens_per_second']:.1f} tok/s); "
-            f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_tokens_per_cycle:.2f} tokens per "
-            f"full-model pass\n"
+            f"acceptance {acceptance_text(stats.acceptance_rate, used == 'speculative')}, "
+            f"{stats.mean_tokens_per_cycle:.2f} tokens per full-model pass\n"
         )
     return result
 
