@@ -18,6 +18,7 @@ from conflayers_export.calibrate.search import Calibrator, SearchPolicy, abandon
 from conflayers_export.cli import _worst_per_graph, main
 from conflayers_export.export.validate import StepResult
 from conflayers_export.models import load_model
+from tests.test_calibrate import SMALL  # the same small, deterministic settings
 
 # --- the reference's rules ---------------------------------------------------------------------
 
@@ -95,19 +96,6 @@ def test_clamp_before_the_entropy():
 
 
 # --- both searches, side by side ---------------------------------------------------------------
-
-SMALL = CalibrationSettings(
-    max_iter=3,
-    search_interval=6,
-    max_new_tokens=12,
-    eval_prompts=2,
-    context_window=8,
-    ranked_sizes=(1,),
-    cost="bytes",
-    vocab_sizes=(64,),
-    policy_finalists=1,
-    draft_policies=((4, 0.0),),
-)
 
 
 def test_search_both_reports_both_choices_and_ships_the_cost_aware_one(tiny_folder, tmp_path):
@@ -205,3 +193,12 @@ def test_search_published_ships_the_published_choice(tiny_folder, tmp_path):
     assert all(len(it["skip"]) >= 1 for it in result.iterations)
     markdown = (tmp_path / "o" / "calibration" / "report.md").read_text()
     assert "| published **(ships)** |" in markdown
+
+
+def test_the_cli_offers_exactly_the_searches_calibrate_knows():
+    # The CLI spells them out so that --help needs no torch; this keeps the two lists equal.
+    from conflayers_export.calibrate.search import SEARCHES
+    from conflayers_export.cli import cli
+
+    option = next(p for p in cli.commands["calibrate"].params if p.name == "search")
+    assert tuple(option.type.choices) == SEARCHES
