@@ -21,7 +21,7 @@ from pathlib import Path
 
 from conflayers_runtime import GenerationStats, load, read_manifest
 from conflayers_runtime.artifact import artifact_section
-from conflayers_runtime.speculative import measure_pass_costs
+from conflayers_runtime.speculative import expected_speedup, measure_pass_costs
 
 DEFAULT_PROMPTS = [
     "Write a short poem about the sea.",
@@ -123,7 +123,9 @@ def run_bench(
             context=min(64, model.max_seq_len // 2),
             verify_tokens=max(2, round(spec["draft_passes_per_cycle"]) + 1),  # type: ignore[arg-type]
         )
-        analytic = spec["mean_tokens_per_cycle"] / (spec["draft_passes_per_cycle"] * c_draft + c_verify)  # type: ignore[operator]
+        analytic = expected_speedup(
+            spec["mean_tokens_per_cycle"], spec["draft_passes_per_cycle"], c_draft, c_verify
+        )  # type: ignore[arg-type]
         measured = spec["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
         spec |= {
             "c_draft_measured": c_draft,

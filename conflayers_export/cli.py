@@ -19,6 +19,8 @@ import click
 from conflayers_runtime.errors import ConflayersError, SkipSetError
 from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS
 
+from .progress import ConsoleProgress
+
 if TYPE_CHECKING:
     from conflayers_runtime import SamplingConfig
 
@@ -207,6 +209,7 @@ def reference(
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random baselines.")
 @click.option("--force", is_flag=True, help="Replace a folder that holds another model's manifest.")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines (errors still print).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def calibrate(
     model: str,
@@ -227,6 +230,7 @@ def calibrate(
     seed: int,
     search: str,
     force: bool,
+    quiet: bool,
     as_json: bool,
 ) -> None:
     """Search the layers to skip (ConfLayers), then the cheapest draft (skip set x weight precision
@@ -262,8 +266,7 @@ def calibrate(
     if not tasks:
         tasks["default"] = load_prompts(data) if data else default_prompts()
     loaded = load_model(model)
-    echo = (lambda line: None) if as_json else (lambda line: click.echo(line, err=True))
-    _, results = run_calibration(out_dir, loaded, tasks, settings, force, echo)
+    _, results = run_calibration(out_dir, loaded, tasks, settings, force, ConsoleProgress(quiet))
     summary = []
     for r in results:
         assert r.drafts is not None
@@ -281,7 +284,9 @@ def calibrate(
                 "mean_tokens_per_cycle": c.mean_tokens_per_cycle,
                 "c_draft": c.c_draft,
                 "expected_speedup": c.expected_speedup,
-                "wall_clock_speedup": c.measured_speedup,
+                "wall_clock_speedup": r.drafts.confirmation.wall_clock_speedup
+                if r.drafts.confirmation
+                else None,
                 "layer_search": {
                     "skip_layers": r.chosen.skip,
                     "expected_speedup": r.chosen.expected_speedup,
@@ -350,6 +355,7 @@ def calibrate(
     type=click.IntRange(min=16),
     help="KV-cache length: prompt + generated tokens must fit.",
 )
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def build(
     out_dir: str,
@@ -360,6 +366,7 @@ def build(
     draft_vocab: int | None,
     dtype: str,
     max_seq_len: int,
+    quiet: bool,
     as_json: bool,
 ) -> None:
     """Export the full graph and one draft graph per draft into OUT_DIR, over one weights file."""
@@ -389,13 +396,10 @@ def build(
     start = time.perf_counter()
     loaded = load_model(model)
     manifest = manifest_for_build(folder, loaded, hand_given, list(skip_sets) or None)
-    with click.progressbar(length=len(manifest.drafts) + 3, label="building", file=sys.stderr) as bar:
-
-        def progress(step: str) -> None:
-            bar.label = f"building {step}"
-            bar.update(1)
-
-        manifest = build_artifact(folder, loaded, manifest, dtype, max_seq_len, progress)
+    with ConsoleProgress(quiet).phase(
+        f"building {len(manifest.drafts)} draft(s)", len(manifest.drafts) + 3
+    ) as step:
+        manifest = build_artifact(folder, loaded, manifest, dtype, max_seq_len, lambda name: step())
     seconds = time.perf_counter() - start
     section = artifact_section(manifest)
     files = {name: dataclasses.asdict(entry) for name, entry in section.files.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -19,13 +20,15 @@ from conflayers_export.calibrate.confidence import (
     z_normalise,
 )
 from conflayers_export.calibrate.data import default_prompts, load_prompts
-from conflayers_export.calibrate.drafts import coverage, draft_combinations, graph_bytes, rank_vocabulary
-from conflayers_export.calibrate.search import expected_speedup
+from conflayers_export.calibrate.drafts import coverage, draft_combinations, rank_vocabulary
+from conflayers_export.calibrate.scoring import EvaluationTexts, graph_bytes
+from conflayers_export.calibrate.search import stats_speedup
 from conflayers_export.cli import main
 from conflayers_export.errors import CalibrationError
 from conflayers_export.export.build import build_artifact, manifest_for_build
 from conflayers_export.export.validate import check_parity
 from conflayers_export.models import load_model
+from conflayers_export.progress import Progress
 
 # --- the method, step by step ------------------------------------------------------------------
 
@@ -88,7 +91,7 @@ def test_lambda_moves_toward_the_target_ratio():
 def test_expected_speedup_formula():
     stats = GenerationStats(new_tokens=31, prefill_passes=1, verify_passes=10, draft_passes=20)
     # 3 tokens per full pass / (2 drafts per cycle * 0.5 + 1) = 1.5
-    assert expected_speedup(stats, c_draft=0.5, c_verify=1.0) == pytest.approx(1.5)
+    assert stats_speedup(stats, c_draft=0.5, c_verify=1.0) == pytest.approx(1.5)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -141,9 +144,36 @@ def _calibrate(out, loaded, **kwargs):
     return calibrate(out, loaded, {"default": PROMPTS, "other": PROMPTS[::-1]}, SMALL, **kwargs)
 
 
+class RecordingProgress(Progress):
+    """Each phase's label, its total and how many steps it reported."""
+
+    def __init__(self):
+        self.phases: list[list] = []
+
+    @contextlib.contextmanager
+    def phase(self, label, total):
+        record = [label, total, 0]
+        self.phases.append(record)
+
+        def step():
+            record[2] += 1
+
+        yield step
+
+
 def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, tmp_path):
     loaded = load_model(str(tiny_folder("llama")))
-    manifest, results = _calibrate(tmp_path / "a", loaded)
+    progress = RecordingProgress()
+    manifest, results = _calibrate(tmp_path / "a", loaded, progress=progress)
+    # Every phase reported its steps (the layer search may stop early, at the paper's stop rule).
+    assert [label for label, _, _ in progress.phases if "layer search" in label] == [
+        "[default] layer search",
+        "[other] layer search",
+    ]
+    assert all(done == total or "layer search" in label for label, total, done in progress.phases)
+    assert sum("scoring" in label for label, _, _ in progress.phases) == 3 * 2  # sets, baselines, drafts
+    # The chosen draft, run for real, counted what its replay counted.
+    assert all(r.drafts.confirmation.matches_replay for r in results)
     assert [d.name for d in manifest.drafts] == ["default", "other"]
     for name in ("report.json", "report.md", "confidence.png"):
         assert (tmp_path / "a" / "calibration" / name).stat().st_size > 0
@@ -326,6 +356,6 @@ def test_nothing_cheaper_than_the_full_graph_is_a_clear_error(tiny_folder):
     from conflayers_export.calibrate.drafts import DraftSearch
 
     loaded = load_model(str(tiny_folder("llama")))
-    search = DraftSearch(loaded, CalibrationSettings(precisions=("base",), vocab_sizes=()), lambda line: None)
+    search = DraftSearch(loaded, CalibrationSettings(precisions=("base",), vocab_sizes=()))
     with pytest.raises(CalibrationError, match="no draft to score.*allow int8/int4"):
-        search.run("default", [[]], [[1, 2, 3]], list(range(256)))
+        search.run("default", [[]], EvaluationTexts([[1, 2, 3]], 8), list(range(256)))

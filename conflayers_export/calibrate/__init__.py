@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,17 +24,17 @@ from conflayers_runtime.manifest import (
     read_manifest,
     write_manifest,
 )
-from conflayers_runtime.speculative import GREEDY, generate
 
 from .. import __version__
 from ..errors import CalibrationError
 from ..models import LoadedModel
-from ..reference import TorchBackend
+from ..progress import Progress
 from ..staging import replace_folder
 from .data import Prompt
 from .drafts import DraftSearch, rank_vocabulary
 from .report import write_reports
-from .search import COST_MODELS, SEARCHES, CalibrationSettings, Calibrator, TaskResult
+from .scoring import EvaluationTexts, generate_texts, score_layer_sets
+from .search import COST_MODELS, SEARCHES, CalibrationSettings, Calibrator, Candidate, TaskResult
 
 __all__ = ["CalibrationSettings", "TaskResult", "calibrate"]
 
@@ -80,25 +79,40 @@ def calibrate(
     tasks: dict[str, list[Prompt]],
     settings: CalibrationSettings | None = None,
     force: bool = False,
-    progress: Callable[[str], None] = lambda line: None,
+    progress: Progress | None = None,
 ) -> tuple[Manifest, list[TaskResult]]:
     """Search one draft per task and write the manifest and the report into ``out_dir``.
 
-    Per task: the ConfLayers layer search (search.py), then the joint choice of skip set, weight
+    Stages: the full model's greedy text of the evaluation and ranking prompts (on the target
+    graphs, once); per task the ConfLayers layer search (search.py, PyTorch), its sets scored on
+    built graphs (scoring.py); the vocabulary ranking; the joint choice of skip set, weight
     precision, vocabulary size and draft length on the target graphs (drafts.py)."""
     settings = settings or CalibrationSettings()
+    progress = progress or Progress()
     check_settings(settings)
     out_dir = Path(out_dir)
     check_output_folder(out_dir, loaded, force)
-    calibrator = Calibrator(loaded, settings, progress)
     encoded = {task: [loaded.encode(p) for p in prompts] for task, prompts in tasks.items()}
-    results = [calibrator.run(task, prompts) for task, prompts in encoded.items()]
+    evaluations = {
+        task: EvaluationTexts(prompts[: settings.eval_prompts], settings.max_new_tokens)
+        for task, prompts in encoded.items()
+    }
+    ranking, ranking_note = _ranking_prompts(encoded, settings)
+    generate_texts(loaded, settings, [*evaluations.values(), ranking], progress)
 
-    ranked, ranking_note = _rank_vocabulary(loaded, encoded, settings, progress)
+    calibrator = Calibrator(loaded, settings, progress)
+    results = []
+    for task, prompts in encoded.items():
+
+        def scorer(sets: list[tuple[str, list[int]]], task: str = task) -> list[Candidate]:
+            return score_layer_sets(loaded, settings, sets, evaluations[task], calibrator.cost, progress)
+
+        results.append(calibrator.run(task, prompts, scorer))
+
+    ranked = rank_vocabulary(_token_counts(loaded, ranking), loaded.stop_token_ids)
     search = DraftSearch(loaded, settings, progress)
     for result in results:
-        evaluation = encoded[result.task][: settings.eval_prompts]
-        result.drafts = search.run(result.task, [[], result.chosen.skip], evaluation, ranked)
+        result.drafts = search.run(result.task, [[], result.chosen.skip], evaluations[result.task], ranked)
 
     manifest = Manifest(
         model=loaded.identity,
@@ -125,18 +139,11 @@ def calibrate(
     return manifest, results
 
 
-def _rank_vocabulary(
-    loaded: LoadedModel,
-    encoded: dict[str, list[list[int]]],
-    settings: CalibrationSettings,
-    progress: Callable[[str], None],
-) -> tuple[list[int], str]:
-    """The vocabulary ranking, from greedy generations of prompts outside every evaluation slice
-    (so the coverage the report shows is measured on held-out text): tokens by how often they
-    were generated. Tried and dropped: ranking by expected counts (the full model's probabilities
-    summed over the generated positions) cut an int8 draft's acceptance with 8192 tokens on
-    SmolLM2 from 0.84 to 0.68: past the few hundred tokens a calibration run emits, the id order
-    of a BPE vocabulary (merges numbered by frequency) is a better guess than those small masses."""
+def _ranking_prompts(
+    encoded: dict[str, list[list[int]]], settings: CalibrationSettings
+) -> tuple[EvaluationTexts, str]:
+    """The prompts whose greedy generations rank the vocabulary: outside every evaluation slice
+    (so the coverage the report shows is measured on held-out text)."""
     prompts = [
         p for task in encoded.values() for p in task[settings.eval_prompts :][: settings.ranking_prompts]
     ]
@@ -144,13 +151,23 @@ def _rank_vocabulary(
     if not prompts:  # too few prompts to hold any out: rank on the evaluation prompts themselves
         prompts = [p for task in encoded.values() for p in task[: settings.eval_prompts]]
         source = f"the {len(prompts)} evaluation prompts (too few prompts to hold out)"
-    progress(f"ranking the vocabulary on {len(prompts)} generations")
-    backend = TorchBackend(loaded.model, loaded.architecture)
+    return EvaluationTexts(
+        prompts, settings.max_new_tokens
+    ), f"token counts in greedy generations of {source}"
+
+
+def _token_counts(loaded: LoadedModel, ranking: EvaluationTexts) -> np.ndarray:
+    """How often each token was generated, each text cut after its first stop token (what a
+    reply emits). Tried and dropped: ranking by expected counts (the full model's probabilities
+    summed over the generated positions) cut an int8 draft's acceptance with 8192 tokens on
+    SmolLM2 from 0.84 to 0.68: past the few hundred tokens a calibration run emits, the id order
+    of a BPE vocabulary (merges numbered by frequency) is a better guess than those small masses."""
     counts = np.zeros(loaded.model.config.vocab_size)
-    for prompt in prompts:
-        generated, _ = generate(backend, prompt, settings.max_new_tokens, GREEDY, None, loaded.stop_token_ids)
-        np.add.at(counts, generated, 1)
-    return rank_vocabulary(counts, loaded.stop_token_ids), f"token counts in greedy generations of {source}"
+    stops = set(loaded.stop_token_ids)
+    for text in ranking.texts or []:
+        end = next((i + 1 for i, t in enumerate(text) if t in stops), len(text))
+        np.add.at(counts, text[:end], 1)
+    return counts
 
 
 def _recommended(result: TaskResult) -> bool:
@@ -168,7 +185,9 @@ def _draft(result: TaskResult) -> Draft:
         "c_draft": c.c_draft,
         "c_verify": c.c_verify,
         "expected_speedup": c.expected_speedup,
-        "wall_clock_speedup": c.measured_speedup,
+        "wall_clock_speedup": result.drafts.confirmation.wall_clock_speedup
+        if result.drafts.confirmation
+        else None,
         "layer_search": {
             "skip_layers": result.chosen.skip,
             "expected_speedup_bytes_model": result.chosen.expected_speedup,

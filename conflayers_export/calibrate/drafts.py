@@ -3,38 +3,34 @@
 The layer search proposes skip sets; small models cannot afford to skip many layers, so drafts
 also get cheaper by reading int8/int4 copies of their weights and by scoring a pruned output
 vocabulary. This stage builds every combination skip set x weight precision x vocabulary size
-as real graphs of the target artifact dtype (in a temporary folder), runs greedy speculative
-decoding through ONNX Runtime on the target device over the evaluation prompts, and scores
-each one by its expected speedup
+as drafts of the target artifact dtype (scoring.py), scores each by replay along the full model's
+greedy text, and ranks them by the expected speedup
 
     S = tokens per full pass / (draft passes per cycle * c_draft + c_verify)
 
 with c_draft and c_verify either timed on those graphs ("measured") or taken from the bytes
-each graph reads per token ("bytes", deterministic). The best few are re-run with longer or
-more confident draft lengths, since an accurate draft pays for longer drafts. Greedy decoding
-is lossless, so every run emits the same text: the acceptance numbers compare like with like.
+each graph reads per token ("bytes", deterministic). The best few are re-scored with longer or
+more confident draft lengths, since an accurate draft pays for longer drafts. The chosen one is
+then confirmed by a real speculative run, timed against plain decoding (the wall-clock speedup,
+which includes the prompt's prefill and is noisier than S: S chooses).
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
-import onnx
-from conflayers_runtime import DraftConfig, GenerationStats
-from conflayers_runtime.artifact import artifact_section, open_backend
-from conflayers_runtime.manifest import ARTIFACT_DTYPES, Draft, Manifest, VocabularyRanking, read_manifest
-from conflayers_runtime.speculative import GREEDY, generate, measure_pass_costs
+from conflayers_runtime import DraftConfig
+from conflayers_runtime.manifest import ARTIFACT_DTYPES, Draft
 
 from ..errors import CalibrationError
-from ..export.build import build_artifact
 from ..export.quantize import BITS
 from ..models import LoadedModel
-from .search import CalibrationSettings, expected_speedup
+from ..progress import Progress
+from .scoring import CandidateGraphs, EvaluationTexts, candidate_graphs, timed_costs
+from .search import CalibrationSettings, stats_speedup
 
 
 @dataclass
@@ -51,12 +47,22 @@ class DraftCandidate:
     c_draft: float = 0.0
     c_verify: float = 1.0
     expected_speedup: float = 0.0
-    measured_speedup: float = 0.0  # wall clock against plain decoding of the same prompts (noisy)
+    timing_flag: str = ""  # set when the timed c_draft disagrees with the bytes ratio (scoring.timed_costs)
 
     @property
     def label(self) -> str:
         vocab = f"vocab {self.vocab_size}" if self.vocab_size else "full vocab"
         return f"skip {self.skip or '-'}, {self.weight_precision}, {vocab}"
+
+
+@dataclass
+class Confirmation:
+    """The chosen draft's real speculative run on the evaluation prompts."""
+
+    wall_clock_speedup: float  # against plain decoding of each prompt, timed right before it
+    acceptance_rate: float
+    mean_tokens_per_cycle: float
+    matches_replay: bool  # the same statistics as the replay that scored it (replay.py)
 
 
 @dataclass
@@ -66,6 +72,7 @@ class DraftSearchResult:
     plain_tokens_per_second: float
     coverage: dict[int, float] = field(default_factory=dict)  # held-out token share per vocab size
     seconds: float = 0.0
+    confirmation: Confirmation | None = None
 
     @property
     def recommended(self) -> bool:
@@ -94,22 +101,6 @@ def coverage(
     return {n: sum(rank.get(t, len(ranked)) < n for t in tokens) / max(len(tokens), 1) for n in sizes}
 
 
-def graph_bytes(path: Path) -> int:
-    """Weight bytes one decoding step of the graph reads: every external initializer, except
-    those only gathered from (an embedding table: one row per token)."""
-    model = onnx.load(str(path), load_external_data=False)
-    gathered_only = {i.name for i in model.graph.initializer}
-    for node in model.graph.node:
-        for position, name in enumerate(node.input):
-            if not (node.op_type == "Gather" and position == 0):
-                gathered_only.discard(name)
-    total = 0
-    for tensor in model.graph.initializer:
-        if tensor.name not in gathered_only:
-            total += next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
-    return total
-
-
 def draft_combinations(
     skip_sets: Sequence[Sequence[int]], settings: CalibrationSettings, vocab_size: int
 ) -> list[tuple[list[int], str, int | None]]:
@@ -133,117 +124,124 @@ def draft_combinations(
 
 
 class DraftSearch:
-    def __init__(self, loaded: LoadedModel, settings: CalibrationSettings, progress: Callable[[str], None]):
+    def __init__(self, loaded: LoadedModel, settings: CalibrationSettings, progress: Progress | None = None):
         self.loaded = loaded
         self.settings = settings
-        self.progress = progress
+        self.progress = progress or Progress()
 
     def run(
         self,
         task: str,
         skip_sets: Sequence[Sequence[int]],
-        prompts: Sequence[list[int]],
+        evaluation: EvaluationTexts,
         ranked: list[int],
     ) -> DraftSearchResult:
-        """Score the combinations on ``prompts``; ``ranked`` (the vocabulary ranking, made from other
-        prompts' generations) decides which tokens a pruned vocabulary keeps."""
+        """Score the combinations on the ``evaluation`` prompts; ``ranked`` (the vocabulary ranking,
+        made from other prompts' generations) decides which tokens a pruned vocabulary keeps."""
         started = time.perf_counter()
         s = self.settings
-        vocab_size = self.loaded.model.config.vocab_size
-        combos = draft_combinations(skip_sets, s, vocab_size)
+        combos = draft_combinations(skip_sets, s, self.loaded.model.config.vocab_size)
         if not combos:
             raise CalibrationError(
                 "no draft to score: the layer search kept every layer and --precisions/--vocab-sizes "
                 "offer nothing cheaper than the full graph; allow int8/int4 or a vocabulary size"
             )
         drafts = [Draft(f"c{i}", skip, size, precision) for i, (skip, precision, size) in enumerate(combos)]
-        longest = max(max(len(p) for p in prompts) + s.max_new_tokens + 16, 96)  # 96: measure_pass_costs
-        with tempfile.TemporaryDirectory(prefix="conflayers-drafts-") as tmp:
-            folder = Path(tmp) / "artifact"
-            manifest = Manifest(
-                model=self.loaded.identity,
-                drafts=drafts,
-                vocabulary=VocabularyRanking(ranked),
-            )
-            self.progress(f"[{task}] building {len(drafts)} candidate drafts ({s.dtype})")
-            build_artifact(folder, self.loaded, manifest, s.dtype, max_seq_len=longest)
-            manifest = read_manifest(folder)
-            section = artifact_section(manifest)
-            full_bytes = graph_bytes(folder / section.full)
-
-            plain = open_backend(folder, manifest, None, s.device, s.threads)
-            plain_stats, plain_seconds, generations = self._decode(plain, prompts, None)
-            plain_rate = plain_stats.new_tokens / plain_seconds
-            del plain
-
-            def score(index: int, configs: Sequence[DraftConfig]) -> list[DraftCandidate]:
-                """One run per draft length, on one pair of sessions (opened once: costly for big models)."""
-                draft = drafts[index]
-                backend = open_backend(folder, manifest, draft.name, s.device, s.threads)
-                ratio = graph_bytes(folder / section.drafts[draft.name]) / full_bytes
-                scored = []
-                for config in configs:
-                    stats, seconds, _ = self._decode(backend, prompts, config)
-                    c_draft, c_verify = (
-                        # verify passes as long as this draft's typical cycle
-                        measure_pass_costs(
-                            backend, repeats=9, verify_tokens=max(2, round(stats.draft_passes_per_cycle) + 1)
-                        )
-                        if s.cost == "measured"
-                        else (ratio, 1.0)
-                    )
-                    candidate = DraftCandidate(
-                        skip=list(draft.skip_layers),
-                        weight_precision=draft.weight_precision,
-                        vocab_size=draft.vocab_size,
-                        max_draft_tokens=config.max_draft_tokens,
-                        confidence_threshold=config.confidence_threshold,
-                        acceptance_rate=stats.acceptance_rate,
-                        mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
-                        draft_passes_per_cycle=stats.draft_passes_per_cycle,
-                        bytes_ratio=ratio,
-                        c_draft=c_draft,
-                        c_verify=c_verify,
-                        expected_speedup=expected_speedup(stats, c_draft, c_verify),
-                        measured_speedup=(stats.new_tokens / seconds) / plain_rate,
-                    )
-                    self.progress(
-                        f"  {candidate.label}, up to {config.max_draft_tokens} drafts above "
-                        f"{config.confidence_threshold}: acceptance {candidate.acceptance_rate:.2f}, "
-                        f"c_draft {c_draft:.2f}, expected {candidate.expected_speedup:.2f}x "
-                        f"(wall clock {candidate.measured_speedup:.2f}x)"
-                    )
-                    scored.append(candidate)
-                return scored
-
-            first = DraftConfig(s.max_draft_tokens, s.confidence_threshold)
-            candidates = [score(i, [first])[0] for i in range(len(drafts))]
-            best = sorted(range(len(drafts)), key=lambda i: -candidates[i].expected_speedup)[
-                : s.policy_finalists
-            ]
-            policies = [DraftConfig(max_tokens, threshold) for max_tokens, threshold in s.draft_policies]
-            for index in best:
-                candidates.extend(score(index, policies))
-        chosen = max(candidates, key=lambda c: c.expected_speedup)
+        policies = [DraftConfig(max_tokens, threshold) for max_tokens, threshold in s.draft_policies]
+        first = DraftConfig(s.max_draft_tokens, s.confidence_threshold)
+        steps = 1 + len(drafts) + s.policy_finalists * len(policies) + 1
+        with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
+            with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
+                step()
+                candidates = []
+                for draft in drafts:
+                    candidates += self._score(graphs, draft, [first], evaluation)
+                    step()
+                by_speedup = sorted(range(len(drafts)), key=lambda i: -candidates[i].expected_speedup)
+                for index in by_speedup[: s.policy_finalists]:
+                    for policy in policies:
+                        candidates += self._score(graphs, drafts[index], [policy], evaluation)
+                        step()
+                chosen = max(candidates, key=lambda c: c.expected_speedup)
+                confirmation = self._confirm(graphs, drafts, chosen, evaluation)
+                step()
         sizes = sorted({d.vocab_size for d in drafts if d.vocab_size})
         return DraftSearchResult(
             candidates=candidates,
             chosen=chosen,
-            plain_tokens_per_second=plain_rate,
-            coverage=coverage(ranked, generations, sizes),  # held-out text
+            plain_tokens_per_second=evaluation.plain_tokens_per_second,
+            coverage=coverage(ranked, evaluation.texts or [], sizes),  # held-out text
             seconds=time.perf_counter() - started,
+            confirmation=confirmation,
         )
 
-    def _decode(
-        self, backend: object, prompts: Sequence[list[int]], config: DraftConfig | None
-    ) -> tuple[GenerationStats, float, list[list[int]]]:
-        total = GenerationStats()
-        generations = []
-        started = time.perf_counter()
-        for prompt in prompts:
-            tokens, stats = generate(
-                backend, prompt, self.settings.max_new_tokens, GREEDY, config, self.loaded.stop_token_ids
+    def _score(
+        self,
+        graphs: CandidateGraphs,
+        draft: Draft,
+        configs: Sequence[DraftConfig],
+        evaluation: EvaluationTexts,
+    ) -> list[DraftCandidate]:
+        """One replay per draft length, on one pair of sessions (opened once: costly for big models)."""
+        backend = graphs.open(draft.name)
+        ratio = graphs.bytes_ratio(draft.name)
+        scored = []
+        for config in configs:
+            stats = graphs.replay(backend, evaluation, config)
+            c_draft, c_verify, flag = ratio, 1.0, ""
+            if self.settings.cost == "measured":
+                # verify passes as long as this draft's typical cycle
+                verify_tokens = max(2, round(stats.draft_passes_per_cycle) + 1)
+                c_draft, c_verify, flag = timed_costs(backend, ratio, verify_tokens)
+            candidate = DraftCandidate(
+                skip=list(draft.skip_layers),
+                weight_precision=draft.weight_precision,
+                vocab_size=draft.vocab_size,
+                max_draft_tokens=config.max_draft_tokens,
+                confidence_threshold=config.confidence_threshold,
+                acceptance_rate=stats.acceptance_rate,
+                mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
+                draft_passes_per_cycle=stats.draft_passes_per_cycle,
+                bytes_ratio=ratio,
+                c_draft=c_draft,
+                c_verify=c_verify,
+                expected_speedup=stats_speedup(stats, c_draft, c_verify),
+                timing_flag=flag,
             )
-            total.merge(stats)
-            generations.append(tokens)
-        return total, time.perf_counter() - started, generations
+            self.progress.log(
+                f"  {candidate.label}, up to {config.max_draft_tokens} drafts above "
+                f"{config.confidence_threshold}: acceptance {candidate.acceptance_rate:.2f}, "
+                f"c_draft {c_draft:.2f}, expected {candidate.expected_speedup:.2f}x"
+                + (f" [{flag}]" if flag else "")
+            )
+            scored.append(candidate)
+        return scored
+
+    def _confirm(
+        self,
+        graphs: CandidateGraphs,
+        drafts: Sequence[Draft],
+        chosen: DraftCandidate,
+        evaluation: EvaluationTexts,
+    ) -> Confirmation:
+        draft = next(
+            d
+            for d in drafts
+            if (list(d.skip_layers), d.weight_precision, d.vocab_size)
+            == (chosen.skip, chosen.weight_precision, chosen.vocab_size)
+        )
+        config = DraftConfig(chosen.max_draft_tokens, chosen.confidence_threshold)
+        stats, speedup = graphs.confirm(graphs.open(draft.name), evaluation, config)
+        confirmation = Confirmation(
+            wall_clock_speedup=speedup,
+            acceptance_rate=stats.acceptance_rate,
+            mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
+            matches_replay=stats.acceptance_rate == chosen.acceptance_rate
+            and stats.mean_tokens_per_cycle == chosen.mean_tokens_per_cycle,
+        )
+        self.progress.log(
+            f"  confirmed by a real run: {speedup:.2f}x plain decoding on the wall clock, acceptance "
+            f"{stats.acceptance_rate:.2f}"
+            + ("" if confirmation.matches_replay else " (differs from the replay)")
+        )
+        return confirmation

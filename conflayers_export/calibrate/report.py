@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .drafts import DraftSearchResult
+from .drafts import DraftCandidate, DraftSearchResult
+from .scoring import TIMING_MARGIN
 from .search import Candidate, TaskResult
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 def write_reports(folder: Path, results: list[TaskResult], header: dict[str, object]) -> None:
@@ -48,8 +53,9 @@ def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
         lines += [
             "### Layer search (ConfLayers, bytes cost model)",
             "",
-            f"Chosen skip set: {r.chosen.skip} ({verdict}). ConfLayers {beat} the best baseline "
-            f"(expected speedup {max(b.expected_speedup for b in r.baselines):.3f}x). "
+            *_layer_search_fate(r),
+            f"The layer search chose skip set {r.chosen.skip} ({verdict}). ConfLayers {beat} the best "
+            f"baseline (expected speedup {max(b.expected_speedup for b in r.baselines):.3f}x). "
             f"Search took {r.seconds:.0f} s.",
             "",
             "| candidate | layers | skip set | acceptance | tokens / full pass | drafts / cycle | c_draft "
@@ -66,6 +72,39 @@ def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
         if r.search == "both":
             lines += ["Search iterations of the published loop:", "", *_iterations(r.published_iterations)]
     return "\n".join(lines)
+
+
+def _draft_words(c: DraftCandidate) -> str:
+    """A draft in words: "no skip, int8, full vocab", "skip [3], fp32, vocab 8192"."""
+    return f"{f'skip {c.skip}' if c.skip else 'no skip'}, {c.weight_precision}, " + (
+        f"vocab {c.vocab_size}" if c.vocab_size else "full vocab"
+    )
+
+
+def _ships_layer_search_set(r: TaskResult) -> bool:
+    return r.drafts is not None and sorted(r.drafts.chosen.skip) == sorted(r.chosen.skip)
+
+
+def _layer_search_fate(r: TaskResult) -> list[str]:
+    """One sentence: whether the draft that ships skips the layer search's set, and if not, what won."""
+    if r.drafts is None:
+        return []
+    shipped = r.drafts.chosen
+    ours = (
+        f"The layer search's set {r.chosen.skip} "
+        f"(expected {r.chosen.expected_speedup:.2f}x with the bytes model)"
+    )
+    if _ships_layer_search_set(r):
+        sentence = (
+            f"{ours} ships: the joint choice on the target graphs kept it, as {_draft_words(shipped)} "
+            f"(expected {shipped.expected_speedup:.2f}x)."
+        )
+    else:
+        sentence = (
+            f"{ours} did not ship: the joint choice on the target graphs picked {_draft_words(shipped)} "
+            f"(expected {shipped.expected_speedup:.2f}x)."
+        )
+    return [sentence, ""]
 
 
 # Item 2 of issue 13: where our selection's numerics differ from the reference's, and why.
@@ -127,25 +166,59 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
     c = d.chosen
     verdict = "recommended" if d.recommended else "**speculation not recommended** (below 1)"
     coverage = ", ".join(f"{n}: {share:.1%}" for n, share in d.coverage.items()) or "-"
+    flagged = [x for x in d.candidates if x.timing_flag]
     return [
         f"### Draft that ships: {c.label}, up to {c.max_draft_tokens} drafts above confidence "
         f"{c.confidence_threshold} ({verdict}: expected speedup {c.expected_speedup:.3f}x)",
         "",
-        f"Every combination scored on the target graphs ({len(d.candidates)} runs, {d.seconds:.0f} s; plain "
-        f"decoding ran at {d.plain_tokens_per_second:.1f} tok/s). Held-out coverage of the pruned "
-        f"vocabularies (share of generated tokens inside): {coverage}.",
+        f"Every combination scored on the target graphs ({len(d.candidates)} scorings, {d.seconds:.0f} s; "
+        f"plain decoding ran at {d.plain_tokens_per_second:.1f} tok/s), by replay along the full "
+        "model's greedy text (the statistics of a real speculative run, without its verify passes). "
+        "The expected speedup S = tokens per full pass / (drafts per cycle x c_draft + c_verify), "
+        "from pass costs timed on these graphs, chooses: it leaves out the prompt's prefill and the "
+        "noise of a whole run, which the wall clock includes. "
+        f"Held-out coverage of the pruned vocabularies (share of generated tokens inside): {coverage}.",
         "",
+        *_confirmation(d),
         "| skip set | weights | vocabulary | draft length | acceptance | tokens / full pass | drafts / cycle "
-        "| bytes ratio | c_draft | c_verify | expected speedup | wall-clock speedup |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| bytes ratio | c_draft | c_verify | expected speedup |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(
             f"| {','.join(map(str, x.skip)) or '-'} | {x.weight_precision} | {x.vocab_size or 'full'} | "
             f"{x.max_draft_tokens} / {x.confidence_threshold} | {x.acceptance_rate:.3f} | "
             f"{x.mean_tokens_per_cycle:.2f} | {x.draft_passes_per_cycle:.2f} | {x.bytes_ratio:.3f} | "
-            f"{x.c_draft:.3f} | {x.c_verify:.3f} | {x.expected_speedup:.3f}"
-            f"{' **(chosen)**' if x is c else ''} | {x.measured_speedup:.3f} |"
+            f"{x.c_draft:.3f}{' (flagged)' if x.timing_flag else ''} | {x.c_verify:.3f} | "
+            f"{x.expected_speedup:.3f}{' **(chosen)**' if x is c else ''} |"
             for x in d.candidates
         ),
+        "",
+        *(
+            [
+                f"Flagged timings (c_draft more than {TIMING_MARGIN}x away from the bytes ratio, twice):",
+                "",
+                *(f"- {x.label}: {x.timing_flag}" for x in flagged),
+                "",
+            ]
+            if flagged
+            else []
+        ),
+    ]
+
+
+def _confirmation(d: DraftSearchResult) -> list[str]:
+    k = d.confirmation
+    if k is None:
+        return []
+    same = (
+        "the same acceptance and tokens per pass as its replay"
+        if k.matches_replay
+        else f"acceptance {k.acceptance_rate:.3f} and {k.mean_tokens_per_cycle:.2f} tokens per pass, "
+        "which differ from its replay (kernels that compute a row differently in passes of different "
+        "lengths: a near-tie flipped)"
+    )
+    return [
+        f"Confirmed by a real speculative run of the evaluation prompts: {k.wall_clock_speedup:.2f}x plain "
+        f"decoding on the wall clock (each prompt timed plain, then speculative), with {same}.",
         "",
     ]
 
@@ -155,30 +228,60 @@ def _plot(path: Path, results: list[TaskResult]) -> None:
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.2 * len(results)), squeeze=False)
     for (left, right), r in zip(axes, results, strict=True):
-        layers = list(range(1, len(r.profile.get("scores", [])) + 1))
-        if layers:
-            left.plot(layers, r.profile["scores"], "o-", label="confidence score (z-normalised)")
-            left.plot(layers, r.profile["thresholds"], "--", label="adaptive threshold (first iteration)")
-            chosen = [i for i in r.chosen.skip if i in layers]
-            left.scatter(
-                chosen,
-                [r.profile["scores"][i - 1] for i in chosen],
-                s=120,
-                facecolors="none",
-                edgecolors="red",
-                label="chosen skip set",
-            )
-        left.set(title=f"{r.task}: per-layer confidence", xlabel="decoder layer", ylabel="score")
-        left.legend(fontsize=8)
+        _plot_profile(left, r)
         its = [it["iteration"] for it in r.iterations]
         right.plot(its, [it["acceptance_rate"] for it in r.iterations], "o-", label="acceptance rate")
         right.plot(its, [it["expected_speedup"] for it in r.iterations], "s-", label="expected speedup")
-        right.axhline(1.0, color="grey", lw=0.8)
-        right.set(title=f"{r.task}: search iterations", xlabel="iteration")
+        right.axhline(1.0, color="grey", lw=0.8, label="break-even (speedup 1.0)")
+        right.set(
+            title=f"{r.task}: search iterations",
+            xlabel="iteration",
+            ylabel="acceptance rate / expected speedup",
+        )
+        right.xaxis.set_major_locator(MaxNLocator(integer=True))
         right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def _plot_profile(ax: Axes, r: TaskResult) -> None:
+    """Per-layer confidence, the layer search's set (rings) and, where it differs, the layers the
+    shipped draft skips (filled); the shipped draft is named in the title."""
+    from matplotlib.ticker import MaxNLocator
+
+    layers = list(range(1, len(r.profile.get("scores", [])) + 1))
+    if layers:
+        scores = r.profile["scores"]
+        ax.plot(layers, scores, "o-", label="confidence score (z-normalised)")
+        ax.plot(layers, r.profile["thresholds"], "--", label="adaptive threshold (first iteration)")
+        ours = [i for i in r.chosen.skip if i in layers]
+        ships = _ships_layer_search_set(r)
+        ax.scatter(
+            ours,
+            [scores[i - 1] for i in ours],
+            s=120,
+            facecolors="none",
+            edgecolors="red",
+            label="layer search's set" + (" (ships)" if ships else ""),
+        )
+        if r.drafts is not None and not ships and r.drafts.chosen.skip:
+            shipped = [i for i in r.drafts.chosen.skip if i in layers]
+            ax.scatter(
+                shipped,
+                [scores[i - 1] for i in shipped],
+                s=50,
+                color="black",
+                zorder=3,
+                label="skipped by the shipped draft",
+            )
+    title = f"{r.task}: per-layer confidence"
+    if r.drafts is not None:
+        title += f"\nships: {_draft_words(r.drafts.chosen)}"
+    ax.set(title=title, xlabel="decoder layer", ylabel="score")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)

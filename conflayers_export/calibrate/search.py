@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from conflayers_runtime import DraftConfig, GenerationStats
-from conflayers_runtime.speculative import stream
+from conflayers_runtime.speculative import expected_speedup, stream
 
 from ..models import LoadedModel
+from ..progress import Progress
 from ..reference import TorchBackend
 from .confidence import adapt_lambda, profile_layers, select_at_least
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 COST_MODELS = ("bytes", "measured")
 SEARCHES = ("cost-aware", "published", "both")
+# Scores (origin, skip set) pairs on the common evaluation slice (scoring.score_layer_sets)
+SetScorer = Callable[[list[tuple[str, list[int]]]], list["Candidate"]]
 
 
 @dataclass(frozen=True)
@@ -132,11 +135,9 @@ class TaskResult:
         return {**asdict(self), "choices": {k: asdict(c) for k, c in self.choices().items()}}
 
 
-def expected_speedup(stats: GenerationStats, c_draft: float, c_verify: float = 1.0) -> float:
-    """S = E[tokens per full pass] / (draft passes per cycle * c_draft + c_verify)."""
-    if not stats.verify_passes:
-        return 0.0
-    return stats.mean_tokens_per_cycle / (stats.draft_passes_per_cycle * c_draft + c_verify)
+def stats_speedup(stats: GenerationStats, c_draft: float, c_verify: float = 1.0) -> float:
+    """The expected speedup of a generation's statistics at these pass costs."""
+    return expected_speedup(stats.mean_tokens_per_cycle, stats.draft_passes_per_cycle, c_draft, c_verify)
 
 
 class Calibrator:
@@ -144,11 +145,11 @@ class Calibrator:
         self,
         loaded: LoadedModel,
         settings: CalibrationSettings,
-        progress: Callable[[str], None] = lambda line: None,
+        progress: Progress | None = None,
     ):
         self.loaded = loaded
         self.settings = settings
-        self.progress = progress
+        self.progress = progress or Progress()
         self.num_layers = loaded.identity.num_layers
         self.eligible = list(range(1, self.num_layers - 1))
         self.draft_config = DraftConfig(settings.max_draft_tokens, settings.confidence_threshold)
@@ -213,45 +214,33 @@ class Calibrator:
                 break
         return total, texts, False
 
-    def score(self, skip: Sequence[int], origin: str, prompts: Sequence[list[int]]) -> Candidate:
-        stats, _, _ = self.evaluate(skip, prompts)
-        c_draft, c_verify = self.cost(skip)
-        return Candidate(
-            skip=sorted(int(i) for i in skip),
-            origin=origin,
-            acceptance_rate=stats.acceptance_rate,
-            mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
-            draft_passes_per_cycle=stats.draft_passes_per_cycle,
-            c_draft=c_draft,
-            c_verify=c_verify,
-            expected_speedup=expected_speedup(stats, c_draft, c_verify),
-            cycles=stats.verify_passes,
-        )
-
     # -- the search ----------------------------------------------------------------------------
-    def run(self, task: str, prompts: Sequence[list[int]]) -> TaskResult:
+    def run(self, task: str, prompts: Sequence[list[int]], scorer: SetScorer) -> TaskResult:
+        """The search(es) on ``prompts``; ``scorer`` scores their sets and the baselines on the
+        common evaluation slice (on built graphs: scoring.score_layer_sets)."""
         started = time.perf_counter()
         s = self.settings
-        evaluation = list(prompts[: s.eval_prompts])
         result = TaskResult(task, Candidate([], ""), False, finalists=[], baselines=[], search=s.search)
+        sets: list[tuple[str, list[int]]] = []
         if s.search != "published":
             result.iterations, all_scores, result.profile, _ = self._search(task, prompts, SearchPolicy())
             mean_scores = np.mean(all_scores, axis=0) if all_scores else np.zeros(len(self.eligible))
-            result.finalists = self._finalists(result.iterations, evaluation, mean_scores)
-            result.chosen = max(result.finalists, key=lambda c: c.expected_speedup)
+            sets = self._finalist_sets(result.iterations, mean_scores)
         if s.search != "cost-aware":
             policy = SearchPolicy.published(len(self.eligible), s.skip_ratio)
             iterations, _, profile, stopped = self._search(task, prompts, policy)
-            best = stopped if stopped is not None else best_set(iterations)
-            result.published = self.score(best, "conflayers (published loop)", evaluation)
             result.published_iterations = iterations
-            speedup = result.published.expected_speedup
-            self.progress(f"  published loop {best}: expected speedup {speedup:.3f}")
+            best = stopped if stopped is not None else best_set(iterations)
+            sets.append(("conflayers (published loop)", best))
             if s.search == "published":
-                result.chosen, result.finalists = result.published, [result.published]
                 result.iterations, result.profile = iterations, profile
+        scored = scorer(sets)
+        if s.search != "cost-aware":
+            result.published = scored.pop()
+        result.finalists = scored or [result.published]  # type: ignore[list-item]
+        result.chosen = max(result.finalists, key=lambda c: c.expected_speedup)
         result.recommended = result.chosen.expected_speedup > 1.0
-        result.baselines = self._baselines(result.chosen, evaluation)
+        result.baselines = scorer(self._baseline_sets(result.chosen))
         best_baseline = max(b.expected_speedup for b in result.baselines)
         result.conflayers_beats_baselines = result.chosen.expected_speedup >= best_baseline
         result.seconds = time.perf_counter() - started
@@ -270,58 +259,60 @@ class Calibrator:
         all_scores: list[np.ndarray] = []
         note: dict[str, object] = {}
         label = task if policy.name == "cost-aware" else f"{task}, {policy.name}"
-        for it in range(s.max_iter):
-            rotated = [*prompts[it % len(prompts) :], *prompts[: it % len(prompts)]]
-            stats, texts, abandoned = self.evaluate(
-                current, rotated, max_cycles=s.search_interval, abandon_below=policy.abandon_below
-            )
-            c_draft, c_verify = self.cost(current)
-            accepted_per_cycle = stats.accepted_tokens / max(stats.cycles, 1)
-            record = {
-                "iteration": it,
-                "lambda": round(lam, 4),
-                "skip": [int(i) for i in current],
-                "accepted_per_cycle": accepted_per_cycle,
-                "acceptance_rate": stats.acceptance_rate,
-                "expected_speedup": expected_speedup(stats, c_draft, c_verify),
-                **note,
-                **({"abandoned": True} if abandoned else {}),
-            }
-            iterations.append(record)
-            self.progress(
-                f"[{label}] iteration {it}: {len(current)} layers skipped, lambda {lam:+.2f}, "
-                f"acceptance {stats.acceptance_rate:.2f}, {accepted_per_cycle:.2f} accepted/cycle"
-                + (" (abandoned at half the interval)" if abandoned else "")
-            )
-            if not abandoned and accepted_per_cycle > 4 and stats.acceptance_rate > 0.95:
-                return iterations, all_scores, profile, record["skip"]  # type: ignore[return-value]
-            window = texts[0][-s.context_window :] if len(texts[0]) > s.context_window else texts[0]
-            scores = profile_layers(
-                self.loaded.model, self.loaded.architecture, texts[0], len(window), policy.clamp
-            )
-            chosen, lam, steps = select_at_least(
-                scores, self.num_layers, lam, policy.min_size, self.qwen, max_steps=policy.max_size_steps
-            )
-            note = {"lambda_steps": steps} if steps else {}
-            if len(chosen["skip"]) < policy.min_size:
-                note["below_min_size"] = True
-                self.progress(
-                    f"[{label}] {steps} lambda steps left the set below {policy.min_size} layers: "
-                    "evaluating it anyway"
+        with self.progress.phase(f"[{label}] layer search", s.max_iter) as step:
+            for it in range(s.max_iter):
+                rotated = [*prompts[it % len(prompts) :], *prompts[: it % len(prompts)]]
+                stats, texts, abandoned = self.evaluate(
+                    current, rotated, max_cycles=s.search_interval, abandon_below=policy.abandon_below
                 )
-            all_scores.append(chosen["scores"])
-            if not profile:
-                profile = {k: np.asarray(v, dtype=float).tolist() for k, v in chosen.items()}
-                profile["raw_scores"] = scores.tolist()
-            current = [int(i) for i in chosen["skip"]]
-            lam = adapt_lambda(lam, len(current), len(self.eligible), s.skip_ratio)
+                c_draft, c_verify = self.cost(current)
+                accepted_per_cycle = stats.accepted_tokens / max(stats.cycles, 1)
+                record = {
+                    "iteration": it,
+                    "lambda": round(lam, 4),
+                    "skip": [int(i) for i in current],
+                    "accepted_per_cycle": accepted_per_cycle,
+                    "acceptance_rate": stats.acceptance_rate,
+                    "expected_speedup": stats_speedup(stats, c_draft, c_verify),
+                    **note,
+                    **({"abandoned": True} if abandoned else {}),
+                }
+                iterations.append(record)
+                self.progress.log(
+                    f"[{label}] iteration {it}: {len(current)} layers skipped, lambda {lam:+.2f}, "
+                    f"acceptance {stats.acceptance_rate:.2f}, {accepted_per_cycle:.2f} accepted/cycle"
+                    + (" (abandoned at half the interval)" if abandoned else "")
+                )
+                if not abandoned and accepted_per_cycle > 4 and stats.acceptance_rate > 0.95:
+                    return iterations, all_scores, profile, record["skip"]  # type: ignore[return-value]
+                window = texts[0][-s.context_window :] if len(texts[0]) > s.context_window else texts[0]
+                scores = profile_layers(
+                    self.loaded.model, self.loaded.architecture, texts[0], len(window), policy.clamp
+                )
+                chosen, lam, steps = select_at_least(
+                    scores, self.num_layers, lam, policy.min_size, self.qwen, max_steps=policy.max_size_steps
+                )
+                note = {"lambda_steps": steps} if steps else {}
+                if len(chosen["skip"]) < policy.min_size:
+                    note["below_min_size"] = True
+                    self.progress.log(
+                        f"[{label}] {steps} lambda steps left the set below {policy.min_size} layers: "
+                        "evaluating it anyway"
+                    )
+                all_scores.append(chosen["scores"])
+                if not profile:
+                    profile = {k: np.asarray(v, dtype=float).tolist() for k, v in chosen.items()}
+                    profile["raw_scores"] = scores.tolist()
+                current = [int(i) for i in chosen["skip"]]
+                lam = adapt_lambda(lam, len(current), len(self.eligible), s.skip_ratio)
+                step()
         return iterations, all_scores, profile, None
 
-    def _finalists(
-        self, iterations: list[dict[str, object]], evaluation: list[list[int]], mean_scores: np.ndarray
-    ) -> list[Candidate]:
-        """Re-score the search's distinct sets with the best expected speedup during the search on
-        the common evaluation slice (the search intervals are short and differ in text).
+    def _finalist_sets(
+        self, iterations: list[dict[str, object]], mean_scores: np.ndarray
+    ) -> list[tuple[str, list[int]]]:
+        """The search's distinct sets with the best expected speedup during the search, to re-score
+        on the common evaluation slice (the search intervals are short and differ in text).
 
         Our extension: the paper's threshold only explores sets near the target ratio (~40% of the
         layers), which small models cannot afford. We also score the k least confident layers
@@ -340,13 +331,10 @@ class Calibrator:
         for k in self.settings.ranked_sizes:
             if k < len(self.eligible):
                 sets.append((f"confidence-ranked (k={k})", sorted(self.eligible[i] for i in order[:k])))
-        finalists = []
-        for origin, skip in sets:
-            finalists.append(self.score(skip, origin, evaluation))
-            self.progress(f"  {origin} {skip}: expected speedup {finalists[-1].expected_speedup:.3f}")
-        return finalists
+        return sets
 
-    def _baselines(self, chosen: Candidate, evaluation: list[list[int]]) -> list[Candidate]:
+    def _baseline_sets(self, chosen: Candidate) -> list[tuple[str, list[int]]]:
+        """The ConfLayers start set, LayerSkip-style early exits and random sets of the chosen size."""
         size = max(len(chosen.skip), 1)
         last = self.num_layers - 2  # the final layer (L-1) is never skipped
         sets: list[tuple[str, list[int]]] = [("start set", self.eligible[::2])]
@@ -357,10 +345,4 @@ class Calibrator:
             sets.append(
                 (f"random #{k + 1}", sorted(int(i) for i in rng.choice(self.eligible, size, replace=False)))
             )
-        baselines = []
-        for origin, skip in sets:
-            baselines.append(self.score(skip, origin, evaluation))
-            self.progress(
-                f"  baseline {origin} {skip}: expected speedup {baselines[-1].expected_speedup:.3f}"
-            )
-        return baselines
+        return sets

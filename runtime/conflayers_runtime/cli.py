@@ -15,11 +15,36 @@ from .errors import ConflayersError
 from .manifest import read_manifest
 from .model import DEFAULT_DRAFT, MODES, default_draft, load
 from .sampling import SamplingConfig
+from .speculative import GenerationStats
 
 
 def acceptance_text(rate: float, speculative: bool) -> str:
     """The rate to two decimals, or "n/a" for plain decoding (nothing is drafted, so no rate)."""
     return f"{rate:.2f}" if speculative else "n/a"
+
+
+def token_sources(stats: GenerationStats) -> tuple[int, int]:
+    """(speculative, plain): how many of the emitted tokens came from cycles that drafted and how
+    many from plain full-model steps (the prefill's token included). They add up to ``new_tokens``.
+
+    A cycle that drafted emits its accepted drafts plus the full model's own token; every other
+    token came from a plain step (in mode "auto" the speed guard decodes some stretches plainly,
+    and the last token of a run may have no room left to draft).
+    """
+    after_prefill = stats.new_tokens - stats.prefill_passes  # each prefill emits one token
+    # min(): a stop token may cut the last cycle short of accepted + 1 tokens
+    speculative = max(0, min(stats.accepted_tokens + stats.cycles, after_prefill))
+    return speculative, stats.new_tokens - speculative
+
+
+def _label(used: str, requested: str, draft: str | None, speculative: int, plain: int) -> str:
+    """The summary line's label: which tokens came from the draft's cycles and which from plain steps."""
+    if used != "speculative":
+        return "[plain]"
+    return (
+        f"[{requested}: {speculative} tokens from speculative cycles with draft {draft}, "
+        f"{plain} from plain steps]"
+    )
 
 
 def generate_and_report(
@@ -55,6 +80,7 @@ def generate_and_report(
             out.flush()
     seconds = time.perf_counter() - start
     stats = model.last_stats
+    speculative_tokens, plain_tokens = token_sources(stats)
     result = {
         "text": "".join(pieces),
         "mode": used,
@@ -62,6 +88,8 @@ def generate_and_report(
         "device": device,
         "seconds": seconds,
         "tokens_per_second": stats.new_tokens / seconds,
+        "speculative_tokens": speculative_tokens,
+        "plain_tokens": plain_tokens,
         **stats.as_dict(),
     }
     if as_json:
@@ -69,7 +97,7 @@ def generate_and_report(
     else:
         out.write("\n")
         err.write(
-            f"[{used}{', draft ' + str(model.draft) if used == 'speculative' else ''}] "
+            f"{_label(used, mode, model.draft, speculative_tokens, plain_tokens)} "
             f"{stats.new_tokens} tokens in {seconds:.2f} s ({result['tokens_per_second']:.1f} tok/s); "
             f"acceptance {acceptance_text(stats.acceptance_rate, used == 'speculative')}, "
             f"{stats.mean_tokens_per_cycle:.2f} tokens per full-model pass\n"

@@ -312,21 +312,33 @@ def generate(
 def measure_pass_costs(
     backend: Backend, repeats: int = 15, context: int = 64, verify_tokens: int = 4
 ) -> tuple[float, float]:
-    """(c_draft, c_verify): the median time of one draft pass and of one ``verify_tokens``-token
-    verify pass (pass the typical drafts per cycle + 1), relative to one full-model decoding step,
-    after a ``context``-token prefill."""
+    """(c_draft, c_verify): the time of one draft pass and of one ``verify_tokens``-token verify
+    pass (pass the typical drafts per cycle + 1), relative to one full-model decoding step, after a
+    ``context``-token prefill.
+
+    Robust to a busy machine: each repeat times a step, a draft pass and a verify pass back to back
+    (so load that comes and goes hits all three alike), and each cost is the ratio of the fastest
+    repeats (other work only ever adds time)."""
     prompt = list(range(100, 100 + context))
     backend.forward(prompt, 0, draft=False)
-
-    def median_seconds(tokens: list[int], draft: bool) -> float:
-        backend.forward(tokens, context, draft)  # warm-up: first calls allocate
-        samples = []
-        for _ in range(repeats):
+    verify = list(range(101, 101 + verify_tokens))
+    passes = {"step": ([101], False), "draft": ([101], True), "verify": (verify, False)}
+    for tokens, draft in passes.values():  # warm-up: first calls allocate
+        backend.forward(tokens, context, draft)
+    fastest = dict.fromkeys(passes, float("inf"))
+    for _ in range(repeats):
+        for name, (tokens, draft) in passes.items():
             start = time.perf_counter()
             backend.forward(tokens, context, draft)
-            samples.append(time.perf_counter() - start)
-        return float(np.median(samples))
+            fastest[name] = min(fastest[name], time.perf_counter() - start)
+    return fastest["draft"] / fastest["step"], fastest["verify"] / fastest["step"]
 
-    step = median_seconds([101], draft=False)
-    verify = list(range(101, 101 + verify_tokens))
-    return median_seconds([101], draft=True) / step, median_seconds(verify, draft=False) / step
+
+def expected_speedup(
+    tokens_per_full_pass: float, draft_passes_per_full_pass: float, c_draft: float, c_verify: float = 1.0
+) -> float:
+    """Decoding speed relative to plain decoding, S = tokens per full pass / (draft passes per full
+    pass * c_draft + c_verify), with the pass costs relative to one plain step (0.0 without passes)."""
+    if not tokens_per_full_pass:
+        return 0.0
+    return tokens_per_full_pass / (draft_passes_per_full_pass * c_draft + c_verify)

@@ -1,0 +1,88 @@
+"""Greedy speculative decoding replayed along the full model's known greedy text.
+
+Greedy speculation emits the full model's greedy text whatever the draft (it is lossless), so
+once that text is known, scoring a draft needs no verify pass. A verify pass has two effects:
+the full model's next tokens (known: the text) and its keys and values at the verified
+positions (known: one pass of the full graph over the whole text). :class:`ReplayBackend` wraps
+an :class:`~conflayers_runtime.onnx_backend.OnnxBackend`: its prefill runs the full graph over
+prompt + text once and keeps a copy of the caches; each verify pass puts back the positions the
+draft overwrote and returns one-hot rows of the text's tokens. The decoding loop
+(``speculative.stream``) runs unchanged, so a replay drafts exactly what a real run drafts and
+counts the same statistics, as long as a long pass computes every row as the short passes of a
+real run do: bitwise on the CPU (row invariance, DESIGN.md), up to the last bits on CUDA.
+
+The text must be generated without stop tokens for ``max_new_tokens`` tokens: a verify pass may
+look past a stop token (its accepted count does), and the loop never asks beyond that length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from conflayers_runtime import DraftConfig, GenerationStats
+from conflayers_runtime.onnx_backend import OnnxBackend
+from conflayers_runtime.speculative import GREEDY, generate
+
+
+class ReplayBackend:
+    """A Backend whose full-model passes are read from ``text`` (the greedy continuation of one
+    prompt); draft passes run on ``backend``."""
+
+    def __init__(self, backend: OnnxBackend, prompt: Sequence[int], text: Sequence[int]):
+        self.backend = backend
+        self.draft_token_ids = backend.draft_token_ids
+        self.prompt = list(prompt)
+        self.sequence = [*prompt, *text]  # position i holds token i; the model's output at i is i + 1
+        self.saved: dict[tuple[int, str], np.ndarray] = {}
+
+    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray:
+        if draft:
+            return self.backend.forward(token_ids, start, draft=True)
+        if start == 0:
+            return self._prefill(token_ids)
+        return self._verify(token_ids, start)
+
+    def _prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+        if list(token_ids) != self.prompt:
+            raise ValueError("a replay starts with the prompt its text was generated from")
+        logits = self.backend.forward(self.sequence[:-1], 0, draft=False)
+        if int(logits[len(self.prompt) - 1].argmax()) != self.sequence[len(self.prompt)]:
+            raise ValueError("the replayed text is not the full model's greedy continuation of its prompt")
+        self.saved = {key: cache.numpy().copy() for key, cache in self.backend.caches.items()}
+        return logits[: len(self.prompt)]
+
+    def _verify(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+        end = start + len(token_ids)
+        if end >= len(self.sequence) or list(token_ids[:1]) != self.sequence[start : start + 1]:
+            raise ValueError(f"verify pass at {start} leaves the replayed text (length {len(self.sequence)})")
+        self._restore(start, end + self.backend.kv.min_rows)
+        rows = np.zeros((len(token_ids), self.backend.widths[False]), np.float32)
+        rows[np.arange(len(token_ids)), self.sequence[start + 1 : end + 1]] = 1.0
+        return rows
+
+    def _restore(self, start: int, stop: int) -> None:
+        """Put back the full model's keys and values at [start, stop), where drafts wrote theirs."""
+        for key, saved in self.saved.items():
+            cache = self.backend.caches[key]
+            if self.backend.device == "cpu":  # the OrtValue wraps a host array: a view, written in place
+                cache.numpy()[:, :, start:stop] = saved[:, :, start:stop]
+            else:
+                cache.update_inplace(saved)
+
+
+def replay_generation(
+    backend: OnnxBackend,
+    prompts: Sequence[Sequence[int]],
+    texts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    draft: DraftConfig,
+    stop_token_ids: Sequence[int],
+) -> GenerationStats:
+    """Greedy speculative decoding statistics of every prompt, replayed along its text."""
+    total = GenerationStats()
+    for prompt, text in zip(prompts, texts, strict=True):
+        replay = ReplayBackend(backend, prompt, text[:max_new_tokens])
+        _, stats = generate(replay, prompt, max_new_tokens, GREEDY, draft, stop_token_ids)
+        total.merge(stats)
+    return total

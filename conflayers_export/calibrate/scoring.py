@@ -1,0 +1,229 @@
+"""Scoring drafts on built graphs: what both selection steps of ``calibrate`` stand on.
+
+Candidates are built as drafts of one temporary artifact of the target dtype and run through ONNX
+Runtime on the target device. They are scored by replay (replay.py): the full model's greedy
+text of each evaluation prompt is generated once per calibration (every candidate artifact holds
+the same full graph), and each candidate drafts along it without verify passes. Costs are
+timed on the same graphs, robustly (:func:`timed_costs`), or taken from the weight bytes each
+graph reads per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from conflayers_runtime import DraftConfig, GenerationStats
+from conflayers_runtime.artifact import artifact_section, open_backend
+from conflayers_runtime.manifest import Draft, Manifest, VocabularyRanking, read_manifest
+from conflayers_runtime.onnx_backend import OnnxBackend
+from conflayers_runtime.speculative import GREEDY, generate, measure_pass_costs
+
+from ..export.build import build_artifact
+from ..models import LoadedModel
+from ..progress import Progress
+from .replay import replay_generation
+from .search import CalibrationSettings, Candidate, stats_speedup
+
+# A timed c_draft further than this factor from the draft's bytes ratio is re-timed, and flagged in
+# the report if the re-timing agrees with the first: weight bytes bound a decoding step on most
+# devices, so a large disagreement means either kernels whose compute sets the cost (int4
+# unpacking on a CPU, launches on a GPU) or a machine busy with other work.
+TIMING_MARGIN = 1.5
+
+
+@dataclass
+class EvaluationTexts:
+    """The prompts every candidate is scored on, and the full model's greedy continuation of each
+    (``max_new_tokens`` tokens, stop tokens ignored: replay.py says why), generated once."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int
+    texts: list[list[int]] | None = None
+    plain_seconds: float = 0.0  # plain decoding time of the texts (one pass per token)
+
+    def fill(self, backend: OnnxBackend) -> None:
+        if self.texts is not None:
+            return
+        started = time.perf_counter()
+        self.texts = [generate(backend, p, self.max_new_tokens, GREEDY, None)[0] for p in self.prompts]
+        self.plain_seconds = time.perf_counter() - started
+
+    @property
+    def plain_tokens_per_second(self) -> float:
+        return len(self.prompts) * self.max_new_tokens / self.plain_seconds if self.plain_seconds else 0.0
+
+
+class CandidateGraphs:
+    """A built artifact of candidate drafts (see :func:`candidate_graphs`)."""
+
+    def __init__(self, folder: Path, settings: CalibrationSettings, stop_token_ids: Sequence[int]):
+        self.folder = folder
+        self.manifest = read_manifest(folder)
+        self.section = artifact_section(self.manifest)
+        self.settings = settings
+        self.stop_token_ids = list(stop_token_ids)
+        self._full_bytes = graph_bytes(folder / self.section.full)
+
+    def open(self, draft: str | None) -> OnnxBackend:
+        return open_backend(self.folder, self.manifest, draft, self.settings.device, self.settings.threads)
+
+    def bytes_ratio(self, draft: str) -> float:
+        """Weight bytes the draft reads per token / the full graph's."""
+        return graph_bytes(self.folder / self.section.drafts[draft]) / self._full_bytes
+
+    def texts(self, evaluation: EvaluationTexts) -> list[list[int]]:
+        if evaluation.texts is None:
+            evaluation.fill(self.open(None))
+        assert evaluation.texts is not None
+        return evaluation.texts
+
+    def replay(
+        self, backend: OnnxBackend, evaluation: EvaluationTexts, config: DraftConfig
+    ) -> GenerationStats:
+        texts = self.texts(evaluation)
+        return replay_generation(
+            backend, evaluation.prompts, texts, evaluation.max_new_tokens, config, self.stop_token_ids
+        )
+
+    def confirm(
+        self, backend: OnnxBackend, evaluation: EvaluationTexts, config: DraftConfig
+    ) -> tuple[GenerationStats, float]:
+        """A real speculative run of every prompt (with stop tokens), timed against plain decoding of
+        the same prompt right before it. Returns (its stats, wall-clock speedup over plain)."""
+        total = GenerationStats()
+        seconds = {"plain": 0.0, "speculative": 0.0}
+        tokens = {"plain": 0, "speculative": 0}
+        for prompt in evaluation.prompts:
+            for mode, draft in (("plain", None), ("speculative", config)):
+                started = time.perf_counter()
+                _, stats = generate(
+                    backend, prompt, evaluation.max_new_tokens, GREEDY, draft, self.stop_token_ids
+                )
+                seconds[mode] += time.perf_counter() - started
+                tokens[mode] += stats.new_tokens
+                if draft is not None:
+                    total.merge(stats)
+        speedup = (tokens["speculative"] / seconds["speculative"]) / (tokens["plain"] / seconds["plain"])
+        return total, speedup
+
+
+@contextlib.contextmanager
+def candidate_graphs(
+    loaded: LoadedModel,
+    settings: CalibrationSettings,
+    drafts: Sequence[Draft],
+    evaluations: Sequence[EvaluationTexts],
+    ranked: Sequence[int] = (),
+) -> Iterator[CandidateGraphs]:
+    """Build ``drafts`` (pruned ones cut from the vocabulary ranking ``ranked``) into a temporary
+    artifact of ``settings.dtype``, long enough for the evaluation prompts and the cost timing."""
+    longest = max([len(p) + e.max_new_tokens + 16 for e in evaluations for p in e.prompts] + [96])
+    with tempfile.TemporaryDirectory(prefix="conflayers-drafts-") as tmp:
+        folder = Path(tmp) / "artifact"
+        manifest = Manifest(
+            model=loaded.identity, drafts=list(drafts), vocabulary=VocabularyRanking(list(ranked))
+        )
+        build_artifact(folder, loaded, manifest, settings.dtype, max_seq_len=longest)
+        yield CandidateGraphs(folder, settings, loaded.stop_token_ids)
+
+
+def generate_texts(
+    loaded: LoadedModel,
+    settings: CalibrationSettings,
+    evaluations: Sequence[EvaluationTexts],
+    progress: Progress,
+) -> None:
+    """The full model's greedy texts of every prompt set, on the target graphs (a full graph alone)."""
+    total = sum(len(e.prompts) for e in evaluations)
+    with progress.phase(
+        f"generating the full model's greedy text of {total} prompts", len(evaluations) + 1
+    ) as step:
+        with candidate_graphs(loaded, settings, [], evaluations) as graphs:
+            step()
+            for evaluation in evaluations:
+                graphs.texts(evaluation)
+                step()
+
+
+def score_layer_sets(
+    loaded: LoadedModel,
+    settings: CalibrationSettings,
+    sets: Sequence[tuple[str, Sequence[int]]],
+    evaluation: EvaluationTexts,
+    cost: Callable[[Sequence[int]], tuple[float, float]],
+    progress: Progress,
+) -> list[Candidate]:
+    """Score (origin, skip set) pairs of the layer search as drafts of the artifact's own precision,
+    at the search's draft length, with the search's ``cost`` model (the bytes each set reads)."""
+    config = DraftConfig(settings.max_draft_tokens, settings.confidence_threshold)
+    drafts = [Draft(f"s{i}", sorted(int(x) for x in skip)) for i, (_, skip) in enumerate(sets)]
+    scored = []
+    with progress.phase(f"scoring {len(sets)} skip sets", len(sets) + 1) as step:
+        with candidate_graphs(loaded, settings, drafts, [evaluation]) as graphs:
+            step()
+            for draft, (origin, _) in zip(drafts, sets, strict=True):
+                stats = graphs.replay(graphs.open(draft.name), evaluation, config)
+                c_draft, c_verify = cost(draft.skip_layers)
+                scored.append(
+                    Candidate(
+                        skip=list(draft.skip_layers),
+                        origin=origin,
+                        acceptance_rate=stats.acceptance_rate,
+                        mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
+                        draft_passes_per_cycle=stats.draft_passes_per_cycle,
+                        c_draft=c_draft,
+                        c_verify=c_verify,
+                        expected_speedup=stats_speedup(stats, c_draft, c_verify),
+                        cycles=stats.verify_passes,
+                    )
+                )
+                progress.log(
+                    f"  {origin} {draft.skip_layers}: expected speedup {scored[-1].expected_speedup:.3f}"
+                )
+                step()
+    return scored
+
+
+def timed_costs(backend: OnnxBackend, bytes_ratio: float, verify_tokens: int) -> tuple[float, float, str]:
+    """(c_draft, c_verify, flag): pass costs timed on the graphs (interleaved, fastest repeats: see
+    measure_pass_costs), re-timed with twice the repeats when c_draft is more than TIMING_MARGIN
+    away from the bytes ratio; the flag says so when the re-timing confirms the disagreement."""
+    c_draft, c_verify = measure_pass_costs(backend, repeats=9, verify_tokens=verify_tokens)
+    if _agrees(c_draft, bytes_ratio):
+        return c_draft, c_verify, ""
+    first = c_draft
+    c_draft, c_verify = measure_pass_costs(backend, repeats=18, verify_tokens=verify_tokens)
+    if _agrees(c_draft, bytes_ratio):
+        return c_draft, c_verify, ""
+    return (
+        c_draft,
+        c_verify,
+        f"timed c_draft {first:.2f}, re-timed {c_draft:.2f}: {c_draft / bytes_ratio:.2f}x its bytes ratio "
+        f"{bytes_ratio:.2f} (compute-bound kernels, or a busy machine)",
+    )
+
+
+def _agrees(c_draft: float, bytes_ratio: float) -> bool:
+    return bytes_ratio / TIMING_MARGIN <= c_draft <= bytes_ratio * TIMING_MARGIN
+
+
+def graph_bytes(path: Path) -> int:
+    """Weight bytes one decoding step of the graph reads: every external initializer, except
+    those only gathered from (an embedding table: one row per token)."""
+    model = onnx.load(str(path), load_external_data=False)
+    gathered_only = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        for position, name in enumerate(node.input):
+            if not (node.op_type == "Gather" and position == 0):
+                gathered_only.discard(name)
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.name not in gathered_only:
+            total += next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
+    return total
