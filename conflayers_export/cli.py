@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from conflayers_runtime.errors import ConflayersError, SkipSetError
@@ -24,6 +24,7 @@ from .progress import ConsoleProgress
 if TYPE_CHECKING:
     from conflayers_runtime import SamplingConfig
 
+    from .calibrate import TaskResult
     from .export.validate import StepResult
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -110,7 +111,7 @@ def reference(
     from conflayers_runtime.cli import acceptance_text
 
     from .models import load_model
-    from .reference import speculative_generate
+    from .models.reference import speculative_generate
 
     skip_layers = _parse_layers(skip)
     loaded = load_model(model)
@@ -208,6 +209,14 @@ def reference(
     help="Layer search: ours, the reference's outer loop, or both side by side (ours ships).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random baselines.")
+@click.option(
+    "--stage",
+    default="all",
+    show_default=True,
+    type=click.Choice(["all", "search", "select"]),
+    help="search: the layer search alone (writes calibration/search.json); select: the draft that "
+    "ships, from that search (e.g. again for another --dtype or --device).",
+)
 @click.option("--force", is_flag=True, help="Replace a folder that holds another model's manifest.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines (errors still print).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -229,13 +238,14 @@ def calibrate(
     eval_prompts: int,
     seed: int,
     search: str,
+    stage: str,
     force: bool,
     quiet: bool,
     as_json: bool,
 ) -> None:
     """Search the layers to skip (ConfLayers), then the cheapest draft (skip set x weight precision
     x vocabulary x draft length) on the target graphs; write the manifest and a report into --out."""
-    from .calibrate import CalibrationSettings, check_settings
+    from .calibrate import CalibrationSettings, check_settings, search_layers, select_drafts
     from .calibrate import calibrate as run_calibration
     from .calibrate.data import default_prompts, load_prompts
     from .errors import CalibrationError
@@ -266,60 +276,82 @@ def calibrate(
     if not tasks:
         tasks["default"] = load_prompts(data) if data else default_prompts()
     loaded = load_model(model)
-    _, results = run_calibration(out_dir, loaded, tasks, settings, force, ConsoleProgress(quiet))
-    summary = []
-    for r in results:
-        assert r.drafts is not None
-        c = r.drafts.chosen
-        summary.append(
-            {
-                "task": r.task,
-                "skip_layers": c.skip,
-                "weight_precision": c.weight_precision,
-                "vocab_size": c.vocab_size,
-                "max_draft_tokens": c.max_draft_tokens,
-                "confidence_threshold": c.confidence_threshold,
-                "recommended": r.drafts.recommended,
-                "acceptance_rate": c.acceptance_rate,
-                "mean_tokens_per_cycle": c.mean_tokens_per_cycle,
-                "c_draft": c.c_draft,
-                "expected_speedup": c.expected_speedup,
-                "wall_clock_speedup": r.drafts.confirmation.wall_clock_speedup
-                if r.drafts.confirmation
-                else None,
-                "layer_search": {
-                    "skip_layers": r.chosen.skip,
-                    "expected_speedup": r.chosen.expected_speedup,
-                    "best_baseline": dataclasses.asdict(max(r.baselines, key=lambda b: b.expected_speedup)),
-                    "conflayers_beats_baselines": r.conflayers_beats_baselines,
-                    "choices": {k: dataclasses.asdict(c) for k, c in r.choices().items()},
-                },
-                "seconds": r.seconds + r.drafts.seconds,
-            }
-        )
+    progress = ConsoleProgress(quiet)
+    if stage == "search":
+        results = search_layers(out_dir, loaded, tasks, settings, force, progress)
+        found = [
+            {"task": r.task, "skip_layers": r.chosen.skip, "expected_speedup": r.chosen.expected_speedup}
+            for r in results
+        ]
+        if as_json:
+            click.echo(json.dumps({"out": out_dir, "tasks": found}, indent=2))
+            return
+        for row in found:
+            click.echo(
+                f"{row['task']}: the layer search chose {row['skip_layers']} (expected speedup "
+                f"{row['expected_speedup']:.2f}x with the bytes model)"
+            )
+        click.echo(f"wrote {out_dir}/calibration/search.json; next: calibrate --stage select --out {out_dir}")
+        return
+    if stage == "select":
+        _, results = select_drafts(out_dir, loaded, settings, progress)
+    else:
+        _, results = run_calibration(out_dir, loaded, tasks, settings, force, progress)
+    summary = [_calibration_summary(r) for r in results]
     if as_json:
         click.echo(json.dumps({"out": out_dir, "tasks": summary}, indent=2))
         return
     for r, row in zip(results, summary, strict=True):
-        assert r.drafts is not None
-        draft = (
-            f"{r.drafts.chosen.label} (acceptance {row['acceptance_rate']:.2f}, "
-            f"{row['mean_tokens_per_cycle']:.2f} tokens per full pass, c_draft {row['c_draft']:.2f})"
-        )
-        if row["recommended"]:
-            click.echo(f"{r.task}: {draft} -> expected speedup {row['expected_speedup']:.2f}x")
-        else:
-            click.echo(
-                f"{r.task}: speculation not recommended for {model}: the best draft, {draft}, is "
-                f"expected to run at {row['expected_speedup']:.2f}x plain decoding."
-            )
-        if r.search == "both" and r.published is not None:
-            click.echo(
-                f"{r.task}: layer search, published loop {r.published.skip} (expected speedup "
-                f"{r.published.expected_speedup:.2f}x) vs cost-aware {r.chosen.skip} "
-                f"({r.chosen.expected_speedup:.2f}x, ships); see the report"
-            )
+        click.echo(_calibration_verdict(r, row, model))
     click.echo(f"wrote {out_dir}/manifest.json and {out_dir}/calibration/report.md")
+
+
+def _calibration_summary(r: TaskResult) -> dict[str, object]:
+    """One task's result as the JSON output reports it."""
+    assert r.drafts is not None
+    c = r.drafts.chosen
+    return {
+        "task": r.task,
+        "skip_layers": c.skip,
+        "weight_precision": c.weight_precision,
+        "vocab_size": c.vocab_size,
+        "max_draft_tokens": c.max_draft_tokens,
+        "confidence_threshold": c.confidence_threshold,
+        "recommended": r.drafts.recommended,
+        **c.metrics(),
+        "wall_clock_speedup": r.drafts.confirmation.wall_clock_speedup if r.drafts.confirmation else None,
+        "layer_search": {
+            "skip_layers": r.chosen.skip,
+            "expected_speedup": r.chosen.expected_speedup,
+            "best_baseline": dataclasses.asdict(max(r.baselines, key=lambda b: b.expected_speedup)),
+            "conflayers_beats_baselines": r.conflayers_beats_baselines,
+            "choices": {k: dataclasses.asdict(c) for k, c in r.choices().items()},
+        },
+        "seconds": r.seconds + r.drafts.seconds,
+    }
+
+
+def _calibration_verdict(r: TaskResult, row: dict[str, Any], model: str) -> str:
+    """One task's result in words: the draft that ships, or why speculation is not recommended."""
+    assert r.drafts is not None
+    draft = (
+        f"{r.drafts.chosen.label} (acceptance {row['acceptance_rate']:.2f}, "
+        f"{row['mean_tokens_per_cycle']:.2f} tokens per full pass, c_draft {row['c_draft']:.2f})"
+    )
+    if row["recommended"]:
+        line = f"{r.task}: {draft} -> expected speedup {row['expected_speedup']:.2f}x"
+    else:
+        line = (
+            f"{r.task}: speculation not recommended for {model}: the best draft, {draft}, is "
+            f"expected to run at {row['expected_speedup']:.2f}x plain decoding."
+        )
+    if r.search == "both" and r.published is not None:
+        line += (
+            f"\n{r.task}: layer search, published loop {r.published.skip} (expected speedup "
+            f"{r.published.expected_speedup:.2f}x) vs cost-aware {r.chosen.skip} "
+            f"({r.chosen.expected_speedup:.2f}x, ships); see the report"
+        )
+    return line
 
 
 @cli.command()

@@ -76,14 +76,14 @@ def main() -> None:
                     str(folder / "full.onnx"), options, providers=["CPUExecutionProvider"]
                 )
                 backend = OnnxBackend(session, None, kv_spec(read_manifest(folder)))
-                backend.forward(list(range(100, 164)), 0, draft=False)
+                backend.forward(list(range(100, 164)), 0, use_draft=False)
                 backends[f"{dtype} {name}"] = backend
         samples: dict[str, list[float]] = {f"{v} {r}": [] for v in backends for r in ROWS}
         for _ in range(args.repeats):  # interleaved: load drift hits every variant alike
             for variant, backend in backends.items():
                 for rows in ROWS:
                     start = time.perf_counter()
-                    backend.forward([101] * rows, 64, draft=False)
+                    backend.forward([101] * rows, 64, use_draft=False)
                     samples[f"{variant} {rows}"].append(time.perf_counter() - start)
     for variant in backends:
         report["ms"][variant] = {rows: 1e3 * statistics.median(samples[f"{variant} {rows}"]) for rows in ROWS}

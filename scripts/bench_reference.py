@@ -17,7 +17,7 @@ import torch
 from conflayers_runtime import DraftConfig
 
 from conflayers_export.models import load_model
-from conflayers_export.reference import speculative_generate
+from conflayers_export.models.reference import speculative_generate
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -51,7 +51,7 @@ def main() -> None:
                     ids,
                     skip,
                     args.max_new_tokens,
-                    draft=None if mode == "plain" else DraftConfig(),
+                    draft_config=None if mode == "plain" else DraftConfig(),
                 )
                 seconds += time.perf_counter() - start
                 tokens += len(out)

@@ -28,12 +28,12 @@ from conflayers_runtime.manifest import Draft, VocabularyRanking
 from conflayers_runtime.row_invariance import measure
 
 from conflayers_export.calibrate.data import default_prompts
-from conflayers_export.calibrate.drafts import rank_vocabulary
+from conflayers_export.calibrate.select import rank_vocabulary
 from conflayers_export.export.build import build_artifact, hand_draft, manifest_for_build
 from conflayers_export.export.graph import MIN_ATTENTION_ROWS
 from conflayers_export.export.quantize import ACCURACY_LEVEL
 from conflayers_export.models import load_model
-from conflayers_export.reference import TorchBackend
+from conflayers_export.models.reference import TorchBackend
 
 PROMPTS = Path(__file__).resolve().parent.parent / "examples" / "prompts" / "exactness.txt"
 PRUNED_VOCAB = 8192
@@ -62,7 +62,7 @@ def vocabulary_ranking(loaded, folder: Path, device: str) -> list[int]:
     backend = open_backend(folder, read_manifest(folder), device=device)
     counts = np.zeros(loaded.model.config.vocab_size)
     for prompt in default_prompts()[:8]:
-        tokens, _ = generate(backend, loaded.encode(prompt), 64, draft=None)
+        tokens, _ = generate(backend, loaded.encode(prompt), 64, draft_config=None)
         np.add.at(counts, tokens, 1)
     return rank_vocabulary(counts, loaded.stop_token_ids)
 
@@ -77,12 +77,12 @@ def check_dtype(loaded, dtype, prompts, new_tokens, device, ranking, reference, 
     manifest = read_manifest(folder)
     plain_backend = open_backend(folder, manifest, device=device)
     started = time.perf_counter()
-    plain = [generate(plain_backend, ids, new_tokens, draft=None)[0] for ids in prompts]
+    plain = [generate(plain_backend, ids, new_tokens, draft_config=None)[0] for ids in prompts]
     result: dict = {"plain_seconds": time.perf_counter() - started}
     if plain_backend.full_pass_rows > 1:  # what the padding costs, and what one-row steps would give
         unpadded_backend = open_backend(folder, manifest, device=device, exact=False)
         started = time.perf_counter()
-        unpadded = [generate(unpadded_backend, ids, new_tokens, draft=None)[0] for ids in prompts]
+        unpadded = [generate(unpadded_backend, ids, new_tokens, draft_config=None)[0] for ids in prompts]
         result["plain_unpadded_seconds"] = time.perf_counter() - started
         result["plain_unpadded_vs_plain"] = [
             first_difference(u, p) for u, p in zip(unpadded, plain, strict=True)
@@ -100,7 +100,7 @@ def check_dtype(loaded, dtype, prompts, new_tokens, device, ranking, reference, 
         backend = open_backend(folder, manifest, draft.name, device)
         outputs, total = [], GenerationStats()
         for ids in prompts:
-            tokens, stats = generate(backend, ids, new_tokens, draft=DraftConfig())
+            tokens, stats = generate(backend, ids, new_tokens, draft_config=DraftConfig())
             outputs.append(tokens)
             total.merge(stats)
         differences = [first_difference(s, p) for s, p in zip(outputs, plain, strict=True)]
@@ -145,7 +145,9 @@ def main() -> None:
         if args.reference:
             started = time.perf_counter()
             torch_backend = TorchBackend(loaded.model, loaded.architecture)
-            reference = [generate(torch_backend, ids, args.new_tokens, draft=None)[0] for ids in prompts]
+            reference = [
+                generate(torch_backend, ids, args.new_tokens, draft_config=None)[0] for ids in prompts
+            ]
             report["reference_seconds"] = time.perf_counter() - started
         with builder_constants(MIN_ATTENTION_ROWS, args.accuracy_level):
             for dtype in args.dtypes.split(","):

@@ -55,7 +55,7 @@ print("onnxruntime", ort.__version__, ort.get_available_providers(), flush=True)
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from conflayers_export.architectures import registered
+from conflayers_export.models.architectures import registered
 from conflayers_export.export.validate import check_parity
 from conflayers_export.models import load_model
 from conflayers_runtime import DraftConfig, load

@@ -26,7 +26,7 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from conflayers_export.architectures import get_architecture
+    from conflayers_export.models.architectures import get_architecture
 
     architecture = get_architecture(model_type)
     config = architecture.tiny_config()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conflayers_export.architectures import bypassed, get_architecture, registered
 from conflayers_export.errors import UnsupportedArchitectureError
+from conflayers_export.models.architectures import bypassed, get_architecture, registered
 
 # Every architecture the parity tests run. The guard below fails when an adapter is registered
 # without being added here.

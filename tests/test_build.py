@@ -65,10 +65,10 @@ def test_onnx_speculative_greedy_equals_pytorch_greedy(tiny_artifacts, model_typ
     manifest = read_manifest(folder)
     for draft in ("mid", "one"):
         backend = open_backend(folder, manifest, draft)
-        tokens, stats = generate(backend, prompt, 40, draft=DraftConfig())
+        tokens, stats = generate(backend, prompt, 40, draft_config=DraftConfig())
         assert tokens == expected, draft
         assert stats.cycles > 0
-    plain, _ = generate(open_backend(folder, manifest), prompt, 40, draft=None)
+    plain, _ = generate(open_backend(folder, manifest), prompt, 40, draft_config=None)
     assert plain == expected
 
 
@@ -162,7 +162,7 @@ def test_too_long_sequence_is_refused_by_the_backend(tiny_artifacts):
     folder, _ = tiny_artifacts("llama")
     backend = open_backend(folder, read_manifest(folder))
     with pytest.raises(GenerationError, match="exceeds the artifact's max_seq_len 64.*--max-seq-len"):
-        backend.forward(list(range(65)), 0, draft=False)
+        backend.forward(list(range(65)), 0, use_draft=False)
 
 
 def test_cli_build_and_validate(tiny_folder, tmp_path, capsys):
@@ -222,7 +222,7 @@ def test_the_minimal_example_driver_reproduces_greedy_output(tiny_artifacts, tin
     build(tmp_path / "p", loaded, {"one": Draft("one", [1], 64, "int8")}, ranked=range(255, -1, -1))
     for folder in (tiny_artifacts("qwen3")[0], tmp_path / "p"):
         prompt = [5, 17, 3, 9, 10, 7]
-        expected, _ = generate(open_backend(folder, read_manifest(folder)), prompt, 24, draft=None)
+        expected, _ = generate(open_backend(folder, read_manifest(folder)), prompt, 24, draft_config=None)
         driver = Path(__file__).parent.parent / "examples" / "driver.py"
         args = [sys.executable, str(driver), str(folder), ",".join(map(str, prompt)), "--draft", "one"]
         result = subprocess.run([*args, "--new-tokens", "24"], capture_output=True, text=True)

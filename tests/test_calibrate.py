@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from conflayers_runtime import GenerationStats, read_manifest
+from conflayers_runtime.speculative import DraftScore
 
 from conflayers_export.calibrate import CalibrationSettings, calibrate
 from conflayers_export.calibrate.confidence import (
@@ -20,9 +22,8 @@ from conflayers_export.calibrate.confidence import (
     z_normalise,
 )
 from conflayers_export.calibrate.data import default_prompts, load_prompts
-from conflayers_export.calibrate.drafts import coverage, draft_combinations, rank_vocabulary
 from conflayers_export.calibrate.scoring import EvaluationTexts, graph_bytes
-from conflayers_export.calibrate.search import stats_speedup
+from conflayers_export.calibrate.select import coverage, draft_combinations, rank_vocabulary
 from conflayers_export.cli import main
 from conflayers_export.errors import CalibrationError
 from conflayers_export.export.build import build_artifact, manifest_for_build
@@ -62,7 +63,7 @@ def test_window_sizes_grow_with_curvature_and_depth():
     # alpha = 5 * run = 5: w = 2 + int(5 * g_i * (i + 1) / L) with L = 5
     np.testing.assert_array_equal(window_sizes(g, run=1, num_layers=5), [2, 4, 2])
     # Qwen caps alpha at L // 3 = 1
-    np.testing.assert_array_equal(window_sizes(g, run=1, num_layers=5, qwen=True), [2, 2, 2])
+    np.testing.assert_array_equal(window_sizes(g, run=1, num_layers=5, cap_window=True), [2, 2, 2])
 
 
 def test_select_skips_on_a_hand_worked_profile():
@@ -91,7 +92,9 @@ def test_lambda_moves_toward_the_target_ratio():
 def test_expected_speedup_formula():
     stats = GenerationStats(new_tokens=31, prefill_passes=1, verify_passes=10, draft_passes=20)
     # 3 tokens per full pass / (2 drafts per cycle * 0.5 + 1) = 1.5
-    assert stats_speedup(stats, c_draft=0.5, c_verify=1.0) == pytest.approx(1.5)
+    score = DraftScore()
+    score.scored(stats, c_draft=0.5, c_verify=1.0)
+    assert score.expected_speedup == pytest.approx(1.5) and score.acceptance_rate == 0.0
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -210,14 +213,7 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
     assert "## Task `default`" in markdown and "### Draft that ships" in markdown
 
     again, _ = _calibrate(tmp_path / "b", loaded)
-
-    def timeless(m):  # wall-clock speedups are timings; everything else must repeat exactly
-        data = m.to_dict()
-        for d in data["drafts"]:
-            d["metrics"].pop("wall_clock_speedup")
-        return data
-
-    assert timeless(again) == timeless(manifest)
+    assert _timeless(again) == _timeless(manifest)
 
     # The manifest feeds build directly.
     built = build_artifact(tmp_path / "a", loaded, manifest_for_build(tmp_path / "a", loaded), max_seq_len=64)
@@ -353,9 +349,98 @@ def test_graph_bytes_count_what_a_step_reads(tiny_folder, tmp_path):
 
 
 def test_nothing_cheaper_than_the_full_graph_is_a_clear_error(tiny_folder):
-    from conflayers_export.calibrate.drafts import DraftSearch
+    from conflayers_export.calibrate.select import DraftSearch
 
     loaded = load_model(str(tiny_folder("llama")))
     search = DraftSearch(loaded, CalibrationSettings(precisions=("base",), vocab_sizes=()))
     with pytest.raises(CalibrationError, match="no draft to score.*allow int8/int4"):
         search.run("default", [[]], EvaluationTexts([[1, 2, 3]], 8), list(range(256)))
+
+
+def test_the_layer_search_finds_a_planted_redundant_layer(make_tiny, tmp_path):
+    """A layer whose attention and MLP write nothing (output projections zeroed) is an identity:
+    its blocks' outputs are flat (confidence 0, the lowest score), and a draft skipping it computes
+    the full model's logits exactly. The search must skip it in every set, rank it first, and
+    measure a perfect draft; without the plant, the ranked-first layer is another one."""
+    import torch
+
+    from conflayers_export.calibrate.scoring import EvaluationTexts, generate_texts, score_layer_sets
+    from conflayers_export.calibrate.search import Calibrator, SearchPolicy
+    from tests.helpers import write_tiny_folder
+
+    planted = 5
+    model, _ = make_tiny("llama", seed=3, num_hidden_layers=8)
+    with torch.no_grad():
+        layer = model.model.layers[planted]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    loaded = load_model(str(write_tiny_folder(model, tmp_path / "planted")))
+    settings = dataclasses.replace(SMALL, max_iter=4, skip_ratio=0.2)
+    progress = Progress()
+    prompts = [loaded.encode(p) for p in PROMPTS]
+    evaluation = EvaluationTexts(prompts[: settings.eval_prompts], settings.max_new_tokens)
+    generate_texts(loaded, settings, [evaluation], progress)
+    calibrator = Calibrator(loaded, settings, progress)
+
+    def scorer(sets):
+        return score_layer_sets(loaded, settings, sets, evaluation, calibrator.cost, progress)
+
+    result = calibrator.run("default", prompts, scorer)
+    assert all(planted in it["skip"] for it in result.iterations[1:])  # iteration 0: the start set
+    ranked = next(c for c in result.finalists if c.origin == "confidence-ranked (k=1)")
+    assert ranked.skip == [planted] and ranked.acceptance_rate == 1.0
+    assert planted in result.chosen.skip
+    # Control: the same model without the plant scores another layer lowest.
+    model, _ = make_tiny("llama", seed=3, num_hidden_layers=8)
+    unplanted = load_model(str(write_tiny_folder(model, tmp_path / "unplanted")))
+    for candidate, lowest_is_planted in ((loaded, True), (unplanted, False)):
+        _, scores, _, _ = Calibrator(candidate, settings, progress)._search(
+            "default", prompts, SearchPolicy()
+        )
+        lowest = 1 + int(np.argmin(np.mean(scores, axis=0)))  # eligible layers start at 1
+        assert (lowest == planted) == lowest_is_planted
+
+
+def _timeless(manifest):
+    """The manifest without wall-clock timings (everything else must repeat exactly)."""
+    data = manifest.to_dict()
+    for d in data["drafts"]:
+        d["metrics"].pop("wall_clock_speedup")
+    return data
+
+
+def test_the_two_stages_stand_alone_and_make_what_calibrate_makes(tiny_folder, tmp_path):
+    from conflayers_export.calibrate import search_layers, select_drafts
+
+    loaded = load_model(str(tiny_folder("llama")))
+    whole, _ = _calibrate(tmp_path / "whole", loaded)
+    tasks = {"default": PROMPTS, "other": PROMPTS[::-1]}
+    searched = search_layers(tmp_path / "staged", loaded, tasks, SMALL)
+    assert (tmp_path / "staged" / "calibration" / "search.json").is_file()
+    assert not (tmp_path / "staged" / "manifest.json").exists()
+    staged, results = select_drafts(tmp_path / "staged", loaded, SMALL)  # reads search.json
+    assert _timeless(staged) == _timeless(whole)
+    assert [r.chosen for r in results] == [r.chosen for r in searched]
+    # A selection for another dtype reuses the search; the search's record stays for the next one.
+    int4, _ = select_drafts(tmp_path / "staged", loaded, dataclasses.replace(SMALL, dtype="int4"))
+    assert int4.calibration["settings"]["dtype"] == "int4"
+    assert [d.skip_layers for d in int4.drafts] != [] and (
+        tmp_path / "staged" / "calibration" / "search.json"
+    ).is_file()
+
+
+def test_selection_without_a_search_or_for_another_model_is_a_clear_error(tiny_folder, tmp_path):
+    from conflayers_export.calibrate import search_layers, select_drafts
+
+    loaded = load_model(str(tiny_folder("llama")))
+    with pytest.raises(
+        CalibrationError, match="search.json is missing: run `conflayers-export calibrate --stage search"
+    ):
+        select_drafts(tmp_path / "none", loaded, SMALL)
+    search_layers(tmp_path / "s", loaded, {"default": PROMPTS}, SMALL)
+    other = load_model(str(tiny_folder("qwen2")))
+    with pytest.raises(CalibrationError, match="holds a search of another model"):
+        select_drafts(tmp_path / "s", other, SMALL)
+    (tmp_path / "s" / "calibration" / "search.json").write_text("{not json")
+    with pytest.raises(CalibrationError, match="is corrupt"):
+        select_drafts(tmp_path / "s", loaded, SMALL)

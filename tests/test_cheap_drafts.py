@@ -16,12 +16,12 @@ from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.manifest import Draft
 from onnx import TensorProto, helper, numpy_helper
 
-from conflayers_export.calibrate.drafts import rank_vocabulary
+from conflayers_export.calibrate.select import rank_vocabulary
 from conflayers_export.cli import main as export_main
 from conflayers_export.export.quantize import BLOCK_SIZE, dequantize, quantize
 from conflayers_export.export.validate import check_parity
 from conflayers_export.models import load_model
-from conflayers_export.reference import TorchBackend
+from conflayers_export.models.reference import TorchBackend
 from tests.helpers import build
 from tests.test_architectures import TESTED_ARCHITECTURES
 from tests.test_reference import VOCAB, chi_square_p_value, exact_first_two, speculative_first_two
@@ -271,7 +271,7 @@ def test_smollm2_cheap_drafts_keep_greedy_output(smollm2, tmp_path):
     from conflayers_runtime.speculative import generate as run
 
     generations = [
-        run(TorchBackend(smollm2.model, smollm2.architecture), p, 32, draft=None)[0] for p in ids[:1]
+        run(TorchBackend(smollm2.model, smollm2.architecture), p, 32, draft_config=None)[0] for p in ids[:1]
     ]
     counts = np.bincount(generations[0], minlength=smollm2.model.config.vocab_size)
     ranked = rank_vocabulary(counts, smollm2.stop_token_ids)

@@ -36,10 +36,10 @@ def artifact(tiny_folder, tmp_path_factory):
 def test_a_guard_switching_drafting_on_and_off_keeps_plain_output(artifact):
     manifest = read_manifest(artifact)
     prompt = [5, 17, 3, 9, 10]
-    plain, _ = generate(open_backend(artifact, manifest), prompt, 60, draft=None)
+    plain, _ = generate(open_backend(artifact, manifest), prompt, 60, draft_config=None)
     backend = open_backend(artifact, manifest, "mid")
     guard = Alternating()
-    chunks = list(stream(backend, prompt, 60, draft=DraftConfig(4, 0.0), guard=guard))
+    chunks = list(stream(backend, prompt, 60, draft_config=DraftConfig(4, 0.0), guard=guard))
     assert [t for chunk in chunks for t in chunk] == plain
     assert guard.calls > 10 and any(len(c) > 1 for c in chunks)  # both kinds of cycle ran
     # The model's auto mode, with the real guard, gives the same text too.

@@ -10,7 +10,7 @@ import torch
 from conflayers_runtime import DraftConfig, GenerationError, SamplingConfig, SkipSetError, generate, sampling
 from scipy.stats import chisquare
 
-from conflayers_export.reference import TorchBackend, speculative_generate
+from conflayers_export.models.reference import TorchBackend, speculative_generate
 from tests.test_architectures import TESTED_ARCHITECTURES
 
 PROMPT = [5, 17, 33, 9, 100, 7, 8, 9, 10, 11, 12]  # longer than gemma3's tiny sliding window (8)
@@ -45,7 +45,7 @@ def test_greedy_speculation_equals_plain_greedy(make_tiny, model_type, skip):
 
 def test_plain_mode_equals_plain_greedy_and_counts_passes(make_tiny):
     model, architecture = make_tiny("llama")
-    tokens, stats = speculative_generate(model, architecture, PROMPT, [1], 12, draft=None)
+    tokens, stats = speculative_generate(model, architecture, PROMPT, [1], 12, draft_config=None)
     assert tokens == _hf_greedy(model, PROMPT, 12)
     assert (stats.prefill_passes, stats.verify_passes, stats.draft_passes) == (1, 11, 0)
     assert stats.mean_tokens_per_cycle == 1.0
@@ -54,7 +54,7 @@ def test_plain_mode_equals_plain_greedy_and_counts_passes(make_tiny):
 def test_long_drafts_are_accepted_and_bounded(make_tiny):
     model, architecture = make_tiny("llama")
     draft = DraftConfig(max_draft_tokens=5, confidence_threshold=0.0)  # always draft the maximum
-    tokens, stats = speculative_generate(model, architecture, PROMPT, [], 23, draft=draft)
+    tokens, stats = speculative_generate(model, architecture, PROMPT, [], 23, draft_config=draft)
     assert tokens == _hf_greedy(model, PROMPT, 23)
     # Identical draft: 22 tokens after prefill = 3 cycles of 5 accepted + 1 bonus, then 3 + 1 (capped).
     assert stats.accepted_histogram == [0, 0, 0, 1, 0, 3] and stats.verify_passes == 4
@@ -135,8 +135,10 @@ def sampling_setup(make_tiny):
     with torch.no_grad():
         p = torch.softmax(model(torch.tensor([prompt])).logits[0, -1], -1)
         backend = TorchBackend(model, architecture, skip)
-        backend.forward(prompt[:-1], 0, draft=False)
-        q = torch.softmax(torch.from_numpy(backend.forward(prompt[-1:], len(prompt) - 1, draft=True)[0]), -1)
+        backend.forward(prompt[:-1], 0, use_draft=False)
+        q = torch.softmax(
+            torch.from_numpy(backend.forward(prompt[-1:], len(prompt) - 1, use_draft=True)[0]), -1
+        )
     assert 0.5 * (p - q).abs().sum() > 0.15, "draft too close to the full model for this test"
     return model, architecture, prompt, skip, expected
 

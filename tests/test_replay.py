@@ -97,8 +97,8 @@ class _TimedBackend:
     def __init__(self, clock: _Clock, draft_cost: float, spikes: dict[int, float]):
         self.clock, self.draft_cost, self.spikes, self.calls = clock, draft_cost, spikes, 0
 
-    def forward(self, token_ids, start, draft):
-        cost = self.draft_cost if draft else (1.0 if len(token_ids) == 1 else 1.2)
+    def forward(self, token_ids, start, use_draft):
+        cost = self.draft_cost if use_draft else (1.0 if len(token_ids) == 1 else 1.2)
         self.clock.now += cost + self.spikes.get(self.calls, 0.0)
         self.calls += 1
         return np.zeros((len(token_ids), 8), np.float32)

@@ -3,22 +3,29 @@
 
 from __future__ import annotations
 
-from conflayers_export.calibrate.drafts import DraftCandidate, DraftSearchResult
 from conflayers_export.calibrate.report import _markdown, _plot
 from conflayers_export.calibrate.search import Candidate, TaskResult
+from conflayers_export.calibrate.select import DraftCandidate, DraftSearchResult
 
 HEADER = {"model": "tiny", "settings": {"search": "cost-aware"}}
 
 
 def task_result(shipped_skip: list[int], precision: str) -> TaskResult:
-    ours = Candidate([3], "conflayers", acceptance_rate=0.5, expected_speedup=0.96)
-    shipped = DraftCandidate(shipped_skip, precision, None, 4, 0.3, expected_speedup=1.84)
+    ours = Candidate(skip=[3], origin="conflayers", acceptance_rate=0.5, expected_speedup=0.96)
+    shipped = DraftCandidate(
+        skip=shipped_skip,
+        weight_precision=precision,
+        vocab_size=None,
+        max_draft_tokens=4,
+        confidence_threshold=0.3,
+        expected_speedup=1.84,
+    )
     return TaskResult(
         task="default",
         chosen=ours,
         recommended=False,
         finalists=[ours],
-        baselines=[Candidate([1], "early exit", expected_speedup=0.9)],
+        baselines=[Candidate(skip=[1], origin="early exit", expected_speedup=0.9)],
         iterations=[
             {
                 "iteration": 0,

@@ -59,9 +59,9 @@ def test_near_ties_part_one_token_steps_from_verify_passes(near_tie_artifacts):
     validate and scripts/check_exactness.py measure it.)"""
     folder = near_tie_artifacts / "fp32-unpadded"
     manifest = read_manifest(folder)
-    plain, _ = generate(open_backend(folder, manifest, exact=False), PROMPT, 200, draft=None)
+    plain, _ = generate(open_backend(folder, manifest, exact=False), PROMPT, 200, draft_config=None)
     backend = open_backend(folder, manifest, "same", exact=False)
-    speculative, stats = generate(backend, PROMPT, 200, draft=DraftConfig(4, 0.0))
+    speculative, stats = generate(backend, PROMPT, 200, draft_config=DraftConfig(4, 0.0))
     assert _first_difference(plain, speculative) is not None
     assert 0 < stats.acceptance_rate < 1  # the full graph's own steps are rejected at the near-ties
     unpadded = open_backend(folder, manifest, exact=False)
@@ -86,7 +86,7 @@ def test_graphs_are_row_invariant_without_runtime_padding(near_tie_artifacts, ki
     onnxruntime-genai or a driver of its own runs) equal speculative output too."""
     folder = near_tie_artifacts / kind
     manifest = read_manifest(folder)
-    plain, _ = generate(open_backend(folder, manifest, exact=False), PROMPT, 200, draft=None)
+    plain, _ = generate(open_backend(folder, manifest, exact=False), PROMPT, 200, draft_config=None)
     assert open_backend(folder, manifest).full_pass_rows == 1
     speculative, _ = generate(open_backend(folder, manifest, "same", exact=False), PROMPT, 200)
     assert _first_difference(plain, speculative) is None
@@ -116,4 +116,4 @@ def test_generation_may_fill_the_cache_to_max_seq_len(near_tie_artifacts, kind):
     with pytest.raises(GenerationError, match="exceeds the artifact's max_seq_len"):
         model.generate(PROMPT, new + 1, mode="plain")
     with pytest.raises(GenerationError, match="exceeds the artifact's max_seq_len"):
-        model.backend.forward([1], model.max_seq_len - 1, draft=False)  # no room for its second row
+        model.backend.forward([1], model.max_seq_len - 1, use_draft=False)  # no room for its second row

@@ -25,7 +25,7 @@ from conflayers_runtime.cli import main as run_main
 
 from conflayers_export.cli import main as export_main
 from conflayers_export.models import load_model
-from conflayers_export.reference import speculative_generate
+from conflayers_export.models.reference import speculative_generate
 from tests.helpers import build
 from tests.test_reference import (
     VOCAB,
@@ -65,7 +65,7 @@ def test_smollm2_speculative_equals_plain_and_pytorch(smollm2, smol_artifact, dr
             ids,
             [],
             64,
-            draft=None,
+            draft_config=None,
             stop_token_ids=smollm2.stop_token_ids,
         )
         speculative = model.generate(ids, 64, mode="speculative")

@@ -34,8 +34,8 @@ class MarkovBackend:
         width = len(self.draft_token_ids)
         self.draft = 0.6 * rng.dirichlet(np.ones(width), VOCAB) + 0.4 / width
 
-    def forward(self, token_ids, start, draft):
-        table = self.draft if draft else self.full
+    def forward(self, token_ids, start, use_draft):
+        table = self.draft if use_draft else self.full
         return np.log(table[np.asarray(token_ids)])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conflayers_export.reference import speculative_generate
+from conflayers_export.models.reference import speculative_generate
 
 pytestmark = pytest.mark.real_model
 

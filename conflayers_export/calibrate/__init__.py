@@ -1,13 +1,16 @@
 """``calibrate``: the ConfLayers search on a calibration set, written to a manifest and a report.
 
-Entry point: :func:`calibrate`. The folder it writes holds ``manifest.json`` (one draft per task,
-with its metrics and a recommendation) and ``calibration/`` (report.json, report.md,
-confidence.png); it is written to a temporary folder and renamed into place.
+Entry points: :func:`calibrate` runs the two stages, which also stand alone: :func:`search_layers`
+(the layer search; writes ``calibration/search.json``) and :func:`select_drafts` (the draft that
+ships, chosen on built graphs from that search). The folder holds ``manifest.json`` (one draft
+per task, with its metrics and a recommendation) and ``calibration/`` (search.json, report.json,
+report.md, confidence.png); each stage writes it to a temporary folder and renames it into place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -31,12 +34,14 @@ from ..models import LoadedModel
 from ..progress import Progress
 from ..staging import replace_folder
 from .data import Prompt
-from .drafts import DraftSearch, rank_vocabulary
 from .report import write_reports
 from .scoring import EvaluationTexts, generate_texts, score_layer_sets
 from .search import COST_MODELS, SEARCHES, CalibrationSettings, Calibrator, Candidate, TaskResult
+from .select import DraftSearch, rank_vocabulary
 
-__all__ = ["CalibrationSettings", "TaskResult", "calibrate"]
+__all__ = ["CalibrationSettings", "TaskResult", "calibrate", "search_layers", "select_drafts"]
+
+SEARCH_RESULTS = "calibration/search.json"  # stage 1's output, stage 2's input
 
 
 def check_settings(settings: CalibrationSettings) -> None:
@@ -81,42 +86,97 @@ def calibrate(
     force: bool = False,
     progress: Progress | None = None,
 ) -> tuple[Manifest, list[TaskResult]]:
-    """Search one draft per task and write the manifest and the report into ``out_dir``.
+    """Both stages: :func:`search_layers`, then :func:`select_drafts` on its results (the
+    evaluation texts generated once for both)."""
+    settings = settings or CalibrationSettings()
+    texts: dict[str, EvaluationTexts] = {}
+    results = search_layers(out_dir, loaded, tasks, settings, force, progress, texts)
+    return select_drafts(out_dir, loaded, settings, progress, results, tasks, texts)
 
-    Stages: the full model's greedy text of the evaluation and ranking prompts (on the target
-    graphs, once); per task the ConfLayers layer search (search.py, PyTorch), its sets scored on
-    built graphs (scoring.py); the vocabulary ranking; the joint choice of skip set, weight
-    precision, vocabulary size and draft length on the target graphs (drafts.py)."""
+
+def search_layers(
+    out_dir: str | os.PathLike[str],
+    loaded: LoadedModel,
+    tasks: dict[str, list[Prompt]],
+    settings: CalibrationSettings | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    texts: dict[str, EvaluationTexts] | None = None,
+) -> list[TaskResult]:
+    """Stage 1, per task: the ConfLayers layer search (search.py, PyTorch) and its sets and
+    baselines scored on built graphs of ``settings.dtype`` (scoring.py). Writes
+    ``calibration/search.json`` (the results and the prompts) into ``out_dir``, which
+    :func:`select_drafts` reads. ``texts``: filled with the evaluation texts, for stage 2."""
     settings = settings or CalibrationSettings()
     progress = progress or Progress()
     check_settings(settings)
     out_dir = Path(out_dir)
     check_output_folder(out_dir, loaded, force)
-    encoded = {task: [loaded.encode(p) for p in prompts] for task, prompts in tasks.items()}
-    evaluations = {
-        task: EvaluationTexts(prompts[: settings.eval_prompts], settings.max_new_tokens)
-        for task, prompts in encoded.items()
+    encoded = _encode(loaded, tasks)
+    texts = texts if texts is not None else {}
+    texts |= {
+        task: EvaluationTexts(p[: settings.eval_prompts], settings.max_new_tokens)
+        for task, p in encoded.items()
     }
-    ranking, ranking_note = _ranking_prompts(encoded, settings)
-    generate_texts(loaded, settings, [*evaluations.values(), ranking], progress)
-
+    generate_texts(loaded, settings, list(texts.values()), progress)
     calibrator = Calibrator(loaded, settings, progress)
     results = []
     for task, prompts in encoded.items():
 
         def scorer(sets: list[tuple[str, list[int]]], task: str = task) -> list[Candidate]:
-            return score_layer_sets(loaded, settings, sets, evaluations[task], calibrator.cost, progress)
+            return score_layer_sets(loaded, settings, sets, texts[task], calibrator.cost, progress)
 
         results.append(calibrator.run(task, prompts, scorer))
+    record = {
+        "model": loaded.identity.source,
+        "fingerprint": loaded.identity.fingerprint,
+        "settings": dataclasses.asdict(settings),
+        "tasks": tasks,
+        "results": [r.as_dict() for r in results],
+    }
+    # A new search invalidates what a selection or a build made from an older one: start clean.
+    with replace_folder(out_dir) as staging:
+        (staging / SEARCH_RESULTS).parent.mkdir(parents=True)
+        (staging / SEARCH_RESULTS).write_text(json.dumps(record, indent=1) + "\n")
+    return results
+
+
+def select_drafts(
+    out_dir: str | os.PathLike[str],
+    loaded: LoadedModel,
+    settings: CalibrationSettings | None = None,
+    progress: Progress | None = None,
+    results: list[TaskResult] | None = None,
+    tasks: dict[str, list[Prompt]] | None = None,
+    texts: dict[str, EvaluationTexts] | None = None,
+) -> tuple[Manifest, list[TaskResult]]:
+    """Stage 2: the vocabulary ranking and, per task, the joint choice of skip set, weight
+    precision, vocabulary size and draft length on graphs of ``settings.dtype`` on
+    ``settings.device`` (select.py), from the layer search's results (default: ``out_dir``'s
+    ``calibration/search.json``, so a selection for another dtype or device reuses a search).
+    Writes the manifest and the report into ``out_dir``."""
+    settings = settings or CalibrationSettings()
+    progress = progress or Progress()
+    check_settings(settings)
+    out_dir = Path(out_dir)
+    if results is None or tasks is None:
+        results, tasks = read_search(out_dir, loaded)
+    encoded = _encode(loaded, tasks)
+    texts = texts if texts is not None else {}
+    for task, prompts in encoded.items():  # a search for another dtype generated other texts
+        if task not in texts or texts[task].prompts != prompts[: settings.eval_prompts]:
+            texts[task] = EvaluationTexts(prompts[: settings.eval_prompts], settings.max_new_tokens)
+    ranking, ranking_note = _ranking_prompts(encoded, settings)
+    generate_texts(loaded, settings, [*texts.values(), ranking], progress)
 
     ranked = rank_vocabulary(_token_counts(loaded, ranking), loaded.stop_token_ids)
     search = DraftSearch(loaded, settings, progress)
     for result in results:
-        result.drafts = search.run(result.task, [[], result.chosen.skip], evaluations[result.task], ranked)
+        result.drafts = search.run(result.task, [[], result.chosen.skip], texts[result.task], ranked)
 
     manifest = Manifest(
         model=loaded.identity,
-        drafts=[_draft(r) for r in results],
+        drafts=[_manifest_draft(r) for r in results],
         tasks={r.task: Task(r.task, "" if _recommended(r) else _not_recommended(r)) for r in results},
         calibration={
             "settings": dataclasses.asdict(settings),
@@ -132,11 +192,40 @@ def calibrate(
         "settings": dataclasses.asdict(settings),
         "vocabulary_ranking": ranking_note,
     }
-    # A new calibration invalidates graphs built from an older manifest: the folder starts clean.
+    # Graphs built from an older manifest are invalid now: only the search's results carry over.
+    search_record = (out_dir / SEARCH_RESULTS).read_bytes() if (out_dir / SEARCH_RESULTS).is_file() else None
     with replace_folder(out_dir) as staging:
         write_reports(staging / "calibration", results, header)
+        if search_record is not None:
+            (staging / SEARCH_RESULTS).write_bytes(search_record)
         write_manifest(manifest, staging)
     return manifest, results
+
+
+def read_search(out_dir: Path, loaded: LoadedModel) -> tuple[list[TaskResult], dict[str, list[Prompt]]]:
+    """The layer search's results and prompts, as :func:`search_layers` wrote them for ``loaded``."""
+    path = out_dir / SEARCH_RESULTS
+    if not path.is_file():
+        raise CalibrationError(
+            f"{path} is missing: run `conflayers-export calibrate --stage search --out {out_dir}` "
+            "(or a whole `calibrate`) first"
+        )
+    try:
+        record = json.loads(path.read_text())
+        results = [TaskResult.from_dict(r) for r in record["results"]]
+        tasks, fingerprint = record["tasks"], record["fingerprint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CalibrationError(f"{path} is corrupt ({exc}): run the search again") from exc
+    if fingerprint != loaded.identity.fingerprint:
+        raise CalibrationError(
+            f"{path} holds a search of another model ({record.get('model')}): pass the same --model, "
+            "or search again"
+        )
+    return results, tasks
+
+
+def _encode(loaded: LoadedModel, tasks: dict[str, list[Prompt]]) -> dict[str, list[list[int]]]:
+    return {task: [loaded.encode(p) for p in prompts] for task, prompts in tasks.items()}
 
 
 def _ranking_prompts(
@@ -163,10 +252,8 @@ def _token_counts(loaded: LoadedModel, ranking: EvaluationTexts) -> np.ndarray:
     SmolLM2 from 0.84 to 0.68: past the few hundred tokens a calibration run emits, the id order
     of a BPE vocabulary (merges numbered by frequency) is a better guess than those small masses."""
     counts = np.zeros(loaded.model.config.vocab_size)
-    stops = set(loaded.stop_token_ids)
-    for text in ranking.texts or []:
-        end = next((i + 1 for i, t in enumerate(text) if t in stops), len(text))
-        np.add.at(counts, text[:end], 1)
+    for reply in ranking.replies(loaded.stop_token_ids):
+        np.add.at(counts, reply, 1)
     return counts
 
 
@@ -174,17 +261,12 @@ def _recommended(result: TaskResult) -> bool:
     return result.drafts is not None and result.drafts.recommended
 
 
-def _draft(result: TaskResult) -> Draft:
+def _manifest_draft(result: TaskResult) -> Draft:
     assert result.drafts is not None
     c = result.drafts.chosen
     metrics = {
-        "acceptance_rate": c.acceptance_rate,
-        "mean_tokens_per_cycle": c.mean_tokens_per_cycle,
-        "draft_passes_per_cycle": c.draft_passes_per_cycle,
+        **c.metrics(),
         "bytes_ratio": c.bytes_ratio,
-        "c_draft": c.c_draft,
-        "c_verify": c.c_verify,
-        "expected_speedup": c.expected_speedup,
         "wall_clock_speedup": result.drafts.confirmation.wall_clock_speedup
         if result.drafts.confirmation
         else None,

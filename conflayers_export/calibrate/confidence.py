@@ -59,14 +59,15 @@ def curvature_weights(scores: np.ndarray) -> tuple[np.ndarray, int]:
     return mean_half((second - second.min()) / (spread + 1e-8)), run
 
 
-def window_sizes(g: np.ndarray, run: int, num_layers: int, qwen: bool = False) -> np.ndarray:
-    """w_i = 2 + int(alpha * g_i * (i + 1) / L), alpha = 5 * run (Qwen: capped at L // 3)."""
-    alpha = min(num_layers // 3, 5 * run) if qwen else 5 * run
+def window_sizes(g: np.ndarray, run: int, num_layers: int, cap_window: bool = False) -> np.ndarray:
+    """w_i = 2 + int(alpha * g_i * (i + 1) / L), alpha = 5 * run (``cap_window``: at most L // 3, as
+    the reference does for Qwen models: Architecture.caps_confidence_window)."""
+    alpha = min(num_layers // 3, 5 * run) if cap_window else 5 * run
     return np.array([2 + int(alpha * gi * position / num_layers) for position, gi in enumerate(g, start=1)])
 
 
 def select_skips(
-    scores: Sequence[float], num_layers: int, lam: float, qwen: bool = False
+    scores: Sequence[float], num_layers: int, lam: float, cap_window: bool = False
 ) -> dict[str, np.ndarray]:
     """Apply the adaptive threshold to the scores of layers 1..L-2 (in order).
 
@@ -74,7 +75,7 @@ def select_skips(
     """
     s = z_normalise(np.asarray(scores, dtype=np.float64))
     g, run = curvature_weights(s)
-    windows = window_sizes(g, run, num_layers, qwen)
+    windows = window_sizes(g, run, num_layers, cap_window)
     thresholds = np.empty_like(s)
     for i, w in enumerate(windows):
         half = int(w) // 2
@@ -90,19 +91,19 @@ def select_at_least(
     num_layers: int,
     lam: float,
     min_size: int,
-    qwen: bool = False,
+    cap_window: bool = False,
     step: float = 0.05,
     max_steps: int = 40,
 ) -> tuple[dict[str, np.ndarray], float, int]:
     """The reference's minimum size: a set smaller than ``min_size`` is never evaluated; selection
     repeats at once with lambda one step lower (a higher threshold skips more) until it is big
     enough, at most ``max_steps`` times. Returns (selection, lambda used, steps taken)."""
-    chosen = select_skips(scores, num_layers, lam, qwen)
+    chosen = select_skips(scores, num_layers, lam, cap_window)
     steps = 0
     while len(chosen["skip"]) < min_size and steps < max_steps:
         steps += 1
         lam -= step
-        chosen = select_skips(scores, num_layers, lam, qwen)
+        chosen = select_skips(scores, num_layers, lam, cap_window)
     return chosen, lam, steps
 
 

@@ -36,9 +36,9 @@ class ReplayBackend:
         self.sequence = [*prompt, *text]  # position i holds token i; the model's output at i is i + 1
         self.saved: dict[tuple[int, str], np.ndarray] = {}
 
-    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray:
-        if draft:
-            return self.backend.forward(token_ids, start, draft=True)
+    def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray:
+        if use_draft:
+            return self.backend.forward(token_ids, start, use_draft=True)
         if start == 0:
             return self._prefill(token_ids)
         return self._verify(token_ids, start)
@@ -46,7 +46,7 @@ class ReplayBackend:
     def _prefill(self, token_ids: Sequence[int]) -> np.ndarray:
         if list(token_ids) != self.prompt:
             raise ValueError("a replay starts with the prompt its text was generated from")
-        logits = self.backend.forward(self.sequence[:-1], 0, draft=False)
+        logits = self.backend.forward(self.sequence[:-1], 0, use_draft=False)
         if int(logits[len(self.prompt) - 1].argmax()) != self.sequence[len(self.prompt)]:
             raise ValueError("the replayed text is not the full model's greedy continuation of its prompt")
         self.saved = {key: cache.numpy().copy() for key, cache in self.backend.caches.items()}

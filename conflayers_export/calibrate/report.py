@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .drafts import DraftCandidate, DraftSearchResult
 from .scoring import TIMING_MARGIN
 from .search import Candidate, TaskResult
+from .select import DraftCandidate, DraftSearchResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -28,7 +28,7 @@ from ..export.build import build_artifact
 from ..models import LoadedModel
 from ..progress import Progress
 from .replay import replay_generation
-from .search import CalibrationSettings, Candidate, stats_speedup
+from .search import CalibrationSettings, Candidate
 
 # A timed c_draft further than this factor from the draft's bytes ratio is re-timed, and flagged in
 # the report if the re-timing agrees with the first: weight bytes bound a decoding step on most
@@ -53,6 +53,14 @@ class EvaluationTexts:
         started = time.perf_counter()
         self.texts = [generate(backend, p, self.max_new_tokens, GREEDY, None)[0] for p in self.prompts]
         self.plain_seconds = time.perf_counter() - started
+
+    def replies(self, stop_token_ids: Sequence[int]) -> list[list[int]]:
+        """The texts as a reply ends: each cut after its first stop token."""
+        stops = set(stop_token_ids)
+        return [
+            text[: next((i + 1 for i, t in enumerate(text) if t in stops), len(text))]
+            for text in self.texts or []
+        ]
 
     @property
     def plain_tokens_per_second(self) -> float:
@@ -169,20 +177,9 @@ def score_layer_sets(
             step()
             for draft, (origin, _) in zip(drafts, sets, strict=True):
                 stats = graphs.replay(graphs.open(draft.name), evaluation, config)
-                c_draft, c_verify = cost(draft.skip_layers)
-                scored.append(
-                    Candidate(
-                        skip=list(draft.skip_layers),
-                        origin=origin,
-                        acceptance_rate=stats.acceptance_rate,
-                        mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
-                        draft_passes_per_cycle=stats.draft_passes_per_cycle,
-                        c_draft=c_draft,
-                        c_verify=c_verify,
-                        expected_speedup=stats_speedup(stats, c_draft, c_verify),
-                        cycles=stats.verify_passes,
-                    )
-                )
+                candidate = Candidate(skip=list(draft.skip_layers), origin=origin, cycles=stats.verify_passes)
+                candidate.scored(stats, *cost(draft.skip_layers))
+                scored.append(candidate)
                 progress.log(
                     f"  {origin} {draft.skip_layers}: expected speedup {scored[-1].expected_speedup:.3f}"
                 )

@@ -23,19 +23,19 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from conflayers_runtime import DraftConfig, GenerationStats
-from conflayers_runtime.speculative import expected_speedup, stream
+from conflayers_runtime.speculative import DraftScore, expected_speedup, stream
 
 from ..models import LoadedModel
+from ..models.reference import TorchBackend
 from ..progress import Progress
-from ..reference import TorchBackend
 from .confidence import adapt_lambda, profile_layers, select_at_least
 
 if TYPE_CHECKING:
-    from .drafts import DraftSearchResult
+    from .select import DraftSearchResult
 
 COST_MODELS = ("bytes", "measured")
 SEARCHES = ("cost-aware", "published", "both")
@@ -85,7 +85,7 @@ class CalibrationSettings:
     search: str = "cost-aware"  # SEARCHES: ours, the reference's outer loop, or both (ours ships)
     max_draft_tokens: int = 8
     confidence_threshold: float = 0.8
-    # The joint choice of the draft that ships (drafts.py), on the target artifact's real graphs:
+    # The joint choice of the draft that ships (select.py), on the target artifact's real graphs:
     cost: str = "measured"  # "measured": passes timed on the device; "bytes": weight bytes read per token
     dtype: str = "fp32"  # the artifact dtype the drafts are built and scored for
     device: str = "cpu"
@@ -97,16 +97,12 @@ class CalibrationSettings:
     draft_policies: tuple[tuple[int, float], ...] = ((8, 0.5), (12, 0.3), (6, 0.0))
 
 
-@dataclass
-class Candidate:
+@dataclass(kw_only=True)
+class Candidate(DraftScore):
+    """A skip set of the layer search, scored (costs: the bytes model)."""
+
     skip: list[int]
     origin: str  # "conflayers", "start set", "early exit", "random"
-    acceptance_rate: float = 0.0
-    mean_tokens_per_cycle: float = 0.0  # tokens per full-model pass
-    draft_passes_per_cycle: float = 0.0
-    c_draft: float = 0.0  # cost of one draft pass relative to one full-model pass
-    c_verify: float = 1.0
-    expected_speedup: float = 0.0
     cycles: int = 0
 
 
@@ -121,7 +117,7 @@ class TaskResult:
     profile: dict[str, list[float]] = field(default_factory=dict)  # first prompt's scores and thresholds
     conflayers_beats_baselines: bool = False
     seconds: float = 0.0
-    drafts: DraftSearchResult | None = None  # the joint choice that ships (drafts.py)
+    drafts: DraftSearchResult | None = None  # the joint choice that ships (select.py)
     search: str = "cost-aware"
     published: Candidate | None = None  # the reference loop's choice (search "published" or "both")
     published_iterations: list[dict[str, object]] = field(default_factory=list)
@@ -134,10 +130,16 @@ class TaskResult:
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "choices": {k: asdict(c) for k, c in self.choices().items()}}
 
-
-def stats_speedup(stats: GenerationStats, c_draft: float, c_verify: float = 1.0) -> float:
-    """The expected speedup of a generation's statistics at these pass costs."""
-    return expected_speedup(stats.mean_tokens_per_cycle, stats.draft_passes_per_cycle, c_draft, c_verify)
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskResult:
+        """A layer search's result as :meth:`as_dict` wrote it (without the joint choice)."""
+        fields = {k: v for k, v in data.items() if k not in ("choices", "drafts")}
+        for name in ("chosen", "published"):
+            if fields.get(name) is not None:
+                fields[name] = Candidate(**fields[name])
+        for name in ("finalists", "baselines"):
+            fields[name] = [Candidate(**c) for c in fields[name]]
+        return cls(**fields)
 
 
 class Calibrator:
@@ -153,7 +155,6 @@ class Calibrator:
         self.num_layers = loaded.identity.num_layers
         self.eligible = list(range(1, self.num_layers - 1))
         self.draft_config = DraftConfig(settings.max_draft_tokens, settings.confidence_threshold)
-        self.qwen = loaded.identity.architecture.startswith("qwen")
         self._layer_bytes, self._head_bytes = self._weight_bytes()
 
     # -- costs ---------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ class Calibrator:
                 backend,
                 prompt,
                 self.settings.max_new_tokens,
-                draft=self.draft_config,
+                draft_config=self.draft_config,
                 stop_token_ids=self.loaded.stop_token_ids,
                 stats=stats,
             ):
@@ -220,7 +221,9 @@ class Calibrator:
         common evaluation slice (on built graphs: scoring.score_layer_sets)."""
         started = time.perf_counter()
         s = self.settings
-        result = TaskResult(task, Candidate([], ""), False, finalists=[], baselines=[], search=s.search)
+        result = TaskResult(
+            task, Candidate(skip=[], origin=""), False, finalists=[], baselines=[], search=s.search
+        )
         sets: list[tuple[str, list[int]]] = []
         if s.search != "published":
             result.iterations, all_scores, result.profile, _ = self._search(task, prompts, SearchPolicy())
@@ -273,7 +276,9 @@ class Calibrator:
                     "skip": [int(i) for i in current],
                     "accepted_per_cycle": accepted_per_cycle,
                     "acceptance_rate": stats.acceptance_rate,
-                    "expected_speedup": stats_speedup(stats, c_draft, c_verify),
+                    "expected_speedup": expected_speedup(
+                        stats.mean_tokens_per_cycle, stats.draft_passes_per_cycle, c_draft, c_verify
+                    ),
                     **note,
                     **({"abandoned": True} if abandoned else {}),
                 }
@@ -290,7 +295,12 @@ class Calibrator:
                     self.loaded.model, self.loaded.architecture, texts[0], len(window), policy.clamp
                 )
                 chosen, lam, steps = select_at_least(
-                    scores, self.num_layers, lam, policy.min_size, self.qwen, max_steps=policy.max_size_steps
+                    scores,
+                    self.num_layers,
+                    lam,
+                    policy.min_size,
+                    self.loaded.architecture.caps_confidence_window,
+                    max_steps=policy.max_size_steps,
                 )
                 note = {"lambda_steps": steps} if steps else {}
                 if len(chosen["skip"]) < policy.min_size:

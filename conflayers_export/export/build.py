@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,9 @@ from conflayers_runtime.manifest import (
 )
 
 from .. import __version__
-from ..architectures import KVLayout
 from ..errors import ManifestError
 from ..models import LoadedModel
+from ..models.architectures import KVLayout
 from ..staging import replace_folder
 from .graph import MIN_ATTENTION_ROWS, WeightStore, build_graph
 from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE
@@ -83,35 +84,51 @@ def build_artifact(
     return new_manifest
 
 
-def _write(
-    folder: Path,
+# The I/O contract as the manifest describes it to drivers (DESIGN.md, "Graph I/O").
+GRAPH_INPUTS = {
+    "input_ids": "int64 [batch, sequence]",
+    "attention_mask": "int64 [batch, total] (ones; total = cached + sequence)",
+}
+GRAPH_OUTPUTS = {
+    "logits": "float32 [batch, sequence, vocab] (a pruned draft: [.., len(draft_vocab ids)])",
+    "present.{layer}.key|value": "the past buffer, updated in place at [total - sequence, total)",
+}
+
+
+@dataclass
+class _Graphs:
+    """The graphs of one build, before they are written: ONNX protos with the weights they read."""
+
+    protos: dict[str, tuple[onnx.ModelProto, set[str]]] = field(default_factory=dict)  # by file name
+    layers: dict[str, list[int]] = field(default_factory=dict)  # "full" or draft name -> layers run
+    drafts: dict[str, str] = field(default_factory=dict)  # draft name -> file name
+    draft_vocab: dict[str, str] = field(default_factory=dict)  # draft name -> its token-ids tensor
+
+
+def _build_graphs(
     loaded: LoadedModel,
     manifest: Manifest,
     dtype: str,
     max_seq_len: int,
+    store: WeightStore,
     progress: Callable[[str], None],
-) -> Manifest:
+) -> _Graphs:
     model, arch = loaded.model, loaded.architecture
     num_layers = loaded.identity.num_layers
-    store = WeightStore()
-    graphs: dict[str, tuple[onnx.ModelProto, set[str]]] = {}
-    layers: dict[str, list[int]] = {}
-
+    built = _Graphs()
     progress("full graph")
-    graphs[FULL_GRAPH] = build_graph(
+    built.protos[FULL_GRAPH] = build_graph(
         model, arch, range(num_layers), dtype, max_seq_len, store, "full", ARTIFACT_DTYPES[dtype].weight_bits
     )
-    layers["full"] = list(range(num_layers))
-    drafts: dict[str, str] = {}
-    draft_vocab: dict[str, str] = {}
+    built.layers["full"] = list(range(num_layers))
     for draft in manifest.drafts:
         progress(f"draft {draft.name}")
         kept = [i for i in range(num_layers) if i not in set(draft.skip_layers)]
         vocab_ids = draft_vocabulary(draft, manifest, model.config.vocab_size)
         if vocab_ids is not None:  # the id of each logits column, read by runtimes from the weights file
-            draft_vocab[draft.name] = store.add(f"draft_vocab.{len(vocab_ids)}.token_ids", vocab_ids)
-        drafts[draft.name] = draft_graph_name(draft.name)
-        graphs[drafts[draft.name]] = build_graph(
+            built.draft_vocab[draft.name] = store.add(f"draft_vocab.{len(vocab_ids)}.token_ids", vocab_ids)
+        file_name = built.drafts[draft.name] = draft_graph_name(draft.name)
+        built.protos[file_name] = build_graph(
             model,
             arch,
             kept,
@@ -122,26 +139,39 @@ def _write(
             draft_bits(draft, dtype),
             vocab_ids,
         )
-        layers[draft.name] = kept
+        built.layers[draft.name] = kept
+    return built
+
+
+def _write(
+    folder: Path,
+    loaded: LoadedModel,
+    manifest: Manifest,
+    dtype: str,
+    max_seq_len: int,
+    progress: Callable[[str], None],
+) -> Manifest:
+    store = WeightStore()
+    built = _build_graphs(loaded, manifest, dtype, max_seq_len, store, progress)
 
     progress("weights")
     offsets = write_weights(store.arrays, folder / WEIGHTS_FILE)
-    for file_name, (graph, used) in graphs.items():
+    for file_name, (graph, used) in built.protos.items():
         attach_external(graph, used, store.arrays, offsets, WEIGHTS_FILE)
         onnx.save(graph, folder / file_name)
 
     progress("tokenizer")
     tokenizer_files = _copy_tokenizer(loaded, folder)
-    layout = arch.kv_layout(model.config)
+    layout = loaded.architecture.kv_layout(loaded.model.config)
     _write_genai_config(folder, loaded, layout, max_seq_len)
-    files = [FULL_GRAPH, GENAI_CONFIG, *drafts.values(), WEIGHTS_FILE, *tokenizer_files]
+    files = [FULL_GRAPH, GENAI_CONFIG, *built.drafts.values(), WEIGHTS_FILE, *tokenizer_files]
     manifest.artifacts = Artifacts(
         dtype=dtype,
         max_seq_len=max_seq_len,
         weights=WEIGHTS_FILE,
         full=FULL_GRAPH,
-        drafts=drafts,
-        draft_vocab=draft_vocab,
+        drafts=built.drafts,
+        draft_vocab=built.draft_vocab,
         quantization=Quantization(
             operator="com.microsoft.MatMulNBits",
             scheme="asymmetric round-to-nearest per block (scales and zero points)",
@@ -149,20 +179,14 @@ def _write(
             accuracy_level={"full": ACCURACY_LEVEL, "drafts": ACCURACY_LEVEL},
         ),
         kv=_cache_layout(layout, dtype),
-        layers=layers,
+        layers=built.layers,
         weights_index={
             name: WeightEntry(str(a.dtype), list(a.shape), *offsets[name]) for name, a in store.arrays.items()
         },
-        graph_weights={file_name: sorted(used) for file_name, (_, used) in graphs.items()},
-        inputs={
-            "input_ids": "int64 [batch, sequence]",
-            "attention_mask": "int64 [batch, total] (ones; total = cached + sequence)",
-            "past_key_values.{layer}.key|value": f"{dtype} cache, bound to the same buffer as present",
-        },
-        outputs={
-            "logits": "float32 [batch, sequence, vocab] (a pruned draft: [.., len(draft_vocab ids)])",
-            "present.{layer}.key|value": "the past buffer, updated in place at [total - sequence, total)",
-        },
+        graph_weights={file_name: sorted(used) for file_name, (_, used) in built.protos.items()},
+        inputs=GRAPH_INPUTS
+        | {"past_key_values.{layer}.key|value": f"{dtype} cache, bound to the same buffer as present"},
+        outputs=GRAPH_OUTPUTS,
         tokenizer=TokenizerFiles("tokenizer.json", *_chat_affixes(loaded), loaded.stop_token_ids),
         files={name: FileEntry((folder / name).stat().st_size, file_sha256(folder / name)) for name in files},
     )

@@ -33,7 +33,7 @@ import torch
 from conflayers_runtime.manifest import ARTIFACT_DTYPES
 from onnx import TensorProto, helper, numpy_helper
 
-from ..architectures import Architecture
+from ..models.architectures import Architecture
 from .quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantize
 
 OPSET = 21

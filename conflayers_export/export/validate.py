@@ -25,7 +25,7 @@ from conflayers_runtime.row_invariance import RowInvariance, measure
 
 from ..errors import ConflayersError
 from ..models import LoadedModel
-from ..reference import TorchBackend
+from ..models.reference import TorchBackend
 from .build import draft_bits
 from .quantize import quantized_copy
 
@@ -154,5 +154,5 @@ def check_row_invariance(
         results.append(measure(open_backend(folder, manifest, None, device, exact=False), tokens, prompt))
     for name in artifact_section(manifest).drafts:
         backend = open_backend(folder, manifest, name, device)
-        results.append(measure(backend, tokens, prompt, draft=True, graph=f"draft.{name}"))
+        results.append(measure(backend, tokens, prompt, use_draft=True, graph=f"draft.{name}"))
     return results

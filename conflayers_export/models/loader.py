@@ -20,8 +20,8 @@ from pathlib import Path
 from conflayers_runtime.artifact import file_sha256
 from conflayers_runtime.manifest import ModelIdentity
 
-from ..architectures import Architecture, get_architecture
 from ..errors import ModelSourceError
+from .architectures import Architecture, get_architecture
 from .packaged import PACKAGED, packaged_gguf
 
 log = logging.getLogger(__name__)

@@ -25,14 +25,14 @@ from .manifest import (
     read_manifest,
     write_manifest,
 )
-from .model import DEFAULT_DRAFT, GenerationResult, Model, load
+from .model import DEFAULT_TASK_DRAFT, GenerationResult, Model, load
 from .sampling import SamplingConfig
 from .speculative import Backend, DraftConfig, GenerationStats, SpeedGuard, generate, stream
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_DRAFT",
+    "DEFAULT_TASK_DRAFT",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "Artifacts",

@@ -13,7 +13,7 @@ from typing import TextIO
 
 from .errors import ConflayersError
 from .manifest import read_manifest
-from .model import DEFAULT_DRAFT, MODES, default_draft, load
+from .model import DEFAULT_TASK_DRAFT, MODES, default_draft, load
 from .sampling import SamplingConfig
 from .speculative import GenerationStats
 
@@ -68,7 +68,7 @@ def generate_and_report(
     out, err = out or sys.stdout, err or sys.stderr  # looked up per call (tests replace them)
     if draft is None and mode == "speculative":  # forced: use the default draft even if not recommended
         draft = default_draft(read_manifest(folder))
-    model = load(folder, device=device, threads=threads, draft=draft or DEFAULT_DRAFT)
+    model = load(folder, device=device, threads=threads, draft=draft or DEFAULT_TASK_DRAFT)
     used = model.resolve_mode(mode)
     start = time.perf_counter()
     pieces = []

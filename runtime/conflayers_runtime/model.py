@@ -79,8 +79,8 @@ class Model:
     def draft_config(self) -> DraftConfig:
         """The loaded draft's calibrated draft length, where the manifest has one, else the defaults."""
         if self.draft is None:
-            return speculative.DEFAULT_DRAFT
-        d, default = self.manifest.draft(self.draft), speculative.DEFAULT_DRAFT
+            return speculative.DEFAULT_DRAFT_CONFIG
+        d, default = self.manifest.draft(self.draft), speculative.DEFAULT_DRAFT_CONFIG
         return DraftConfig(
             d.max_draft_tokens or default.max_draft_tokens,
             default.confidence_threshold if d.confidence_threshold is None else d.confidence_threshold,
@@ -192,14 +192,14 @@ def _first_stop(text: str, stop_strings: Sequence[str], search_from: int) -> int
     return min(hits) if hits else None
 
 
-class _DefaultDraft:
-    """Type of DEFAULT_DRAFT: a sentinel, since a draft may well be named "default"."""
+class _DefaultTaskDraft:
+    """Type of DEFAULT_TASK_DRAFT: a sentinel, since a draft may well be named "default"."""
 
     def __repr__(self) -> str:
-        return "DEFAULT_DRAFT"
+        return "DEFAULT_TASK_DRAFT"
 
 
-DEFAULT_DRAFT = _DefaultDraft()
+DEFAULT_TASK_DRAFT = _DefaultTaskDraft()
 
 
 def default_draft(manifest: Manifest) -> str | None:
@@ -212,7 +212,7 @@ def default_draft(manifest: Manifest) -> str | None:
 def load(
     folder: str | os.PathLike[str],
     device: str = "cpu",
-    draft: str | None | _DefaultDraft = DEFAULT_DRAFT,
+    draft: str | None | _DefaultTaskDraft = DEFAULT_TASK_DRAFT,
     threads: int | None = None,
     weights: str | None = None,
     verify: bool = True,
@@ -220,7 +220,7 @@ def load(
 ) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
-    ``draft``: a draft name, ``DEFAULT_DRAFT`` (the draft of the manifest's ``default`` task, else the
+    ``draft``: a draft name, ``DEFAULT_TASK_DRAFT`` (the draft of the manifest's ``default`` task, else the
     first built draft, unless calibration did not recommend it) or None (plain decoding only).
     ``weights``: "prepacked" or "shared" (a CPU mode; see artifact.WEIGHT_MODES); None is
     "prepacked". ``verify`` checks every file's sha256 first. ``exact`` (default) makes greedy
@@ -233,7 +233,7 @@ def load(
     section = artifact_section(manifest)
     if verify:
         verify_files(folder, manifest)
-    if isinstance(draft, _DefaultDraft):
+    if isinstance(draft, _DefaultTaskDraft):
         draft = default_draft(manifest)
         if draft is not None and not manifest.draft(draft).recommended:
             # auto would decode plainly anyway; a lone session also decodes faster (its threads

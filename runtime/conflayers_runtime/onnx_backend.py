@@ -90,7 +90,7 @@ class OnnxBackend:
                 binding.bind_ortvalue_output(f"present.{layer}.{kind}", cache)
         return binding
 
-    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray:
+    def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray:
         total = start + max(len(token_ids), self.kv.min_rows)
         if total > self.kv.max_seq_len:
             raise GenerationError(
@@ -98,11 +98,11 @@ class OnnxBackend:
                 f"{self.kv.max_seq_len}: "
                 "shorten the prompt or max_new_tokens, or rebuild with a larger --max-seq-len"
             )
-        binding = self.bindings[draft]
+        binding = self.bindings[use_draft]
         if binding is None:
             raise GenerationError("this backend was opened without a draft graph")
         rows = len(token_ids)
-        if not draft and rows < self.full_pass_rows:
+        if not use_draft and rows < self.full_pass_rows:
             # Padding rows (see the module docstring) as far as the cache has room; the caller's
             # length check leaves room for them (Model.stream).
             padding = min(self.full_pass_rows, self.kv.max_seq_len - start) - rows
@@ -111,9 +111,9 @@ class OnnxBackend:
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         # A [1, passed] view of the preallocated ones: the mask tells the graph the valid length.
         binding.bind_input("attention_mask", self.device, 0, np.int64, [1, passed], self.ones.data_ptr())
-        logits = self._logits_buffer(draft, len(token_ids))
+        logits = self._logits_buffer(use_draft, len(token_ids))
         binding.bind_ortvalue_output("logits", logits)
-        self.sessions[draft].run_with_iobinding(binding)
+        self.sessions[use_draft].run_with_iobinding(binding)
         # [S, V]: a view of the reused host buffer, valid until the next forward of the same length
         # (callers consume it first). Reading it directly avoids wrapping every bound output.
         return logits.numpy()[0, :rows]

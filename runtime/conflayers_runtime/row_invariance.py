@@ -44,7 +44,7 @@ def measure(
     backend: Backend,
     token_ids: Sequence[int],
     prompt_len: int,
-    draft: bool = False,
+    use_draft: bool = False,
     max_rows: int = 9,
     graph: str = "full",
 ) -> RowInvariance:
@@ -54,8 +54,8 @@ def measure(
     end = len(tokens)
     if not 0 < prompt_len < end:
         raise ValueError(f"prompt_len must leave positions to compare: 0 < {prompt_len} < {end}")
-    backend.forward(tokens[:prompt_len], 0, draft)
-    steps = np.stack([backend.forward([tokens[i]], i, draft)[0].copy() for i in range(prompt_len, end)])
+    backend.forward(tokens[:prompt_len], 0, use_draft)
+    steps = np.stack([backend.forward([tokens[i]], i, use_draft)[0].copy() for i in range(prompt_len, end)])
     worst, flips = 0.0, 0
 
     def compare(rows: np.ndarray, first: int) -> None:
@@ -69,12 +69,12 @@ def measure(
             start = prompt_len + offset
             if start >= end:
                 break
-            backend.forward(tokens[:start], 0, draft)
+            backend.forward(tokens[:start], 0, use_draft)
             for first in range(start, end, rows):
-                compare(backend.forward(tokens[first : first + rows], first, draft), first)
-    compare(backend.forward(tokens, 0, draft)[prompt_len:], prompt_len)
+                compare(backend.forward(tokens[first : first + rows], first, use_draft), first)
+    compare(backend.forward(tokens, 0, use_draft)[prompt_len:], prompt_len)
     top2 = np.sort(steps, axis=-1)[:, -2:]
-    pass_rows = getattr(backend, "full_pass_rows", 1) if not draft else 1
+    pass_rows = getattr(backend, "full_pass_rows", 1) if not use_draft else 1
     return RowInvariance(
         graph, pass_rows, end - prompt_len, worst, worst == 0.0, flips, float((top2[:, 1] - top2[:, 0]).min())
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 import numpy as np
@@ -30,15 +30,19 @@ from .sampling import SamplingConfig
 
 
 class Backend(Protocol):
-    """Runs the model over ``token_ids`` at cache positions [start, start + len(token_ids)).
+    """Runs the full model, or the draft (``use_draft``), over ``token_ids`` at cache positions
+    [start, start + len(token_ids)).
 
-    Cache entries at positions >= start are treated as garbage and overwritten; this is how a
-    rejected draft is rolled back. Returns float logits [len(token_ids), vocab]. A backend whose
-    draft has a pruned vocabulary also has ``draft_token_ids``: its draft then returns
-    [len(token_ids), len(draft_token_ids)], column j scoring token ``draft_token_ids[j]``.
+    Cache entries at positions >= start are garbage and are overwritten: this is how a rejected
+    draft is rolled back. Returns float logits [len(token_ids), vocab]; they may be a view of a
+    buffer the backend reuses, valid until its next call, so callers consume (or copy) them first.
     """
 
-    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray: ...
+    # None, or the draft's pruned vocabulary: draft rows are then [len(token_ids), len(ids)], column
+    # j scoring token draft_token_ids[j] (the decoding loop maps the columns back to token ids).
+    draft_token_ids: np.ndarray | None
+
+    def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ class DraftConfig:
 
 
 GREEDY = SamplingConfig()
-DEFAULT_DRAFT = DraftConfig()
+DEFAULT_DRAFT_CONFIG = DraftConfig()
 
 
 @dataclass
@@ -137,14 +141,14 @@ def stream(
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     sampling_config: SamplingConfig = GREEDY,
-    draft: DraftConfig | None = DEFAULT_DRAFT,
+    draft_config: DraftConfig | None = DEFAULT_DRAFT_CONFIG,
     stop_token_ids: Sequence[int] = (),
     stats: GenerationStats | None = None,
     guard: SpeedGuard | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens in chunks as they are decided (one chunk per cycle).
 
-    ``draft=None`` decodes plainly with the full model. Greedy output is identical either way;
+    ``draft_config=None`` decodes plainly with the full model. Greedy output is identical either way;
     sampled output is distributed exactly as plain sampling. A ``guard`` may turn drafting off
     for some cycles (when speculation is measured slower than plain decoding); that changes
     speed only, never the output distribution.
@@ -163,7 +167,7 @@ def stream(
         return sampling.sample(sampling.warp(logits_row, sampling_config), rng)
 
     prompt = list(prompt_ids)
-    pending = choose(backend.forward(prompt, 0, draft=False)[-1])  # prefill
+    pending = choose(backend.forward(prompt, 0, use_draft=False)[-1])  # prefill
     stats.prefill_passes += 1
     cached = len(prompt)  # valid KV positions; `pending` is not in the cache yet
     produced = 1
@@ -174,14 +178,16 @@ def stream(
 
     while produced < max_new_tokens:
         # Leave room for the full model's own token: a cycle emits accepted drafts + 1.
-        budget = 0 if draft is None else min(draft.max_draft_tokens, max_new_tokens - produced - 1)
+        budget = (
+            0 if draft_config is None else min(draft_config.max_draft_tokens, max_new_tokens - produced - 1)
+        )
         if guard is not None and not guard.allow_draft():
             budget = 0
         started = time.perf_counter()
-        drafted, q_rows = _draft(backend, pending, cached, budget, draft, sampling_config, rng)
+        drafted, q_rows = _propose(backend, pending, cached, budget, draft_config, sampling_config, rng)
         stats.draft_passes += len(drafted)
 
-        verify_logits = backend.forward([pending, *drafted], cached, draft=False)  # [k+1, V]
+        verify_logits = backend.forward([pending, *drafted], cached, use_draft=False)  # [k+1, V]
         stats.verify_passes += 1
         if sampling_config.greedy:
             accepted, next_token = sampling.accept_greedy(verify_logits, drafted)
@@ -255,12 +261,12 @@ class SpeedGuard:
         return value if average is None else (1 - self.smoothing) * average + self.smoothing * value
 
 
-def _draft(
+def _propose(
     backend: Backend,
     pending: int,
     cached: int,
     budget: int,
-    draft: DraftConfig | None,
+    draft_config: DraftConfig | None,
     sampling_config: SamplingConfig,
     rng: np.random.Generator,
 ) -> tuple[list[int], list[np.ndarray]]:
@@ -268,16 +274,16 @@ def _draft(
     over the draft's own columns)."""
     drafted: list[int] = []
     q_rows: list[np.ndarray] = []
-    token_ids = getattr(backend, "draft_token_ids", None)  # optional: most backends have no pruned draft
+    token_ids = getattr(backend, "draft_token_ids", None)  # test doubles may leave it out
     token = pending
     for position in range(cached, cached + budget):
-        logits = backend.forward([token], position, draft=True)[0]
+        logits = backend.forward([token], position, use_draft=True)[0]
         q = sampling.warp(logits, sampling_config)
         column = int(q.argmax()) if sampling_config.greedy else sampling.sample(q, rng)
         token = column if token_ids is None else int(token_ids[column])
         drafted.append(token)
         q_rows.append(q)
-        if draft is not None and q.max() < draft.confidence_threshold:
+        if draft_config is not None and q.max() < draft_config.confidence_threshold:
             break
     return drafted, q_rows
 
@@ -298,13 +304,15 @@ def generate(
     prompt_ids: Sequence[int],
     max_new_tokens: int,
     sampling_config: SamplingConfig = GREEDY,
-    draft: DraftConfig | None = DEFAULT_DRAFT,
+    draft_config: DraftConfig | None = DEFAULT_DRAFT_CONFIG,
     stop_token_ids: Sequence[int] = (),
 ) -> tuple[list[int], GenerationStats]:
     """Run :func:`stream` to the end. Returns (new token ids, stats)."""
     stats = GenerationStats()
     tokens: list[int] = []
-    for chunk in stream(backend, prompt_ids, max_new_tokens, sampling_config, draft, stop_token_ids, stats):
+    for chunk in stream(
+        backend, prompt_ids, max_new_tokens, sampling_config, draft_config, stop_token_ids, stats
+    ):
         tokens.extend(chunk)
     return tokens, stats
 
@@ -320,16 +328,16 @@ def measure_pass_costs(
     (so load that comes and goes hits all three alike), and each cost is the ratio of the fastest
     repeats (other work only ever adds time)."""
     prompt = list(range(100, 100 + context))
-    backend.forward(prompt, 0, draft=False)
+    backend.forward(prompt, 0, use_draft=False)
     verify = list(range(101, 101 + verify_tokens))
     passes = {"step": ([101], False), "draft": ([101], True), "verify": (verify, False)}
-    for tokens, draft in passes.values():  # warm-up: first calls allocate
-        backend.forward(tokens, context, draft)
+    for tokens, use_draft in passes.values():  # warm-up: first calls allocate
+        backend.forward(tokens, context, use_draft)
     fastest = dict.fromkeys(passes, float("inf"))
     for _ in range(repeats):
-        for name, (tokens, draft) in passes.items():
+        for name, (tokens, use_draft) in passes.items():
             start = time.perf_counter()
-            backend.forward(tokens, context, draft)
+            backend.forward(tokens, context, use_draft)
             fastest[name] = min(fastest[name], time.perf_counter() - start)
     return fastest["draft"] / fastest["step"], fastest["verify"] / fastest["step"]
 
@@ -342,3 +350,30 @@ def expected_speedup(
     if not tokens_per_full_pass:
         return 0.0
     return tokens_per_full_pass / (draft_passes_per_full_pass * c_draft + c_verify)
+
+
+@dataclass(kw_only=True)
+class DraftScore:
+    """How a draft did on a prompt set and what it is expected to gain: the one record of a draft's
+    evaluation (calibrate's layer search and joint choice extend it with what they vary)."""
+
+    acceptance_rate: float = 0.0
+    mean_tokens_per_cycle: float = 0.0  # tokens per full-model pass
+    draft_passes_per_cycle: float = 0.0
+    c_draft: float = 0.0  # one draft pass / one plain step
+    c_verify: float = 1.0  # one verify pass / one plain step
+    expected_speedup: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """This record's own fields (what a manifest's draft metrics and reports start from)."""
+        return {f.name: getattr(self, f.name) for f in fields(DraftScore)}
+
+    def scored(self, stats: GenerationStats, c_draft: float, c_verify: float = 1.0) -> None:
+        """Fill the record from a generation's statistics and the pass costs."""
+        self.acceptance_rate = stats.acceptance_rate
+        self.mean_tokens_per_cycle = stats.mean_tokens_per_cycle
+        self.draft_passes_per_cycle = stats.draft_passes_per_cycle
+        self.c_draft, self.c_verify = c_draft, c_verify
+        self.expected_speedup = expected_speedup(
+            stats.mean_tokens_per_cycle, stats.draft_passes_per_cycle, c_draft, c_verify
+        )

@@ -18,35 +18,32 @@ which includes the prompt's prefill and is noisier than S: S chooses).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from conflayers_runtime import DraftConfig
 from conflayers_runtime.manifest import ARTIFACT_DTYPES, Draft
+from conflayers_runtime.speculative import DraftScore
 
 from ..errors import CalibrationError
 from ..export.quantize import BITS
 from ..models import LoadedModel
 from ..progress import Progress
 from .scoring import CandidateGraphs, EvaluationTexts, candidate_graphs, timed_costs
-from .search import CalibrationSettings, stats_speedup
+from .search import CalibrationSettings
 
 
-@dataclass
-class DraftCandidate:
+@dataclass(kw_only=True)
+class DraftCandidate(DraftScore):
+    """A combination of the joint choice, scored (costs: timed on its graphs, or the bytes ratio)."""
+
     skip: list[int]
     weight_precision: str
     vocab_size: int | None  # None: the whole vocabulary
     max_draft_tokens: int
     confidence_threshold: float
-    acceptance_rate: float = 0.0
-    mean_tokens_per_cycle: float = 0.0
-    draft_passes_per_cycle: float = 0.0
     bytes_ratio: float = 0.0  # weight bytes the draft reads per token / the full graph's
-    c_draft: float = 0.0
-    c_verify: float = 1.0
-    expected_speedup: float = 0.0
     timing_flag: str = ""  # set when the timed c_draft disagrees with the bytes ratio (scoring.timed_costs)
 
     @property
@@ -155,13 +152,10 @@ class DraftSearch:
                 step()
                 candidates = []
                 for draft in drafts:
-                    candidates += self._score(graphs, draft, [first], evaluation)
-                    step()
+                    candidates += self._score(graphs, draft, [first], evaluation, step)
                 by_speedup = sorted(range(len(drafts)), key=lambda i: -candidates[i].expected_speedup)
                 for index in by_speedup[: s.policy_finalists]:
-                    for policy in policies:
-                        candidates += self._score(graphs, drafts[index], [policy], evaluation)
-                        step()
+                    candidates += self._score(graphs, drafts[index], policies, evaluation, step)
                 chosen = max(candidates, key=lambda c: c.expected_speedup)
                 confirmation = self._confirm(graphs, drafts, chosen, evaluation)
                 step()
@@ -170,7 +164,7 @@ class DraftSearch:
             candidates=candidates,
             chosen=chosen,
             plain_tokens_per_second=evaluation.plain_tokens_per_second,
-            coverage=coverage(ranked, evaluation.texts or [], sizes),  # held-out text
+            coverage=coverage(ranked, evaluation.replies(self.loaded.stop_token_ids), sizes),  # held-out text
             seconds=time.perf_counter() - started,
             confirmation=confirmation,
         )
@@ -181,6 +175,7 @@ class DraftSearch:
         draft: Draft,
         configs: Sequence[DraftConfig],
         evaluation: EvaluationTexts,
+        step: Callable[[], None],
     ) -> list[DraftCandidate]:
         """One replay per draft length, on one pair of sessions (opened once: costly for big models)."""
         backend = graphs.open(draft.name)
@@ -199,15 +194,10 @@ class DraftSearch:
                 vocab_size=draft.vocab_size,
                 max_draft_tokens=config.max_draft_tokens,
                 confidence_threshold=config.confidence_threshold,
-                acceptance_rate=stats.acceptance_rate,
-                mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
-                draft_passes_per_cycle=stats.draft_passes_per_cycle,
                 bytes_ratio=ratio,
-                c_draft=c_draft,
-                c_verify=c_verify,
-                expected_speedup=stats_speedup(stats, c_draft, c_verify),
                 timing_flag=flag,
             )
+            candidate.scored(stats, c_draft, c_verify)
             self.progress.log(
                 f"  {candidate.label}, up to {config.max_draft_tokens} drafts above "
                 f"{config.confidence_threshold}: acceptance {candidate.acceptance_rate:.2f}, "
@@ -215,6 +205,7 @@ class DraftSearch:
                 + (f" [{flag}]" if flag else "")
             )
             scored.append(candidate)
+            step()
         return scored
 
     def _confirm(

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from conflayers_runtime import DraftConfig, GenerationStats, SamplingConfig, check_skip_layers
 from conflayers_runtime import generate as run_generation
-from conflayers_runtime.speculative import DEFAULT_DRAFT, GREEDY
+from conflayers_runtime.speculative import DEFAULT_DRAFT_CONFIG, GREEDY
 from transformers import DynamicCache, PreTrainedModel
 
 from .architectures import Architecture, bypassed
@@ -52,11 +52,11 @@ class TorchBackend:
         self.cache = DynamicCache()
 
     @torch.inference_mode()
-    def forward(self, token_ids: Sequence[int], start: int, draft: bool) -> np.ndarray:
+    def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray:
         self._truncate(start)
         positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)  # [1, S]
-        model = self.draft_model if draft else self.model
-        skip = self.skip_layers if draft else ()
+        model = self.draft_model if use_draft else self.model
+        skip = self.skip_layers if use_draft else ()
         context = bypassed(model, self.architecture, skip) if skip else contextlib.nullcontext()
         with context:
             out = model(
@@ -66,7 +66,7 @@ class TorchBackend:
                 **{self.cache_argument: self.cache},
             )
         logits = out.logits[0].float().numpy()  # [S, V]
-        return logits[:, self.draft_token_ids] if draft and self.draft_token_ids is not None else logits
+        return logits[:, self.draft_token_ids] if use_draft and self.draft_token_ids is not None else logits
 
     def _truncate(self, length: int) -> None:
         if length == 0:
@@ -92,9 +92,10 @@ def speculative_generate(
     skip_layers: Sequence[int],
     max_new_tokens: int,
     sampling: SamplingConfig = GREEDY,
-    draft: DraftConfig | None = DEFAULT_DRAFT,
+    draft_config: DraftConfig | None = DEFAULT_DRAFT_CONFIG,
     stop_token_ids: Sequence[int] = (),
 ) -> tuple[list[int], GenerationStats]:
-    """Self-speculative generation with ``skip_layers`` bypassed in the draft (``draft=None``: plain)."""
+    """Self-speculative generation with ``skip_layers`` bypassed in the draft (``draft_config=None``:
+    plain)."""
     backend = TorchBackend(model, architecture, skip_layers)
-    return run_generation(backend, prompt_ids, max_new_tokens, sampling, draft, stop_token_ids)
+    return run_generation(backend, prompt_ids, max_new_tokens, sampling, draft_config, stop_token_ids)

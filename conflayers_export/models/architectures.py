@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 
 # Tiny random configs share these sizes: big enough to have GQA (4 query heads over 2 KV heads)
 # and several layers to skip, small enough that a forward pass takes about a millisecond.
@@ -62,6 +62,8 @@ class Architecture:
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight); gemma stores weight - 1
     sandwich_norms: bool = False  # extra norms on the attention and MLP outputs (gemma3)
     rope_per_layer_type: bool = False  # sliding and full layers use different RoPE tables (gemma3)
+    # ConfLayers' window width factor capped at L // 3, as the reference code does for Qwen models
+    caps_confidence_window: bool = False
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         module = model
@@ -141,8 +143,8 @@ def _tiny(config_class_name: str, **overrides: object) -> Callable[[], Pretraine
 
 register(Architecture("llama", _tiny("LlamaConfig")))
 register(Architecture("mistral", _tiny("MistralConfig", sliding_window=None)))
-register(Architecture("qwen2", _tiny("Qwen2Config")))
-register(Architecture("qwen3", _tiny("Qwen3Config", head_dim=16), qk_norm=True))
+register(Architecture("qwen2", _tiny("Qwen2Config"), caps_confidence_window=True))
+register(Architecture("qwen3", _tiny("Qwen3Config", head_dim=16), qk_norm=True, caps_confidence_window=True))
 register(Architecture("phi3", _tiny("Phi3Config"), fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"))
 register(
     Architecture(
