@@ -147,14 +147,18 @@ def generate_texts(
     evaluations: Sequence[EvaluationTexts],
     progress: Progress,
 ) -> None:
-    """The full model's greedy texts of every prompt set, on the target graphs (a full graph alone)."""
-    total = sum(len(e.prompts) for e in evaluations)
+    """The full model's greedy texts of the prompt sets that have none yet, on the target graphs
+    (a full graph alone)."""
+    missing = [e for e in evaluations if e.texts is None]
+    if not missing:
+        return
+    total = sum(len(e.prompts) for e in missing)
     with progress.phase(
-        f"generating the full model's greedy text of {total} prompts", len(evaluations) + 1
+        f"generating the full model's greedy text of {total} prompts", len(missing) + 1
     ) as step:
-        with candidate_graphs(loaded, settings, [], evaluations) as graphs:
+        with candidate_graphs(loaded, settings, [], missing) as graphs:
             step()
-            for evaluation in evaluations:
+            for evaluation in missing:
                 graphs.texts(evaluation)
                 step()
 
