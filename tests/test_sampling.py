@@ -39,9 +39,9 @@ def test_bad_sampling_settings_are_refused(kwargs):
 def test_accept_greedy_stops_at_first_mismatch():
     # argmax rows: 3, 1, 2, 0
     rows = np.eye(4)[[3, 1, 2, 0]]
-    assert accept_greedy(rows, [3, 1, 0]) == (2, 2)  # third draft (0) != argmax 2 -> replaced by 2
-    assert accept_greedy(rows, [3, 1, 2]) == (3, 0)  # all accepted, bonus = argmax of last row
-    assert accept_greedy(rows[:1], []) == (0, 3)  # nothing drafted: plain step
+    assert accept_greedy(rows.argmax(-1), [3, 1, 0]) == (2, 2)  # third draft (0) != argmax 2 -> replaced by 2
+    assert accept_greedy(rows.argmax(-1), [3, 1, 2]) == (3, 0)  # all accepted, bonus = argmax of last row
+    assert accept_greedy(rows[:1].argmax(-1), []) == (0, 3)  # nothing drafted: plain step
 
 
 def _always_accept(p, q, drafted, rng):

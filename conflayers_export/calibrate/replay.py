@@ -36,30 +36,50 @@ class ReplayBackend:
         self.sequence = [*prompt, *text]  # position i holds token i; the model's output at i is i + 1
         self.saved: dict[tuple[int, str], np.ndarray] = {}
 
+    @property
+    def chooses_on_device(self) -> bool:
+        return self.backend.chooses_on_device
+
+    def greedy(
+        self, token_ids: Sequence[int], start: int, use_draft: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The decoding loop's greedy path: the draft's choices from its graph, the full model's from
+        the text."""
+        if use_draft:
+            return self.backend.greedy(token_ids, start, use_draft=True)
+        if start == 0:
+            self._prefill(token_ids)
+            return np.asarray(self.sequence[1 : len(self.prompt) + 1]), None
+        return np.asarray(self._verify(token_ids, start)), None
+
     def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray:
+        """The same as logits rows, for backends that choose from logits: one-hot rows of the text."""
         if use_draft:
             return self.backend.forward(token_ids, start, use_draft=True)
+        targets = self.sequence[1 : len(self.prompt) + 1] if start == 0 else self._verify(token_ids, start)
         if start == 0:
-            return self._prefill(token_ids)
-        return self._verify(token_ids, start)
+            self._prefill(token_ids)
+        rows = np.zeros((len(targets), self.backend.widths[False]), np.float32)
+        rows[np.arange(len(targets)), targets] = 1.0
+        return rows
 
-    def _prefill(self, token_ids: Sequence[int]) -> np.ndarray:
+    def _prefill(self, token_ids: Sequence[int]) -> None:
+        """One full-graph pass over prompt + text: the full model's keys and values everywhere."""
         if list(token_ids) != self.prompt:
             raise ValueError("a replay starts with the prompt its text was generated from")
         logits = self.backend.forward(self.sequence[:-1], 0, use_draft=False)
         if int(logits[len(self.prompt) - 1].argmax()) != self.sequence[len(self.prompt)]:
             raise ValueError("the replayed text is not the full model's greedy continuation of its prompt")
         self.saved = {key: cache.numpy().copy() for key, cache in self.backend.caches.items()}
-        return logits[: len(self.prompt)]
 
-    def _verify(self, token_ids: Sequence[int], start: int) -> np.ndarray:
+    def _verify(self, token_ids: Sequence[int], start: int) -> list[int]:
+        """The full model's tokens after each of ``token_ids`` (read from the text), and its keys and
+        values put back where the draft wrote its own."""
         end = start + len(token_ids)
         if end >= len(self.sequence) or list(token_ids[:1]) != self.sequence[start : start + 1]:
             raise ValueError(f"verify pass at {start} leaves the replayed text (length {len(self.sequence)})")
         self._restore(start, end + self.backend.kv.min_rows)
-        rows = np.zeros((len(token_ids), self.backend.widths[False]), np.float32)
-        rows[np.arange(len(token_ids)), self.sequence[start + 1 : end + 1]] = 1.0
-        return rows
+        return self.sequence[start + 1 : end + 1]
 
     def _restore(self, start: int, stop: int) -> None:
         """Put back the full model's keys and values at [start, stop), where drafts wrote theirs."""

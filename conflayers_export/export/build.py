@@ -35,7 +35,7 @@ from ..errors import ManifestError
 from ..models import LoadedModel
 from ..models.architectures import KVLayout
 from ..staging import replace_folder
-from .graph import MIN_ATTENTION_ROWS, WeightStore, build_graph
+from .graph import MIN_ATTENTION_ROWS, WeightStore, build_graph, draft_vocab_name
 from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE
 from .weights import attach_external, write_weights
 
@@ -92,6 +92,8 @@ GRAPH_INPUTS = {
 GRAPH_OUTPUTS = {
     "logits": "float32 [batch, sequence, vocab] (a pruned draft: [.., len(draft_vocab ids)])",
     "present.{layer}.key|value": "the past buffer, updated in place at [total - sequence, total)",
+    "next_token_ids": "int64 [batch, sequence]: each row's argmax as a token id (greedy, on the device)",
+    "top_probability": "float32 [batch, sequence], drafts only: the argmax's softmax probability",
 }
 
 
@@ -126,7 +128,7 @@ def _build_graphs(
         kept = [i for i in range(num_layers) if i not in set(draft.skip_layers)]
         vocab_ids = draft_vocabulary(draft, manifest, model.config.vocab_size)
         if vocab_ids is not None:  # the id of each logits column, read by runtimes from the weights file
-            built.draft_vocab[draft.name] = store.add(f"draft_vocab.{len(vocab_ids)}.token_ids", vocab_ids)
+            built.draft_vocab[draft.name] = store.add(draft_vocab_name(len(vocab_ids)), vocab_ids)
         file_name = built.drafts[draft.name] = draft_graph_name(draft.name)
         built.protos[file_name] = build_graph(
             model,
@@ -138,6 +140,7 @@ def _build_graphs(
             f"draft.{draft.name}",
             draft_bits(draft, dtype),
             vocab_ids,
+            confidence=True,
         )
         built.layers[draft.name] = kept
     return built

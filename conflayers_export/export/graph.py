@@ -19,7 +19,11 @@ layers it keeps (same names as in the full graph), and its initializers are a su
 full graph's, by name. Graph I/O (batch B, new tokens S, total length T):
     input_ids [B, S] int64, attention_mask [B, T] int64 (ones; T = cached + S),
     past_key_values.{i}.key/value [B, kv_heads, max_seq_len, head_dim]
- -> logits [B, S, vocab] float32, present.{i}.key/value (same buffers as past).
+ -> logits [B, S, vocab] float32, present.{i}.key/value (same buffers as past),
+    next_token_ids [B, S] int64 (each row's argmax, as a token id also for a pruned draft), and in
+    drafts top_probability [B, S] float32 (the largest softmax probability: the draft's stop rule).
+The last two are the greedy token choice on the device: a runtime decoding greedily reads them
+instead of logits rows (on CUDA the logits then never cross the bus).
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class _GraphBuilder:
         weights: WeightStore,
         bits: int | None = None,
         vocab_ids: np.ndarray | None = None,
+        confidence: bool = False,
     ):
         self.model = model
         self.arch = architecture
@@ -80,6 +85,7 @@ class _GraphBuilder:
         self.np_dtype, self.onnx_dtype = _FLOATS[ARTIFACT_DTYPES[dtype].activations]
         self.bits = bits
         self.vocab_ids = vocab_ids
+        self.confidence = confidence  # also output top_probability (drafts)
         self.max_seq_len = max_seq_len
         self.weights = weights
         self.layout = architecture.kv_layout(model.config)
@@ -383,7 +389,25 @@ class _GraphBuilder:
         if self.onnx_dtype != TensorProto.FLOAT:
             logits = self.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)[0]
         self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Output"))
+        self.token_choice(logits)
         return self._model(keep_layers, graph_name)
+
+    def token_choice(self, logits: str) -> None:
+        """next_token_ids (and, with ``confidence``, top_probability) from the float32 logits. ArgMax
+        keeps the first of equal maxima, as numpy's argmax does, so both paths choose alike."""
+        best = self.op("ArgMax", [logits], "/choice/ArgMax", axis=-1, keepdims=0)[0]
+        if self.vocab_ids is not None:  # a pruned draft: column j scores token vocab_ids[j]
+            table = self.weight(draft_vocab_name(len(self.vocab_ids)), self.vocab_ids, keep_dtype=True)
+            best = self.op("Gather", [table, best], "/choice/TokenIds")[0]
+        self.nodes.append(helper.make_node("Identity", [best], ["next_token_ids"], name="/choice/Ids"))
+        if not self.confidence:
+            return
+        # 1 / sum(exp(logits - max)): the softmax probability of the argmax
+        axes = self.const("axes.-1", [-1])
+        top = self.op("ReduceMax", [logits, axes], "/choice/ReduceMax", keepdims=1)[0]
+        shifted = self.op("Exp", [self.op("Sub", [logits, top], "/choice/Sub")[0]], "/choice/Exp")[0]
+        total = self.op("ReduceSum", [shifted, axes], "/choice/ReduceSum", keepdims=0)[0]
+        self.op("Reciprocal", [total], "/choice/Probability", outputs=["top_probability"])
 
     @property
     def vocab_width(self) -> int:
@@ -414,10 +438,14 @@ class _GraphBuilder:
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
             helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
         ]
+        choice = [("next_token_ids", TensorProto.INT64)]
+        if self.confidence:
+            choice.append(("top_probability", TensorProto.FLOAT))
         outputs = [
+            *(helper.make_tensor_value_info(name, kind, ["batch", "sequence"]) for name, kind in choice),
             helper.make_tensor_value_info(
                 "logits", TensorProto.FLOAT, ["batch", "sequence", self.vocab_width]
-            )
+            ),
         ]
         for i in keep_layers:
             for kind in ("key", "value"):
@@ -439,6 +467,11 @@ class _GraphBuilder:
         return model
 
 
+def draft_vocab_name(size: int) -> str:
+    """The weights-file tensor of a pruned draft's token ids (its logits column -> token id)."""
+    return f"draft_vocab.{size}.token_ids"
+
+
 def _epsilon(norm: torch.nn.Module) -> float:
     """RMSNorm epsilon: Llama-style modules call it variance_epsilon, Gemma-style ones eps."""
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -454,9 +487,11 @@ def build_graph(
     graph_name: str,
     bits: int | None = None,
     vocab_ids: np.ndarray | None = None,
+    confidence: bool = False,
 ) -> tuple[onnx.ModelProto, set[str]]:
     """Build one graph that runs ``keep_layers`` (with ``bits``-bit linears and a head over
-    ``vocab_ids`` when given); returns it and the names of the weights it reads."""
-    builder = _GraphBuilder(model, architecture, dtype, max_seq_len, weights, bits, vocab_ids)
+    ``vocab_ids`` when given; ``confidence``: a draft's top_probability output); returns it and
+    the names of the weights it reads."""
+    builder = _GraphBuilder(model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, confidence)
     graph = builder.build(list(keep_layers), graph_name)
     return graph, builder.used

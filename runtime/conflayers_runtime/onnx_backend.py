@@ -77,8 +77,23 @@ class OnnxBackend:
         self.bindings = {False: self._bind(full), True: self._bind(draft) if draft is not None else None}
         self.sessions = {False: full, True: draft}
         # Logits columns per graph: the vocabulary, or a pruned draft's own width.
-        self.widths = {role: int(s.get_outputs()[0].shape[-1]) for role, s in self.sessions.items() if s}
-        self._logits: dict[tuple[bool, int], ort.OrtValue] = {}
+        outputs = {role: {o.name for o in s.get_outputs()} for role, s in self.sessions.items() if s}
+        # Logits columns per graph: the vocabulary, or a pruned draft's own width.
+        self.widths = {
+            role: next(int(o.shape[-1]) for o in s.get_outputs() if o.name == "logits")
+            for role, s in self.sessions.items()
+            if s
+        }
+        # Greedy token choice on the device (graph.py): every graph has next_token_ids and the draft
+        # top_probability, in artifacts built since they exist; older ones choose from logits.
+        self._choice = {
+            role: [n for n in ("next_token_ids", "top_probability") if n in names]
+            for role, names in outputs.items()
+        }
+        self.chooses_on_device = all(self._choice.values()) and (
+            draft is None or len(self._choice[True]) == 2
+        )
+        self._buffers: dict[tuple[str, bool, int, str], ort.OrtValue] = {}
 
     def _bind(self, session: ort.InferenceSession) -> ort.IOBinding:
         binding = session.io_binding()
@@ -91,6 +106,26 @@ class OnnxBackend:
         return binding
 
     def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray:
+        """Logits rows [len(token_ids), width]: a view of a reused host buffer, valid until the next
+        call with as many rows (callers consume it first)."""
+        rows = len(token_ids)
+        outputs = self._run(token_ids, start, use_draft, logits_on_host=True)
+        return outputs["logits"].numpy()[0, :rows]
+
+    def greedy(
+        self, token_ids: Sequence[int], start: int, use_draft: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The greedy choice made on the device (needs ``chooses_on_device``): (the argmax token id
+        of every row, and for the draft its softmax probability, else None). Only these few bytes
+        cross the bus; the logits stay in a device buffer."""
+        rows = len(token_ids)
+        outputs = self._run(token_ids, start, use_draft, logits_on_host=False)
+        ids = outputs["next_token_ids"].numpy()[0, :rows]
+        return ids, outputs["top_probability"].numpy()[0, :rows] if use_draft else None
+
+    def _run(
+        self, token_ids: Sequence[int], start: int, use_draft: bool, logits_on_host: bool
+    ) -> dict[str, ort.OrtValue]:
         total = start + max(len(token_ids), self.kv.min_rows)
         if total > self.kv.max_seq_len:
             raise GenerationError(
@@ -107,24 +142,30 @@ class OnnxBackend:
             # length check leaves room for them (Model.stream).
             padding = min(self.full_pass_rows, self.kv.max_seq_len - start) - rows
             token_ids = [*token_ids, *[token_ids[-1]] * padding]
-        passed = start + len(token_ids)
+        passed, rows = start + len(token_ids), len(token_ids)
         binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
         # A [1, passed] view of the preallocated ones: the mask tells the graph the valid length.
         binding.bind_input("attention_mask", self.device, 0, np.int64, [1, passed], self.ones.data_ptr())
-        logits = self._logits_buffer(use_draft, len(token_ids))
-        binding.bind_ortvalue_output("logits", logits)
+        logits_device = "cpu" if logits_on_host else self.device
+        # Every output is bound each call: a binding keeps earlier buffers, of other row counts.
+        outputs = {"logits": self._buffer("logits", use_draft, rows, logits_device)}
+        for name in self._choice[use_draft]:
+            outputs[name] = self._buffer(name, use_draft, rows, "cpu")
+        for name, buffer in outputs.items():
+            binding.bind_ortvalue_output(name, buffer)
         self.sessions[use_draft].run_with_iobinding(binding)
-        # [S, V]: a view of the reused host buffer, valid until the next forward of the same length
-        # (callers consume it first). Reading it directly avoids wrapping every bound output.
-        return logits.numpy()[0, :rows]
+        return outputs
 
-    def _logits_buffer(self, draft: bool, rows: int) -> ort.OrtValue:
-        """A host buffer [1, rows, width] for the logits; kept for the short steps that repeat."""
-        buffer = self._logits.get((draft, rows))
+    def _buffer(self, name: str, use_draft: bool, rows: int, device: str) -> ort.OrtValue:
+        """An output buffer [1, rows(, width)] on ``device``, kept for the short passes that repeat
+        (steps, draft passes, verify passes); prefills vary in length and are not kept."""
+        key = (name, use_draft, rows, device)
+        buffer = self._buffers.get(key)
         if buffer is None:
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(
-                [1, rows, self.widths[draft]], np.float32, "cpu", 0
-            )
-            if rows <= 16:  # draft/plain steps and verify passes; prefills vary and are not kept
-                self._logits[(draft, rows)] = buffer
+            shape, dtype = [1, rows], {"next_token_ids": np.int64}.get(name, np.float32)
+            if name == "logits":
+                shape.append(self.widths[use_draft])
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
+            if rows <= 16:
+                self._buffers[key] = buffer
         return buffer

@@ -14,6 +14,7 @@ Acceptance rules (Leviathan et al. 2023; Chen et al. 2023):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,11 +82,10 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(probs) - 1))
 
 
-def accept_greedy(verify_logits: np.ndarray, drafted: list[int]) -> tuple[int, int]:
-    """Greedy rule. ``verify_logits`` [k+1, V] are the full model's rows for the k drafted positions
+def accept_greedy(targets: Sequence[int] | np.ndarray, drafted: list[int]) -> tuple[int, int]:
+    """Greedy rule. ``targets`` [k+1] are the full model's argmax tokens at the k drafted positions
     plus the bonus position. Returns (number of drafted tokens accepted, the full model's next token).
     """
-    targets = verify_logits.argmax(axis=-1)  # [k+1]
     accepted = 0
     while accepted < len(drafted) and drafted[accepted] == int(targets[accepted]):
         accepted += 1

@@ -161,13 +161,13 @@ def stream(
     rng = np.random.default_rng(sampling_config.seed)
     stops = set(stop_token_ids)
 
-    def choose(logits_row: np.ndarray) -> int:
-        if sampling_config.greedy:
-            return int(logits_row.argmax())
-        return sampling.sample(sampling.warp(logits_row, sampling_config), rng)
-
+    greedy = sampling_config.greedy
     prompt = list(prompt_ids)
-    pending = choose(backend.forward(prompt, 0, use_draft=False)[-1])  # prefill
+    if greedy:  # prefill
+        pending = int(greedy_tokens(backend, prompt, 0, use_draft=False)[0][-1])
+    else:
+        last = backend.forward(prompt, 0, use_draft=False)[-1]
+        pending = sampling.sample(sampling.warp(last, sampling_config), rng)
     stats.prefill_passes += 1
     cached = len(prompt)  # valid KV positions; `pending` is not in the cache yet
     produced = 1
@@ -187,11 +187,12 @@ def stream(
         drafted, q_rows = _propose(backend, pending, cached, budget, draft_config, sampling_config, rng)
         stats.draft_passes += len(drafted)
 
-        verify_logits = backend.forward([pending, *drafted], cached, use_draft=False)  # [k+1, V]
         stats.verify_passes += 1
-        if sampling_config.greedy:
-            accepted, next_token = sampling.accept_greedy(verify_logits, drafted)
+        if greedy:
+            targets, _ = greedy_tokens(backend, [pending, *drafted], cached, use_draft=False)  # [k+1]
+            accepted, next_token = sampling.accept_greedy(targets, drafted)
         else:
+            verify_logits = backend.forward([pending, *drafted], cached, use_draft=False)  # [k+1, V]
             p = sampling.warp(verify_logits, sampling_config)
             q = _over_vocabulary(q_rows, getattr(backend, "draft_token_ids", None), p.shape[-1])
             accepted, next_token = sampling.accept_sampled(p, q, drafted, rng)
@@ -270,22 +271,45 @@ def _propose(
     sampling_config: SamplingConfig,
     rng: np.random.Generator,
 ) -> tuple[list[int], list[np.ndarray]]:
-    """Propose up to ``budget`` tokens with the draft. Returns (tokens, their draft distributions,
-    over the draft's own columns)."""
+    """Propose up to ``budget`` tokens with the draft. Returns (tokens, their draft distributions
+    over the draft's own columns; none when greedy: acceptance then needs only the tokens)."""
     drafted: list[int] = []
     q_rows: list[np.ndarray] = []
     token_ids = getattr(backend, "draft_token_ids", None)  # test doubles may leave it out
     token = pending
     for position in range(cached, cached + budget):
-        logits = backend.forward([token], position, use_draft=True)[0]
-        q = sampling.warp(logits, sampling_config)
-        column = int(q.argmax()) if sampling_config.greedy else sampling.sample(q, rng)
+        if sampling_config.greedy:
+            ids, probabilities = greedy_tokens(backend, [token], position, use_draft=True)
+            token = int(ids[0])
+            drafted.append(token)
+            if draft_config is not None and probabilities[0] < draft_config.confidence_threshold:
+                break
+            continue
+        q = sampling.warp(backend.forward([token], position, use_draft=True)[0], sampling_config)
+        column = sampling.sample(q, rng)
         token = column if token_ids is None else int(token_ids[column])
         drafted.append(token)
         q_rows.append(q)
         if draft_config is not None and q.max() < draft_config.confidence_threshold:
             break
     return drafted, q_rows
+
+
+def greedy_tokens(
+    backend: Backend, token_ids: Sequence[int], start: int, use_draft: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax token id of every row, its softmax probability): chosen on the device where the
+    backend can (``chooses_on_device``: only ids and, for the draft, probabilities cross the bus),
+    else from the logits here. Both paths pick the first of equal maxima; the probability only
+    decides where a draft stops (the device computes it in float32), never which token is emitted."""
+    if getattr(backend, "chooses_on_device", False):
+        ids, probabilities = backend.greedy(token_ids, start, use_draft)  # type: ignore[attr-defined]
+        return ids, probabilities
+    logits = backend.forward(token_ids, start, use_draft)
+    columns = logits.argmax(axis=-1)
+    mapping = getattr(backend, "draft_token_ids", None) if use_draft else None
+    ids = columns if mapping is None else np.asarray(mapping)[columns]
+    return ids, (sampling.softmax(logits).max(axis=-1) if use_draft else None)  # type: ignore[return-value]
 
 
 def _over_vocabulary(q_rows: list[np.ndarray], token_ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
