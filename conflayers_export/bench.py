@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from conflayers_runtime import GenerationStats, load, read_manifest
+from conflayers_runtime import GenerationStats, Model, load, read_manifest
 from conflayers_runtime.artifact import artifact_section
+from conflayers_runtime.manifest import Manifest
 from conflayers_runtime.speculative import expected_speedup, measure_pass_costs
 
 DEFAULT_PROMPTS = [
@@ -71,20 +73,13 @@ def run_bench(
     with_genai: bool = True,
     progress: Callable[[str], None] = lambda line: None,
 ) -> dict[str, object]:
+    """Every engine on ``prompts``, interleaved ``repeats`` times; pass costs of each draft."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    engines: dict[str, Callable[[str], Timed]] = {}
     plain_model = load(artifact, device=device, draft=None, threads=threads)
-    engines["ours plain"] = lambda p: _ours(plain_model, p, max_new_tokens, "plain")
     drafts = list(artifact_section(manifest).drafts)
     spec_models = {d: load(artifact, device=device, draft=d, threads=threads, verify=False) for d in drafts}
-    for name, model in spec_models.items():
-        engines[f"ours speculative ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "speculative")
-        if manifest.draft(name).recommended:  # auto speculates with it, under the speed guard
-            engines[f"ours auto ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "auto")
-    # What a user gets from load(ARTIFACT): the default task's draft (only if recommended), mode auto.
-    auto_model = load(artifact, device=device, threads=threads, verify=False)
-    engines["ours auto (load defaults)"] = lambda p: _ours(auto_model, p, max_new_tokens, "auto")
+    engines = _our_engines(artifact, manifest, plain_model, spec_models, max_new_tokens, device, threads)
     if with_transformers or with_genai:
         from .models import load_model
 
@@ -96,9 +91,59 @@ def run_bench(
         if genai is not None:
             engines["onnxruntime-genai"] = genai
 
+    results = _time_interleaved(engines, prompts, repeats, progress)
+    plain = results["ours plain"]["decode_tokens_per_s"]["median"]  # type: ignore[index]
+    for name, model in spec_models.items():
+        _add_pass_costs(results[f"ours speculative ({name})"], model, plain)
+    for r in results.values():
+        r["over_ours_plain"] = r["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
+    return {
+        "artifact": str(artifact),
+        "model": manifest.model.source,
+        "dtype": artifact_section(manifest).dtype,
+        "device": device,
+        "threads": threads,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "machine": _machine(),
+        "engines": results,
+    }
+
+
+def _our_engines(
+    artifact: Path,
+    manifest: Manifest,
+    plain_model: Model,
+    spec_models: dict[str, Model],
+    max_new_tokens: int,
+    device: str,
+    threads: int,
+) -> dict[str, Callable[[str], Timed]]:
+    """Our plain decoding, speculative decoding with each draft, auto mode where the draft is
+    recommended, and what load(ARTIFACT) gives a user (the default task's draft, mode auto)."""
+    engines: dict[str, Callable[[str], Timed]] = {
+        "ours plain": lambda p: _ours(plain_model, p, max_new_tokens, "plain")
+    }
+    for name, model in spec_models.items():
+        engines[f"ours speculative ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "speculative")
+        if manifest.draft(name).recommended:  # auto speculates with it, under the speed guard
+            engines[f"ours auto ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "auto")
+    auto_model = load(artifact, device=device, threads=threads, verify=False)
+    engines["ours auto (load defaults)"] = lambda p: _ours(auto_model, p, max_new_tokens, "auto")
+    return engines
+
+
+def _time_interleaved(
+    engines: dict[str, Callable[[str], Timed]],
+    prompts: list[str],
+    repeats: int,
+    progress: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """Each repeat runs every engine over every prompt in turn, so load drift hits all alike."""
     runs = {name: EngineRuns() for name in engines}
     for repeat in range(repeats):
-        for name, engine in engines.items():  # interleaved: load drift hits every engine alike
+        for name, engine in engines.items():
             tokens = decode_seconds = 0.0
             ttfts = []
             total_stats = GenerationStats() if not name.startswith(("transformers", "onnxruntime")) else None
@@ -113,40 +158,26 @@ def run_bench(
             runs[name].ttft.append(statistics.median(ttfts))
             runs[name].stats = total_stats
             progress(f"repeat {repeat + 1}/{repeats} {name}: {tokens / decode_seconds:.1f} tok/s")
+    return {name: r.summary() for name, r in runs.items()}
 
-    results = {name: r.summary() for name, r in runs.items()}
-    plain = results["ours plain"]["decode_tokens_per_s"]["median"]  # type: ignore[index]
-    for name, model in spec_models.items():
-        spec = results[f"ours speculative ({name})"]
-        c_draft, c_verify = measure_pass_costs(
-            model.backend,
-            context=min(64, model.max_seq_len // 2),
-            verify_tokens=max(2, round(spec["draft_passes_per_cycle"]) + 1),  # type: ignore[arg-type]
-        )
-        analytic = expected_speedup(
-            spec["mean_tokens_per_cycle"], spec["draft_passes_per_cycle"], c_draft, c_verify
-        )  # type: ignore[arg-type]
-        measured = spec["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
-        spec |= {
-            "c_draft_measured": c_draft,
-            "c_verify_measured": c_verify,
-            "analytic_speedup": analytic,
-            "measured_speedup": measured,
-            "measured_over_analytic": measured / analytic,
-        }
-    for r in results.values():
-        r["over_ours_plain"] = r["decode_tokens_per_s"]["median"] / plain  # type: ignore[index]
-    return {
-        "artifact": str(artifact),
-        "model": manifest.model.source,
-        "dtype": artifact_section(manifest).dtype,
-        "device": device,
-        "threads": threads,
-        "prompts": len(prompts),
-        "max_new_tokens": max_new_tokens,
-        "repeats": repeats,
-        "machine": _machine(),
-        "engines": results,
+
+def _add_pass_costs(spec: dict[str, Any], model: Model, plain_tokens_per_second: float) -> None:
+    """The draft's timed pass costs, the speedup they predict, and the measured one beside it."""
+    c_draft, c_verify = measure_pass_costs(
+        model.backend,
+        context=min(64, model.max_seq_len // 2),
+        verify_tokens=max(2, round(spec["draft_passes_per_cycle"]) + 1),
+    )
+    analytic = expected_speedup(
+        spec["mean_tokens_per_cycle"], spec["draft_passes_per_cycle"], c_draft, c_verify
+    )
+    measured = spec["decode_tokens_per_s"]["median"] / plain_tokens_per_second
+    spec |= {
+        "c_draft_measured": c_draft,
+        "c_verify_measured": c_verify,
+        "analytic_speedup": analytic,
+        "measured_speedup": measured,
+        "measured_over_analytic": measured / analytic,
     }
 
 
