@@ -71,7 +71,7 @@ def main() -> None:
                     )
                 # Spinning stopped after each run, as for a session pair: otherwise the idle
                 # sessions' thread pools spin and take the cores from the one being timed.
-                options = session_options(args.threads, paired=True)
+                options = session_options(args.threads, two_sessions=True)
                 session = ort.InferenceSession(
                     str(folder / "full.onnx"), options, providers=["CPUExecutionProvider"]
                 )

@@ -240,13 +240,17 @@ def test_a_draft_the_device_cannot_run_is_refused_naming_it(tiny_folder, tmp_pat
     real = ort.InferenceSession
 
     def session(path, *args, **kwargs):  # an onnxruntime build without 8-bit MatMulNBits kernels
-        if "draft.q" in str(path):
+        if "draft.q" in str(path) or "paired.q" in str(path):
             raise RuntimeError("NOT_IMPLEMENTED : Could not find an implementation for MatMulNBits(1)")
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", session)
     with pytest.raises(
         ManifestError, match=r"cannot run the draft 'q' \(int8 weights\).*Choose another draft"
+    ):
+        load(tmp_path / "a", draft="q", weights="prepacked")
+    with pytest.raises(  # the paired graph (CPU default) holds the same draft
+        ManifestError, match=r"cannot run the paired graph of draft 'q' \(int8 weights\).*Choose another"
     ):
         load(tmp_path / "a", draft="q")
 

@@ -97,6 +97,7 @@ def _built() -> dict:
         "full": "full.onnx",
         "drafts": graphs,
         "draft_vocab": {"small-vocab": "draft_vocab.8192.token_ids"},
+        "paired": {"d1": "paired.d1.onnx"},
         "quantization": {
             "operator": "com.microsoft.MatMulNBits",
             "scheme": "asymmetric round-to-nearest per block (scales and zero points)",
@@ -137,7 +138,7 @@ def _built() -> dict:
         },
         "files": {
             name: {"size": 1, "sha256": "0" * 64}
-            for name in ("full.onnx", *graphs.values(), "weights.bin", "tokenizer.json")
+            for name in ("full.onnx", *graphs.values(), "paired.d1.onnx", "weights.bin", "tokenizer.json")
         },
     }
     return data
@@ -169,13 +170,19 @@ def test_a_schema_1_0_artifacts_section_still_loads(tmp_path):
     del data["calibration"]["vocabulary"]
     section = data["artifacts"]
     section["dtype"] = "fp16"
-    del section["draft_vocab"], section["quantization"], section["kv"]["min_attention_rows"]
+    del (
+        section["draft_vocab"],
+        section["paired"],
+        section["quantization"],
+        section["kv"]["min_attention_rows"],
+    )
     del section["kv"]["dtype"]
     manifest = _read(tmp_path, data)
     assert manifest.artifacts.kv.dtype == "fp16"  # 1.0 had float artifacts only: the artifact's
     assert kv_spec(manifest).min_rows == 1  # graphs from before the attention padding...
     assert row_invariant_rows(manifest.artifacts, "cpu") == 2  # ...get two-row passes
     assert manifest.artifacts.draft_vocab == {} and manifest.artifacts.quantization is None
+    assert manifest.artifacts.paired == {}  # 1.2: two sessions then
     assert manifest.vocabulary is None
 
 
@@ -216,6 +223,8 @@ def _set(path: str, value: object):
         (_set("artifacts/draft_vocab/ghost", "x"), r"draft_vocab names draft 'ghost'"),
         (_set("artifacts/draft_vocab/d1", "x"), r"draft_vocab\.d1 names tensor 'x', absent from"),
         (_set("artifacts/files/draft.d1.onnx", None), r"artifacts\.files does not list draft\.d1\.onnx"),
+        (_set("artifacts/paired/ghost", "p.onnx"), r"artifacts\.paired names draft 'ghost'"),
+        (_set("artifacts/files/paired.d1.onnx", None), r"artifacts\.files does not list paired\.d1\.onnx"),
         (_set("artifacts/max_seq_len", 0), r"artifacts\.max_seq_len must be >= 1"),
     ],
 )

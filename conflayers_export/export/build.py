@@ -36,6 +36,7 @@ from ..models import LoadedModel
 from ..models.architectures import KVLayout
 from ..staging import replace_folder
 from .graph import MIN_ATTENTION_ROWS, WeightStore, build_graph, draft_vocab_name
+from .paired import paired_graph
 from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE
 from .weights import attach_external, write_weights
 
@@ -53,6 +54,10 @@ _CHAT_SENTINEL = "\x00CONFLAYERS-USER-MESSAGE\x00"
 
 def draft_graph_name(name: str) -> str:
     return f"draft.{name}.onnx"
+
+
+def paired_graph_name(name: str) -> str:
+    return f"paired.{name}.onnx"
 
 
 def build_artifact(
@@ -162,12 +167,24 @@ def _write(
     for file_name, (graph, used) in built.protos.items():
         attach_external(graph, used, store.arrays, offsets, WEIGHTS_FILE)
         onnx.save(graph, folder / file_name)
+    paired = {}  # the full graph and each draft in one graph, for one session (paired.py)
+    for name, file_name in built.drafts.items():
+        paired[name] = paired_graph_name(name)
+        model = paired_graph(built.protos[FULL_GRAPH][0], built.protos[file_name][0], f"paired.{name}")
+        onnx.save(model, folder / paired[name])
 
     progress("tokenizer")
     tokenizer_files = _copy_tokenizer(loaded, folder)
     layout = loaded.architecture.kv_layout(loaded.model.config)
     _write_genai_config(folder, loaded, layout, max_seq_len)
-    files = [FULL_GRAPH, GENAI_CONFIG, *built.drafts.values(), WEIGHTS_FILE, *tokenizer_files]
+    files = [
+        FULL_GRAPH,
+        GENAI_CONFIG,
+        *built.drafts.values(),
+        *paired.values(),
+        WEIGHTS_FILE,
+        *tokenizer_files,
+    ]
     manifest.artifacts = Artifacts(
         dtype=dtype,
         max_seq_len=max_seq_len,
@@ -175,6 +192,7 @@ def _write(
         full=FULL_GRAPH,
         drafts=built.drafts,
         draft_vocab=built.draft_vocab,
+        paired=paired,
         quantization=Quantization(
             operator="com.microsoft.MatMulNBits",
             scheme="asymmetric round-to-nearest per block (scales and zero points)",

@@ -81,25 +81,29 @@ def row_invariant_rows(section: Artifacts, device: str) -> int:
     return 1 if section.kv.min_attention_rows >= 2 else 2
 
 
-# "prepacked": each session keeps its own prepacked copy of the weights it reads (fastest on
-# CPU; a pair takes ~1.7x the memory of the full graph alone). "shared": both sessions read the
-# weights file through one memory map without copies (1.0x), but ONNX Runtime then repacks every
-# weight on each multi-token call, which makes verify passes ~3x slower on CPU (docs/BENCHMARKS.md).
-WEIGHT_MODES = ("prepacked", "shared")
+# "paired": one session over the artifact's paired graph (the full model and the draft as If
+# branches): every weight loaded and prepacked once (CPU default where the artifact has one).
+# "prepacked": a session per graph, each with its own prepacked copy of the weights it reads (a
+# layer-skip pair takes ~1.8x the memory of the full graph alone). "shared": both sessions read
+# the weights file through one memory map without copies, but ONNX Runtime then repacks every
+# weight on each multi-token call (verify passes ~3x slower) and quantized drafts run ~10x slower
+# unpacked (docs/BENCHMARKS.md).
+WEIGHT_MODES = ("paired", "prepacked", "shared")
 
 
 def session_options(
-    threads: int | None = None, weights: str = "prepacked", paired: bool = True
+    threads: int | None = None, weights: str = "prepacked", two_sessions: bool = True
 ) -> ort.SessionOptions:
     if weights not in WEIGHT_MODES:
         raise ManifestError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    if paired:
+    if two_sessions:
         # Threads still spin inside a run (fast) but stop when it ends: otherwise the idle session's
         # spinning pool steals the cores from the other one (measured: speculation 22 -> 40 tok/s).
-        # A lone full session keeps ONNX Runtime's default (spinning between runs).
+        # A lone session (the full graph, or a paired one) keeps ONNX Runtime's default (spinning
+        # between runs).
         options.add_session_config_entry("session.force_spinning_stop", "1")
     if weights == "shared":
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -135,16 +139,23 @@ def open_backend(
     so that speculative output equals plain output bitwise; False decodes plain steps one row at a
     time (faster plain decoding, which may then differ from speculative output at near-ties).
 
-    ``weights`` ("prepacked" by default, or "shared") matters on CPU; on CUDA each session holds
-    the weights its graph reads in GPU memory (the full graph's, plus the draft's quantized or
-    pruned copies and any float tensor both read, such as the embeddings, a second time): ONNX
-    Runtime's Python API cannot hand two sessions the same user-owned device tensors (a C/C++
-    runtime can, with ``weights_index``; see DESIGN.md).
+    ``weights`` (WEIGHT_MODES): by default "paired" on CPU where the artifact has a paired graph
+    for the draft, else "prepacked". On CUDA the default is "prepacked": each session holds the
+    weights its graph reads in GPU memory (the draft's a second time, where it reads the full
+    graph's); "paired" holds them once but is not yet measured on a GPU (DESIGN.md).
     """
     folder = Path(folder)
     section = artifact_section(manifest)
     providers = providers_for(device)
-    weights = weights or "prepacked"
+    paired_file = section.paired.get(draft) if draft is not None else None
+    weights = weights or ("paired" if paired_file and device == "cpu" else "prepacked")
+    if weights not in WEIGHT_MODES:
+        raise ManifestError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
+    if weights == "paired" and not paired_file:
+        raise ManifestError(
+            f"{folder} has no paired graph for draft {draft!r} (built before schema 1.2, or no draft): "
+            'rebuild it with `conflayers-export build`, or use weights="prepacked"'
+        )
     if device == "cuda" and kv_spec(manifest).dtype != "fp16":
         # Measured on an H200 (onnxruntime-gpu 1.31): CUDA has no fp32 GroupQueryAttention kernel,
         # so attention falls back to the CPU behind copies of the caches, which breaks the shared
@@ -157,22 +168,23 @@ def open_backend(
         raise ManifestError(
             'weights="shared" is a CPU mode (one memory map): on CUDA use the default ("prepacked")'
         )
-    graphs = {"full": section.full}
-    if draft is not None:
+    graphs = {"full": section.full} if weights != "paired" else {"paired": paired_file}
+    if draft is not None and weights != "paired":
         if draft not in section.drafts:
             known = ", ".join(section.drafts) or "none"
             raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
         graphs["draft"] = section.drafts[draft]
     sessions = {}
     for role, graph in graphs.items():
-        options = session_options(threads, weights, paired=len(graphs) > 1)
+        options = session_options(threads, weights, two_sessions=len(graphs) > 1)
         try:
             sessions[role] = ort.InferenceSession(str(folder / graph), options, providers=providers)
         except Exception as exc:  # e.g. a quantized kernel this build of ONNX Runtime lacks
             precision = next((d.weight_precision for d in manifest.drafts if d.name == draft), "base")
-            what = (
-                f"draft {draft!r} ({precision} weights)" if role == "draft" else f"{section.dtype} full graph"
-            )
+            what = {
+                "draft": f"draft {draft!r} ({precision} weights)",
+                "paired": f"paired graph of draft {draft!r} ({precision} weights)",
+            }.get(role, f"{section.dtype} full graph")
             raise ManifestError(
                 f"ONNX Runtime cannot run the {what} of {folder} on {device}: {exc}. Choose another "
                 "draft (--draft) or device, or rebuild the artifact with a precision this device runs"
@@ -180,7 +192,9 @@ def open_backend(
     vocab_tensor = section.draft_vocab.get(draft) if draft is not None else None
     token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
     rows = row_invariant_rows(section, device) if exact else 1
-    return OnnxBackend(sessions["full"], sessions.get("draft"), kv_spec(manifest), device, token_ids, rows)
+    full = sessions.get("full") or sessions["paired"]
+    draft_session = sessions["paired"] if weights == "paired" else sessions.get("draft")
+    return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows)
 
 
 _NUMPY_DTYPES = {

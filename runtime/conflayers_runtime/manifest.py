@@ -32,7 +32,9 @@ from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import ManifestError, SkipSetError
 
-SCHEMA_VERSION = "1.1"  # 1.1: draft length policy, pruned-vocabulary and quantized drafts built
+SCHEMA_VERSION = (
+    "1.2"  # 1.2: paired graphs; 1.1: draft length policy, pruned-vocabulary and quantized drafts built
+)
 MANIFEST_NAME = "manifest.json"
 WEIGHT_PRECISIONS = ("base", "int8", "int4")  # "base" = the artifact's own precision
 _REBUILD = "rebuild the artifact with `conflayers-export build`"
@@ -177,6 +179,10 @@ class Artifacts:
     # Drafts with a pruned vocabulary: the int64 tensor (in weights_index) mapping each of their
     # logits columns to a token id. Absent in schema 1.0.
     draft_vocab: dict[str, str] = field(default_factory=dict)
+    # Draft name -> one graph holding the full model and that draft as the branches of an If on a
+    # use_draft input, over the same weights: one session loads and prepacks them once (CPU
+    # default). Absent before schema 1.2.
+    paired: dict[str, str] = field(default_factory=dict)
     quantization: Quantization | None = _omitted_when_none()  # absent in schema 1.0
     kv: CacheLayout
     layers: dict[str, list[int]]  # "full" or a draft name -> the decoder layers its graph runs
@@ -214,12 +220,15 @@ class Artifacts:
                 _refuse(f"artifacts.draft_vocab names draft {name!r}, which has no graph in artifacts.drafts")
             if tensor not in self.weights_index:
                 _refuse(f"artifacts.draft_vocab.{name} names tensor {tensor!r}, absent from weights_index")
+        for name in self.paired:
+            if name not in self.drafts:
+                _refuse(f"artifacts.paired names draft {name!r}, which has no graph in artifacts.drafts")
         for graph, kept in self.layers.items():
             if graph != "full" and graph not in self.drafts:
                 _refuse(f"artifacts.layers names graph {graph!r}, which is neither 'full' nor a draft")
             if any(not 0 <= i < num_layers for i in kept):
                 _refuse(f"artifacts.layers.{graph} has layers outside 0..{num_layers - 1}: {kept}")
-        for graph in (self.weights, self.full, *self.drafts.values()):
+        for graph in (self.weights, self.full, *self.drafts.values(), *self.paired.values()):
             if graph not in self.files:
                 _refuse(f"artifacts.files does not list {graph} (its size and sha256)")
         kv = self.kv

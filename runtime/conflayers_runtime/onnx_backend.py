@@ -47,7 +47,9 @@ def device_type(device: str) -> str:
 
 
 class OnnxBackend:
-    """Implements :class:`conflayers_runtime.Backend` over a full and an optional draft session."""
+    """Implements :class:`conflayers_runtime.Backend` over a full and an optional draft session,
+    or over one paired session (the same session as both: export/paired.py), whose ``use_draft``
+    input each role's binding sets."""
 
     def __init__(
         self,
@@ -74,16 +76,15 @@ class OnnxBackend:
             for kind in ("key", "value")
         }
         self.ones = ort.OrtValue.ortvalue_from_numpy(np.ones((1, kv.max_seq_len), np.int64), self.device, 0)
-        self.bindings = {False: self._bind(full), True: self._bind(draft) if draft is not None else None}
-        self.sessions = {False: full, True: draft}
-        # Logits columns per graph: the vocabulary, or a pruned draft's own width.
-        outputs = {role: {o.name for o in s.get_outputs()} for role, s in self.sessions.items() if s}
-        # Logits columns per graph: the vocabulary, or a pruned draft's own width.
-        self.widths = {
-            role: next(int(o.shape[-1]) for o in s.get_outputs() if o.name == "logits")
-            for role, s in self.sessions.items()
-            if s
+        self.paired = draft is full
+        self._roles = {False: np.array(False), True: np.array(True)}  # use_draft, kept alive while bound
+        self.bindings = {
+            False: self._bind(full, False),
+            True: self._bind(draft, True) if draft is not None else None,
         }
+        self.sessions = {False: full, True: draft}
+        outputs = {role: {o.name for o in s.get_outputs()} for role, s in self.sessions.items() if s}
+        self.widths = {role: _logits_width(s, role) for role, s in self.sessions.items() if s}
         # Greedy token choice on the device (graph.py): every graph has next_token_ids and the draft
         # top_probability, in artifacts built since they exist; older ones choose from logits.
         self._choice = {
@@ -95,9 +96,11 @@ class OnnxBackend:
         )
         self._buffers: dict[tuple[str, bool, int, str], ort.OrtValue] = {}
 
-    def _bind(self, session: ort.InferenceSession) -> ort.IOBinding:
+    def _bind(self, session: ort.InferenceSession, use_draft: bool) -> ort.IOBinding:
         binding = session.io_binding()
         for node in session.get_inputs():
+            if node.name == "use_draft":  # a paired graph: this binding runs one branch
+                binding.bind_cpu_input("use_draft", self._roles[use_draft])
             if node.name.startswith("past_key_values."):
                 _, layer, kind = node.name.split(".")
                 cache = self.caches[(int(layer), kind)]
@@ -169,3 +172,13 @@ class OnnxBackend:
             if rows <= 16:
                 self._buffers[key] = buffer
         return buffer
+
+
+def _logits_width(session: ort.InferenceSession, use_draft: bool) -> int:
+    """Logits columns of a graph: the vocabulary, or a pruned draft's own width. A paired graph
+    records each branch's in its metadata (its If output cannot declare both)."""
+    widths = session.get_modelmeta().custom_metadata_map
+    key = "draft_logits_width" if use_draft else "full_logits_width"
+    if key in widths:
+        return int(widths[key])
+    return next(int(o.shape[-1]) for o in session.get_outputs() if o.name == "logits")
