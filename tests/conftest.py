@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.test_architectures import TESTED_ARCHITECTURES
+
 
 @pytest.fixture(scope="session")
 def make_tiny():
@@ -38,3 +40,16 @@ def smollm2():
     from conflayers_export.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module", params=TESTED_ARCHITECTURES)
+def draft_kinds_artifact(request, tiny_folder, tmp_path_factory):
+    """(folder, manifest) of a tiny artifact of each architecture with tests.helpers.DRAFT_KINDS."""
+    from conflayers_runtime.manifest import read_manifest
+
+    from conflayers_export.models import load_model
+    from tests.helpers import DRAFT_KINDS, build
+
+    folder = tmp_path_factory.mktemp(f"kinds-{request.param}") / "a"
+    build(folder, load_model(str(tiny_folder(request.param))), DRAFT_KINDS, max_seq_len=96, ranked=range(256))
+    return folder, read_manifest(folder)

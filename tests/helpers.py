@@ -11,6 +11,13 @@ from conflayers_runtime.manifest import Draft, VocabularyRanking
 
 from conflayers_export.export.build import build_artifact, hand_draft, manifest_for_build
 
+# One draft of each kind: layer skip, int8 weights, and int4 weights with a pruned vocabulary.
+DRAFT_KINDS = {
+    "skip": [1],
+    "int8": Draft("int8", [], weight_precision="int8"),
+    "pruned": Draft("pruned", [2], vocab_size=96, weight_precision="int4"),
+}
+
 
 def build(folder, loaded, drafts, max_seq_len=64, ranked=None, **kwargs):
     """``ranked``: the vocabulary ranking pruned drafts are cut from (calibrate's, in a real run)."""

@@ -7,26 +7,9 @@ import numpy as np
 import pytest
 from conflayers_runtime import DraftConfig
 from conflayers_runtime.artifact import open_backend
-from conflayers_runtime.manifest import Draft, read_manifest
 from conflayers_runtime.speculative import generate
 
-from conflayers_export.models import load_model
-from tests.helpers import build
-from tests.test_architectures import TESTED_ARCHITECTURES
-
-DRAFTS = {
-    "skip": [1],
-    "int8": Draft("int8", [], weight_precision="int8"),
-    "pruned": Draft("pruned", [2], vocab_size=96, weight_precision="int4"),
-}
-
-
-@pytest.fixture(scope="module", params=TESTED_ARCHITECTURES)
-def artifact(request, tiny_folder, tmp_path_factory):
-    loaded = load_model(str(tiny_folder(request.param)))
-    folder = tmp_path_factory.mktemp(f"choice-{request.param}") / "a"
-    build(folder, loaded, DRAFTS, max_seq_len=96, ranked=range(256))
-    return folder, read_manifest(folder)
+from tests.helpers import DRAFT_KINDS
 
 
 class _NoLogits:
@@ -45,9 +28,9 @@ class _NoLogits:
         return self.backend.greedy(token_ids, start, use_draft)
 
 
-@pytest.mark.parametrize("draft", list(DRAFTS))
-def test_device_choice_equals_host_choice(artifact, draft):
-    folder, manifest = artifact
+@pytest.mark.parametrize("draft", list(DRAFT_KINDS))
+def test_device_choice_equals_host_choice(draft_kinds_artifact, draft):
+    folder, manifest = draft_kinds_artifact
     backend = open_backend(folder, manifest, draft, "cpu", 1)
     assert backend.chooses_on_device
     prompt = [int(t) for t in np.random.default_rng(1).integers(3, 200, 11)]
@@ -62,10 +45,10 @@ def test_device_choice_equals_host_choice(artifact, draft):
     assert host_stats.drafted_tokens > 0
 
 
-def test_device_choice_rows_match_the_logits(artifact):
+def test_device_choice_rows_match_the_logits(draft_kinds_artifact):
     """Every row of a pass: the id is the logits' first argmax (mapped through a pruned draft's
     ids), and the probability is the softmax maximum up to float32 rounding."""
-    folder, manifest = artifact
+    folder, manifest = draft_kinds_artifact
     backend = open_backend(folder, manifest, "pruned", "cpu", 1)
     tokens = [int(t) for t in np.random.default_rng(2).integers(3, 200, 20)]
     backend.forward(tokens[:12], 0, use_draft=False)

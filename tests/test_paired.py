@@ -3,6 +3,7 @@ the same tokens and statistics as two sessions, with every weight in memory once
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -11,31 +12,15 @@ import pytest
 from conflayers_runtime import DraftConfig, SamplingConfig
 from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.errors import ManifestError
-from conflayers_runtime.manifest import Draft, read_manifest
 from conflayers_runtime.speculative import generate
 
 from conflayers_export.models import load_model
-from tests.helpers import build, write_tiny_folder
-from tests.test_architectures import TESTED_ARCHITECTURES
-
-DRAFTS = {
-    "skip": [1],
-    "int8": Draft("int8", [], weight_precision="int8"),
-    "pruned": Draft("pruned", [2], vocab_size=96, weight_precision="int4"),
-}
+from tests.helpers import DRAFT_KINDS, build, write_tiny_folder
 
 
-@pytest.fixture(scope="module", params=TESTED_ARCHITECTURES)
-def artifact(request, tiny_folder, tmp_path_factory):
-    loaded = load_model(str(tiny_folder(request.param)))
-    folder = tmp_path_factory.mktemp(f"paired-{request.param}") / "a"
-    build(folder, loaded, DRAFTS, max_seq_len=96, ranked=range(256))
-    return folder, read_manifest(folder)
-
-
-@pytest.mark.parametrize("draft", list(DRAFTS))
-def test_one_paired_session_decodes_as_two_sessions(artifact, draft):
-    folder, manifest = artifact
+@pytest.mark.parametrize("draft", list(DRAFT_KINDS))
+def test_one_paired_session_decodes_as_two_sessions(draft_kinds_artifact, draft):
+    folder, manifest = draft_kinds_artifact
     paired = open_backend(folder, manifest, draft, "cpu", 1)  # the CPU default
     two = open_backend(folder, manifest, draft, "cpu", 1, weights="prepacked")
     assert paired.paired and not two.paired
@@ -47,10 +32,11 @@ def test_one_paired_session_decodes_as_two_sessions(artifact, draft):
             assert one[0] == other[0] and one[1].as_dict() == other[1].as_dict()
 
 
-def test_paired_mode_needs_a_paired_graph(artifact):
-    folder, manifest = artifact
+def test_paired_mode_needs_a_paired_graph(draft_kinds_artifact):
+    folder, manifest = draft_kinds_artifact
     with pytest.raises(ManifestError, match="has no paired graph for draft None.*rebuild"):
         open_backend(folder, manifest, None, "cpu", 1, weights="paired")
+    manifest = copy.deepcopy(manifest)
     manifest.artifacts.paired = {}  # as read from an artifact built before schema 1.2
     assert not open_backend(folder, manifest, "skip", "cpu", 1).paired  # two sessions then
 
