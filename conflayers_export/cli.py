@@ -187,6 +187,23 @@ def reference(
 @_dtype_option("Artifact dtype the drafts are chosen for (build with the same).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option(
+    "--reference-device",
+    default=None,
+    type=click.Choice(["cpu", "cuda"]),
+    help="Where the layer search's PyTorch reference runs (default: --device).",
+)
+@click.option(
+    "--reference-dtype",
+    default=None,
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Its precision (default: float16 on cuda, float32 on cpu).",
+)
+@click.option(
+    "--device-map",
+    default=None,
+    help="Spread the reference over several GPUs with accelerate (e.g. auto).",
+)
+@click.option(
     "--precisions",
     default="base,int8,int4",
     show_default=True,
@@ -233,6 +250,9 @@ def calibrate(
     cost: str,
     dtype: str,
     device: str,
+    reference_device: str | None,
+    reference_dtype: str | None,
+    device_map: str | None,
     precisions: str,
     vocab_sizes: str,
     eval_prompts: int,
@@ -263,6 +283,10 @@ def calibrate(
         search=search,
         dtype=dtype,
         device=device,
+        reference_device=reference_device or device,
+        reference_dtype=reference_dtype
+        or ("float16" if (reference_device or device) == "cuda" else "float32"),
+        device_map=device_map,
         precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
         vocab_sizes=tuple(_parse_layers(vocab_sizes, "--vocab-sizes")),
     )

@@ -444,3 +444,26 @@ def test_selection_without_a_search_or_for_another_model_is_a_clear_error(tiny_f
     (tmp_path / "s" / "calibration" / "search.json").write_text("{not json")
     with pytest.raises(CalibrationError, match="is corrupt"):
         select_drafts(tmp_path / "s", loaded, SMALL)
+
+
+def test_the_layer_search_runs_its_reference_where_and_in_what_precision_asked(tiny_folder, tmp_path):
+    """--reference-device/--reference-dtype/--device-map (on a GPU: cuda, float16, auto), checked
+    here with bfloat16 and accelerate's device_map on the CPU: the search's reference and its
+    layer profiles run on that model; graphs are still built from the float32 model."""
+    import torch
+
+    from conflayers_export.calibrate import search_layers
+    from conflayers_export.calibrate.search import Calibrator
+
+    loaded = load_model(str(tiny_folder("llama")))
+    settings = dataclasses.replace(SMALL, reference_dtype="bfloat16", device_map="cpu")
+    calibrator = Calibrator(loaded, settings)
+    assert calibrator.reference is not loaded.model and calibrator.reference.dtype == torch.bfloat16
+    assert loaded.model.dtype == torch.float32
+    results = search_layers(tmp_path / "s", loaded, {"default": PROMPTS}, settings)
+    assert results[0].iterations and results[0].finalists
+    assert Calibrator(loaded, SMALL).reference is loaded.model  # the default: no second copy
+    with pytest.raises(CalibrationError, match="--reference-dtype must be one of float32, float16, bfloat16"):
+        search_layers(
+            tmp_path / "t", loaded, {"default": PROMPTS}, dataclasses.replace(SMALL, reference_dtype="int8")
+        )

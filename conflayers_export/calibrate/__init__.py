@@ -31,6 +31,7 @@ from conflayers_runtime.manifest import (
 from .. import __version__
 from ..errors import CalibrationError
 from ..models import LoadedModel
+from ..models.loader import REFERENCE_DTYPES
 from ..progress import Progress
 from ..staging import replace_folder
 from .data import Prompt
@@ -62,6 +63,13 @@ def check_settings(settings: CalibrationSettings) -> None:
     if any(n < 1 for n in settings.vocab_sizes):
         raise CalibrationError(f"--vocab-sizes must be positive, got {list(settings.vocab_sizes)}")
     providers_for(settings.device)  # a device this onnxruntime cannot run fails before the search
+    if settings.reference_device not in ("cpu", "cuda"):
+        raise CalibrationError(f"--reference-device must be cpu or cuda, got {settings.reference_device!r}")
+    if settings.reference_dtype not in REFERENCE_DTYPES:
+        raise CalibrationError(
+            f"--reference-dtype must be one of {', '.join(REFERENCE_DTYPES)}, "
+            f"got {settings.reference_dtype!r}"
+        )
     if settings.device == "cuda" and ARTIFACT_DTYPES[settings.dtype].activations != "fp16":
         raise CalibrationError(f"--dtype {settings.dtype} cannot run on CUDA: use fp16 or int4-fp16")
 

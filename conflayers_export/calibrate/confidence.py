@@ -132,7 +132,7 @@ def profile_layers(
     def hook(key):
         def store(_module, _inputs, output):
             tensor = output[0] if isinstance(output, tuple) else output
-            captured[key] = tensor[0, -window:].detach().float().numpy()  # [window, hidden]
+            captured[key] = tensor[0, -window:].detach().float().cpu().numpy()  # [window, hidden]
 
         return store
 
@@ -143,7 +143,7 @@ def profile_layers(
         handles.append(mlp.register_forward_hook(hook((i, "mlp"))))
     try:
         with torch.inference_mode():
-            model(input_ids=torch.tensor([list(token_ids)]), use_cache=False)
+            model(input_ids=torch.tensor([list(token_ids)], device=model.device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

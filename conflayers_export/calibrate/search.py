@@ -90,6 +90,11 @@ class CalibrationSettings:
     dtype: str = "fp32"  # the artifact dtype the drafts are built and scored for
     device: str = "cpu"
     threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
+    # Where the layer search's PyTorch reference runs (LoadedModel.reference_model): CPU float32 by
+    # default; "cuda" with float16 on a GPU; device_map "auto" spreads a big model over GPUs.
+    reference_device: str = "cpu"
+    reference_dtype: str = "float32"
+    device_map: str | None = None
     precisions: tuple[str, ...] = ("base", "int8", "int4")
     vocab_sizes: tuple[int, ...] = (8192, 32768)  # pruned draft vocabularies tried (below the vocab)
     ranking_prompts: int = 16  # prompts after the evaluation slice whose generations rank the vocabulary
@@ -154,6 +159,10 @@ class Calibrator:
         self.loaded = loaded
         self.settings = settings
         self.progress = progress or Progress()
+        # The PyTorch reference of the search (on the GPU in float16 with --reference-device cuda)
+        self.reference = loaded.reference_model(
+            settings.reference_device, settings.reference_dtype, settings.device_map
+        )
         self.num_layers = loaded.identity.num_layers
         self.eligible = list(range(1, self.num_layers - 1))
         self.draft_config = DraftConfig(settings.max_draft_tokens, settings.confidence_threshold)
@@ -188,7 +197,7 @@ class Calibrator:
         texts = []
         half = max((max_cycles or 0) // 2, 1)
         checked = abandon_below is None or max_cycles is None
-        backend = TorchBackend(self.loaded.model, self.loaded.architecture, skip)
+        backend = TorchBackend(self.reference, self.loaded.architecture, skip)
         for prompt in prompts:
             stats = GenerationStats()
             generated: list[int] = []
@@ -294,7 +303,7 @@ class Calibrator:
                     return iterations, all_scores, profile, record["skip"]  # type: ignore[return-value]
                 window = texts[0][-s.context_window :] if len(texts[0]) > s.context_window else texts[0]
                 scores = profile_layers(
-                    self.loaded.model, self.loaded.architecture, texts[0], len(window), policy.clamp
+                    self.reference, self.loaded.architecture, texts[0], len(window), policy.clamp
                 )
                 chosen, lam, steps = select_at_least(
                     scores,

@@ -33,6 +33,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "conflayers")
 
 
+REFERENCE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 @dataclass
 class LoadedModel:
     model: object  # transformers PreTrainedModel, float32, eval mode
@@ -60,6 +63,25 @@ class LoadedModel:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
+
+    def reference_model(
+        self, device: str = "cpu", dtype: str = "float32", device_map: str | None = None
+    ) -> object:
+        """The model for the PyTorch reference decoder and the layer profiles on ``device`` in
+        ``dtype`` (REFERENCE_DTYPES): this float32 CPU model itself by default, else loaded again
+        from the folder, e.g. on CUDA in float16, or spread over several GPUs with accelerate's
+        ``device_map`` ("auto"). Graphs are always built from the float32 CPU model."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in REFERENCE_DTYPES:
+            raise ModelSourceError(f"reference dtype {dtype!r}: use one of {', '.join(REFERENCE_DTYPES)}")
+        if device == "cpu" and dtype == "float32" and device_map is None:
+            return self.model
+        model = AutoModelForCausalLM.from_pretrained(
+            self.folder, dtype=getattr(torch, dtype), device_map=device_map or device
+        )
+        return model.eval()
 
 
 def load_model(spec: str) -> LoadedModel:

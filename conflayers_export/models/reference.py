@@ -54,18 +54,19 @@ class TorchBackend:
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray:
         self._truncate(start)
-        positions = torch.arange(start, start + len(token_ids)).unsqueeze(0)  # [1, S]
+        device = self.model.device  # the first device of a model spread with a device_map
+        positions = torch.arange(start, start + len(token_ids), device=device).unsqueeze(0)  # [1, S]
         model = self.draft_model if use_draft else self.model
         skip = self.skip_layers if use_draft else ()
         context = bypassed(model, self.architecture, skip) if skip else contextlib.nullcontext()
         with context:
             out = model(
-                input_ids=torch.tensor([list(token_ids)]),
+                input_ids=torch.tensor([list(token_ids)], device=device),
                 position_ids=positions,
                 use_cache=True,
                 **{self.cache_argument: self.cache},
             )
-        logits = out.logits[0].float().numpy()  # [S, V]
+        logits = out.logits[0].float().cpu().numpy()  # [S, V]
         return logits[:, self.draft_token_ids] if use_draft and self.draft_token_ids is not None else logits
 
     def _truncate(self, length: int) -> None:
