@@ -48,10 +48,12 @@ def _real(backend, prompts, config, stops) -> GenerationStats:
     return total
 
 
+@pytest.mark.parametrize("on_device", [True, False], ids=["device-choice", "logits"])
 @pytest.mark.parametrize("name", ["mid", "int8", "pruned"])
-def test_replay_counts_exactly_what_a_real_run_counts(artifact, name):
+def test_replay_counts_exactly_what_a_real_run_counts(artifact, name, on_device):
     folder, manifest, prompts, texts = artifact
     backend = open_backend(folder, manifest, name, "cpu", 1)
+    backend.chooses_on_device = on_device  # both of the loop's greedy paths
     # Stop tokens taken from the texts, so that generations end early and cycles look past them.
     for config, stops in itertools.product(CONFIGS, [(), (texts[0][10], texts[1][5])]):
         real = _real(backend, prompts, config, stops)

@@ -56,9 +56,7 @@ class ReplayBackend:
         """The same as logits rows, for backends that choose from logits: one-hot rows of the text."""
         if use_draft:
             return self.backend.forward(token_ids, start, use_draft=True)
-        targets = self.sequence[1 : len(self.prompt) + 1] if start == 0 else self._verify(token_ids, start)
-        if start == 0:
-            self._prefill(token_ids)
+        targets, _ = self.greedy(token_ids, start, use_draft=False)
         rows = np.zeros((len(targets), self.backend.widths[False]), np.float32)
         rows[np.arange(len(targets)), targets] = 1.0
         return rows
@@ -96,13 +94,13 @@ def replay_generation(
     prompts: Sequence[Sequence[int]],
     texts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    draft: DraftConfig,
+    draft_config: DraftConfig,
     stop_token_ids: Sequence[int],
 ) -> GenerationStats:
     """Greedy speculative decoding statistics of every prompt, replayed along its text."""
     total = GenerationStats()
     for prompt, text in zip(prompts, texts, strict=True):
         replay = ReplayBackend(backend, prompt, text[:max_new_tokens])
-        _, stats = generate(replay, prompt, max_new_tokens, GREEDY, draft, stop_token_ids)
+        _, stats = generate(replay, prompt, max_new_tokens, GREEDY, draft_config, stop_token_ids)
         total.merge(stats)
     return total
