@@ -36,6 +36,11 @@ class Backend(Protocol):
     Cache entries at positions >= start are garbage and are overwritten: this is how a rejected
     draft is rolled back. Returns float logits [len(token_ids), vocab]; they may be a view of a
     buffer the backend reuses, valid until its next call, so callers consume (or copy) them first.
+
+    Optionally a backend chooses greedy tokens itself (OnnxBackend: in the graph, on the device):
+    ``chooses_on_device`` is true and ``greedy(token_ids, start, use_draft)`` returns (the argmax
+    token id of every row, and for the draft its softmax probability); greedy decoding then reads
+    no logits (:func:`greedy_tokens`).
     """
 
     # None, or the draft's pruned vocabulary: draft rows are then [len(token_ids), len(ids)], column
