@@ -1,12 +1,15 @@
 """ONNX Runtime backend: the full graph and one draft graph over device-resident KV caches.
 
-Each layer owns one preallocated key and one value buffer [1, kv_heads, max_seq_len, head_dim]
-on the execution provider's device, bound through IOBinding as both ``past_key_values.{i}.*``
-and ``present.{i}.*``; GroupQueryAttention writes the new positions in place. The draft graph
-binds only the layers it keeps (the same buffers). Rolling back a rejected draft is passing a
-shorter attention mask next time. What crosses the bus per call: the new token ids (8 bytes
-each) on the way in, the logits rows on the way out; the attention mask is a view of a
-preallocated device buffer of ones, and the caches never move.
+The two graphs run in two sessions, or in one over the artifact's paired graph (the full model
+and the draft as If branches over the same weights, picked by a ``use_draft`` input: the CPU
+default, see artifact.open_backend). Each layer owns one preallocated key and one value buffer
+[1, kv_heads, max_seq_len, head_dim] on the execution provider's device, bound through IOBinding
+as both ``past_key_values.{i}.*`` and ``present.{i}.*``; GroupQueryAttention writes the new
+positions in place. The draft binds only the layers it keeps (the same buffers). Rolling back a
+rejected draft is passing a shorter attention mask next time. What crosses the bus per call: the
+new token ids (8 bytes each) on the way in; on the way out the chosen token ids (and the draft's
+top probability) when decoding greedily (:meth:`OnnxBackend.greedy`), else the logits rows. The
+attention mask is a view of a preallocated device buffer of ones, and the caches never move.
 
 A draft with a pruned vocabulary returns logits over its own columns only; ``draft_token_ids``
 maps each column to its token id (the decoding loop applies it).
