@@ -204,7 +204,13 @@ def _write(
         weights_index={
             name: WeightEntry(str(a.dtype), list(a.shape), *offsets[name]) for name, a in store.arrays.items()
         },
-        graph_weights={file_name: sorted(used) for file_name, (_, used) in built.protos.items()},
+        graph_weights={
+            **{file_name: sorted(used) for file_name, (_, used) in built.protos.items()},
+            **{  # a paired graph reads what its two branches read
+                file_name: sorted(built.protos[FULL_GRAPH][1] | built.protos[built.drafts[name]][1])
+                for name, file_name in paired.items()
+            },
+        },
         inputs=GRAPH_INPUTS
         | {"past_key_values.{layer}.key|value": f"{dtype} cache, bound to the same buffer as present"},
         outputs=GRAPH_OUTPUTS,
