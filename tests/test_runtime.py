@@ -173,7 +173,7 @@ def test_cuda_without_the_gpu_build_is_a_clear_error(tiny_artifact):
 
 
 def test_speed_guard_falls_back_and_probes_again():
-    guard = SpeedGuard(warmup=2, probe_every=4)
+    guard = SpeedGuard(warmup=2, probe_every=4, judge_after=1)  # judged after every cycle
     assert [guard.allow_draft() for _ in range(1)] == [False]
     guard.record(False, 1, 0.010)
     guard.record(False, 1, 0.010)
@@ -182,12 +182,25 @@ def test_speed_guard_falls_back_and_probes_again():
     assert [guard.allow_draft() for _ in range(5)] == [False, False, False, False, True]
     guard.record(True, 2, 0.030)  # loses again: waits twice as long
     assert [guard.allow_draft() for _ in range(9)] == [False] * 8 + [True]
-    guard.record(True, 8, 0.008)  # 1 ms per token, but the average (10.8 ms) still loses
-    assert [guard.allow_draft() for _ in range(17)] == [False] * 16 + [True]
-    guard.record(True, 8, 0.008)  # now the average (7.9 ms) beats plain: keep drafting
+    guard.record(True, 8, 0.008)  # 1 ms per token: beats plain, keep drafting
     assert guard.speculative < guard.plain
     assert [guard.allow_draft() for _ in range(3)] == [True] * 3
-    assert guard.wait == 4 and guard.switches == 3
+    assert guard.wait == 4 and guard.switches == 2
+
+
+def test_speed_guard_judges_several_cycles_together():
+    """One unlucky cycle (a draft rejected at once) does not turn a paying draft off; cycles that
+    lose together do."""
+    guard = SpeedGuard(warmup=1, probe_every=4, judge_after=4)
+    guard.record(False, 1, 0.010)  # plain: 10 ms per token
+    for tokens, seconds in [(1, 0.016), (5, 0.025), (6, 0.028), (4, 0.022)]:  # 91 ms for 16 tokens
+        assert guard.allow_draft()
+        guard.record(True, tokens, seconds)
+    assert guard.switches == 0 and guard.speculative == pytest.approx(0.091 / 16)
+    for _ in range(4):  # 16 ms per token, four times
+        assert guard.allow_draft()
+        guard.record(True, 1, 0.016)
+    assert guard.switches == 1 and not guard.allow_draft()
 
 
 def test_conflayers_run_and_export_generate(tiny_artifact, capsys):

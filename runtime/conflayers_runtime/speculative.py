@@ -222,24 +222,35 @@ def stream(
 class SpeedGuard:
     """Decodes plainly while speculation is measured slower than plain decoding, probing again later.
 
-    It keeps an exponential moving average of seconds per emitted token for speculative cycles
-    and for plain steps. The first ``warmup`` steps are plain (the baseline); then it drafts as
-    long as speculation is not slower than plain, else it decodes plainly for ``probe_every``
-    steps before trying speculation again, doubling that wait after each consecutive loss so a
-    losing draft costs ever less.
+    It keeps an exponential moving average of seconds per emitted token of plain steps. The first
+    ``warmup`` steps are plain (the baseline); then it drafts, and judges speculation every
+    ``judge_after`` cycles by the seconds per token of those cycles together: one cycle alone says
+    little (a draft rejected at its first token makes a slow cycle even when the draft pays; seen
+    on SmolLM2: auto mode fell back often enough to lose a fifth of the speedup). While speculation
+    is slower it decodes plainly for ``probe_every`` steps before trying again, doubling that wait
+    after each consecutive loss so a losing draft costs ever less.
     """
 
-    def __init__(self, warmup: int = 2, probe_every: int = 16, smoothing: float = 0.3, max_wait: int = 512):
+    def __init__(
+        self,
+        warmup: int = 2,
+        probe_every: int = 16,
+        smoothing: float = 0.3,
+        max_wait: int = 512,
+        judge_after: int = 4,
+    ):
         self.warmup = warmup
         self.probe_every = probe_every
         self.smoothing = smoothing
+        self.judge_after = judge_after
         self.plain: float | None = None  # seconds per token
-        self.speculative: float | None = None
+        self.speculative: float | None = None  # seconds per token of the last judged cycles
         self.plain_steps = 0
         self.plain_until_probe = 0
         self.wait = probe_every
         self.max_wait = max_wait
         self.switches = 0
+        self._cycles: list[tuple[int, float]] = []  # (tokens, seconds) of speculative cycles not yet judged
 
     def allow_draft(self) -> bool:
         if self.plain_steps < self.warmup:
@@ -250,12 +261,15 @@ class SpeedGuard:
         return True
 
     def record(self, drafted: bool, tokens: int, seconds: float) -> None:
-        per_token = seconds / tokens
         if not drafted:
             self.plain_steps += 1
-            self.plain = self._mix(self.plain, per_token)
+            self.plain = self._mix(self.plain, seconds / tokens)
             return
-        self.speculative = self._mix(self.speculative, per_token)
+        self._cycles.append((tokens, seconds))
+        if len(self._cycles) < self.judge_after:
+            return
+        self.speculative = sum(s for _, s in self._cycles) / sum(t for t, _ in self._cycles)
+        self._cycles.clear()
         if self.plain is not None and self.speculative > self.plain:
             self.plain_until_probe = self.wait
             self.wait = min(2 * self.wait, self.max_wait)
