@@ -463,6 +463,16 @@ def test_the_layer_search_runs_its_reference_where_and_in_what_precision_asked(t
     results = search_layers(tmp_path / "s", loaded, {"default": PROMPTS}, settings)
     assert results[0].iterations and results[0].finalists
     assert Calibrator(loaded, SMALL).reference is loaded.model  # the default: no second copy
+    if not torch.cuda.is_available():  # this machine: the GPU route is refused with the fix
+        with pytest.raises(
+            CalibrationError, match="sees none: install a CUDA build of torch.*--reference-device cpu"
+        ):
+            search_layers(
+                tmp_path / "g",
+                loaded,
+                {"default": PROMPTS},
+                dataclasses.replace(SMALL, reference_device="cuda"),
+            )
     with pytest.raises(CalibrationError, match="--reference-dtype must be one of float32, float16, bfloat16"):
         search_layers(
             tmp_path / "t", loaded, {"default": PROMPTS}, dataclasses.replace(SMALL, reference_dtype="int8")

@@ -65,6 +65,15 @@ def check_settings(settings: CalibrationSettings) -> None:
     providers_for(settings.device)  # a device this onnxruntime cannot run fails before the search
     if settings.reference_device not in ("cpu", "cuda"):
         raise CalibrationError(f"--reference-device must be cpu or cuda, got {settings.reference_device!r}")
+    if settings.reference_device == "cuda" or settings.device_map not in (None, "cpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CalibrationError(
+                "the layer search's reference was asked to run on a GPU (--reference-device cuda or "
+                "--device-map), but this torch sees none: install a CUDA build of torch on a GPU "
+                "machine, or pass --reference-device cpu"
+            )
     if settings.reference_dtype not in REFERENCE_DTYPES:
         raise CalibrationError(
             f"--reference-dtype must be one of {', '.join(REFERENCE_DTYPES)}, "
