@@ -99,13 +99,21 @@ def check_parity(
 
     full_bits = ARTIFACT_DTYPES[dtype].weight_bits
     dtype_family = ARTIFACT_DTYPES[dtype].activations
-    graphs: list[tuple[str, Draft | None]] = [("full", None)]
-    graphs += [(f"draft.{d.name}", d) for d in manifest.drafts if d.name in section.drafts]
+    # (label, draft, weights mode, which role runs): every graph file, the paired ones in both roles
+    graphs: list[tuple[str, Draft | None, str, bool]] = [("full", None, "prepacked", False)]
+    for d in manifest.drafts:
+        if d.name in section.drafts:
+            graphs.append((f"draft.{d.name}", d, "prepacked", True))
+        if d.name in section.paired:
+            graphs += [
+                (f"paired.{d.name}/full", d, "paired", False),
+                (f"paired.{d.name}/draft", d, "paired", True),
+            ]
     results: list[StepResult] = []
     failures = []
-    for label, draft in graphs:
-        onnx_backend = open_backend(folder, manifest, draft.name if draft else None, device)
-        bits = draft_bits(draft, dtype) if draft else full_bits
+    for label, draft, weights, use_draft in graphs:
+        onnx_backend = open_backend(folder, manifest, draft.name if draft else None, device, weights=weights)
+        bits = draft_bits(draft, dtype) if draft and use_draft else full_bits
         approximate = bits is not None  # int8 activations (see above)
         torch_backend = TorchBackend(
             reference(full_bits),
@@ -115,8 +123,8 @@ def check_parity(
             draft_token_ids=onnx_backend.draft_token_ids,
         )
         for step, tokens, start in _call_script(loaded.model.config.vocab_size):
-            expected = torch_backend.forward(tokens, start, draft is not None)
-            actual = onnx_backend.forward(tokens, start, draft is not None)
+            expected = torch_backend.forward(tokens, start, use_draft)
+            actual = onnx_backend.forward(tokens, start, use_draft)
             scale = float(np.abs(expected).max())
             tolerance = QUANTIZED_RELATIVE_TOLERANCE * scale if approximate else TOLERANCE[dtype_family]
             result = StepResult(
