@@ -343,7 +343,7 @@ def _calibration_summary(r: TaskResult) -> dict[str, object]:
         "confidence_threshold": c.confidence_threshold,
         "recommended": r.drafts.recommended,
         **c.metrics(),
-        "wall_clock_speedup": r.drafts.confirmation.wall_clock_speedup if r.drafts.confirmation else None,
+        "wall_clock_speedup": r.drafts.wall_clock_speedup,
         "layer_search": {
             "skip_layers": r.chosen.skip,
             "expected_speedup": r.chosen.expected_speedup,

@@ -284,9 +284,7 @@ def _manifest_draft(result: TaskResult) -> Draft:
     metrics = {
         **c.metrics(),
         "bytes_ratio": c.bytes_ratio,
-        "wall_clock_speedup": result.drafts.confirmation.wall_clock_speedup
-        if result.drafts.confirmation
-        else None,
+        "wall_clock_speedup": result.drafts.wall_clock_speedup,
         "layer_search": {
             "skip_layers": result.chosen.skip,
             "expected_speedup_bytes_model": result.chosen.expected_speedup,

@@ -76,6 +76,11 @@ class DraftSearchResult:
         """Speculation pays with the chosen draft (its expected speedup is above 1)."""
         return self.chosen.expected_speedup > 1.0
 
+    @property
+    def wall_clock_speedup(self) -> float | None:
+        """The confirming real run's speedup over plain decoding (None: not confirmed)."""
+        return self.confirmation.wall_clock_speedup if self.confirmation else None
+
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
