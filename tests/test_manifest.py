@@ -98,6 +98,7 @@ def _built() -> dict:
         "drafts": graphs,
         "draft_vocab": {"small-vocab": "draft_vocab.8192.token_ids"},
         "paired": {"d1": "paired.d1.onnx"},
+        "capturable": {},
         "quantization": {
             "operator": "com.microsoft.MatMulNBits",
             "scheme": "asymmetric round-to-nearest per block (scales and zero points)",

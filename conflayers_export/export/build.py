@@ -60,6 +60,10 @@ def paired_graph_name(name: str) -> str:
     return f"paired.{name}.onnx"
 
 
+def capturable_graph_name(file_name: str) -> str:
+    return f"capturable.{file_name}"
+
+
 def build_artifact(
     out_dir: str | os.PathLike[str],
     loaded: LoadedModel,
@@ -93,6 +97,8 @@ def build_artifact(
 GRAPH_INPUTS = {
     "input_ids": "int64 [batch, sequence]",
     "attention_mask": "int64 [batch, total] (ones; total = cached + sequence)",
+    "seqlens_k": "int32 [batch], capturable graphs only, instead of attention_mask: the valid cache "
+    "length after the pass minus one (a one-token pass counts 2 rows: kv.min_attention_rows)",
 }
 GRAPH_OUTPUTS = {
     "logits": "float32 [batch, sequence, vocab] (a pruned draft: [.., len(draft_vocab ids)])",
@@ -110,6 +116,7 @@ class _Graphs:
     layers: dict[str, list[int]] = field(default_factory=dict)  # "full" or draft name -> layers run
     drafts: dict[str, str] = field(default_factory=dict)  # draft name -> file name
     draft_vocab: dict[str, str] = field(default_factory=dict)  # draft name -> its token-ids tensor
+    capturable: dict[str, str] = field(default_factory=dict)  # "full" or draft name -> file name
 
 
 def _build_graphs(
@@ -123,10 +130,24 @@ def _build_graphs(
     model, arch = loaded.model, loaded.architecture
     num_layers = loaded.identity.num_layers
     built = _Graphs()
+    # CUDA artifacts (fp16 activations) also get each graph in its capturable form (graph.py).
+    forms = (False, True) if ARTIFACT_DTYPES[dtype].activations == "fp16" else (False,)
     progress("full graph")
-    built.protos[FULL_GRAPH] = build_graph(
-        model, arch, range(num_layers), dtype, max_seq_len, store, "full", ARTIFACT_DTYPES[dtype].weight_bits
-    )
+    for capturable in forms:
+        file_name = capturable_graph_name(FULL_GRAPH) if capturable else FULL_GRAPH
+        built.protos[file_name] = build_graph(
+            model,
+            arch,
+            range(num_layers),
+            dtype,
+            max_seq_len,
+            store,
+            "full",
+            ARTIFACT_DTYPES[dtype].weight_bits,
+            capturable=capturable,
+        )
+        if capturable:
+            built.capturable["full"] = file_name
     built.layers["full"] = list(range(num_layers))
     for draft in manifest.drafts:
         progress(f"draft {draft.name}")
@@ -134,19 +155,24 @@ def _build_graphs(
         vocab_ids = draft_vocabulary(draft, manifest, model.config.vocab_size)
         if vocab_ids is not None:  # the id of each logits column, read by runtimes from the weights file
             built.draft_vocab[draft.name] = store.add(draft_vocab_name(len(vocab_ids)), vocab_ids)
-        file_name = built.drafts[draft.name] = draft_graph_name(draft.name)
-        built.protos[file_name] = build_graph(
-            model,
-            arch,
-            kept,
-            dtype,
-            max_seq_len,
-            store,
-            f"draft.{draft.name}",
-            draft_bits(draft, dtype),
-            vocab_ids,
-            confidence=True,
-        )
+        built.drafts[draft.name] = draft_graph_name(draft.name)
+        for capturable in forms:
+            file_name = draft_graph_name(draft.name)
+            if capturable:
+                file_name = built.capturable[draft.name] = capturable_graph_name(file_name)
+            built.protos[file_name] = build_graph(
+                model,
+                arch,
+                kept,
+                dtype,
+                max_seq_len,
+                store,
+                f"draft.{draft.name}",
+                draft_bits(draft, dtype),
+                vocab_ids,
+                confidence=True,
+                capturable=capturable,
+            )
         built.layers[draft.name] = kept
     return built
 
@@ -182,6 +208,7 @@ def _write(
         GENAI_CONFIG,
         *built.drafts.values(),
         *paired.values(),
+        *built.capturable.values(),
         WEIGHTS_FILE,
         *tokenizer_files,
     ]
@@ -193,6 +220,7 @@ def _write(
         drafts=built.drafts,
         draft_vocab=built.draft_vocab,
         paired=paired,
+        capturable=built.capturable,
         quantization=Quantization(
             operator="com.microsoft.MatMulNBits",
             scheme="asymmetric round-to-nearest per block (scales and zero points)",

@@ -24,6 +24,13 @@ full graph's, by name. Graph I/O (batch B, new tokens S, total length T):
     drafts top_probability [B, S] float32 (the largest softmax probability: the draft's stop rule).
 The last two are the greedy token choice on the device: a runtime decoding greedily reads them
 instead of logits rows (on CUDA the logits then never cross the bus).
+
+A *capturable* graph (``capturable=True``, docs/gpu/CUDA_GRAPHS.md) takes ``seqlens_k`` [B] int32
+(the valid cache length after the pass, minus one, attention padding rows included) instead of the
+attention mask, and a constant total length of max_seq_len: its inputs keep their shapes and
+addresses from one decode step to the next, so ONNX Runtime can capture the pass in a CUDA graph
+and replay it with the lengths updated in place. Its only host-side nodes read shapes, which are
+fixed per captured pass.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class _GraphBuilder:
         bits: int | None = None,
         vocab_ids: np.ndarray | None = None,
         confidence: bool = False,
+        capturable: bool = False,
     ):
         self.model = model
         self.arch = architecture
@@ -86,6 +94,7 @@ class _GraphBuilder:
         self.bits = bits
         self.vocab_ids = vocab_ids
         self.confidence = confidence  # also output top_probability (drafts)
+        self.capturable = capturable  # lengths as an input, not from the mask (module docstring)
         self.max_seq_len = max_seq_len
         self.weights = weights
         self.layout = architecture.kv_layout(model.config)
@@ -303,22 +312,10 @@ class _GraphBuilder:
     def build(self, keep_layers: Sequence[int], graph_name: str) -> onnx.ModelProto:
         layers = self.arch.decoder_layers(self.model)
         inner = self.model.model
-        # seqlens_k = cached + S - 1 and total = cached + S, both from the mask (as onnxruntime-genai),
-        # each plus the attention padding row of a one-token pass (see pad_attention_rows).
         self.sequence = self.op("Shape", ["input_ids"], "/model/rows/Shape", start=1, end=2)[0]  # [1]: S
         least = self.const("min_rows", [MIN_ATTENTION_ROWS])
         self.attention_rows = self.op("Max", [self.sequence, least], "/model/rows/Max")[0]
-        padding = self.op("Sub", [self.attention_rows, self.sequence], "/model/rows/Padding")[0]
-        mask_sum = self.op(
-            "ReduceSum", ["attention_mask", self.const("axes.1", [1])], "/model/mask/ReduceSum", keepdims=0
-        )[0]
-        last = self.op("Sub", [padding, self.const("one", [1])], "/model/mask/Last")[0]  # padding - 1
-        seqlens = self.op("Add", [mask_sum, last], "/model/mask/Add")[0]
-        seqlens_k = self.op("Cast", [seqlens], "/model/mask/seqlens_k", to=TensorProto.INT32)[0]
-        shape = self.op("Shape", ["attention_mask"], "/model/mask/Shape", start=1, end=2)[0]
-        padded = self.op("Add", [shape, padding], "/model/mask/Padded")[0]
-        total64 = self.op("Squeeze", [padded, self.const("axes.0", [0])], "/model/mask/Squeeze")[0]
-        total = self.op("Cast", [total64], "/model/mask/total", to=TensorProto.INT32)[0]
+        seqlens_k, total = self.lengths() if not self.capturable else self.lengths_given()
         rope = self.rope_tables(keep_layers)
 
         embed = self.weight("model.embed_tokens.weight", inner.embed_tokens.weight)
@@ -392,6 +389,31 @@ class _GraphBuilder:
         self.token_choice(logits)
         return self._model(keep_layers, graph_name)
 
+    def lengths(self) -> tuple[str, str]:
+        """(seqlens_k, total_sequence_length) for GroupQueryAttention from the attention mask, as
+        onnxruntime-genai derives them: seqlens_k = cached + S - 1 and total = cached + S, each plus
+        the attention padding row of a one-token pass (see pad_attention_rows)."""
+        padding = self.op("Sub", [self.attention_rows, self.sequence], "/model/rows/Padding")[0]
+        mask_sum = self.op(
+            "ReduceSum", ["attention_mask", self.const("axes.1", [1])], "/model/mask/ReduceSum", keepdims=0
+        )[0]
+        last = self.op("Sub", [padding, self.const("one", [1])], "/model/mask/Last")[0]  # padding - 1
+        seqlens = self.op("Add", [mask_sum, last], "/model/mask/Add")[0]
+        seqlens_k = self.op("Cast", [seqlens], "/model/mask/seqlens_k", to=TensorProto.INT32)[0]
+        shape = self.op("Shape", ["attention_mask"], "/model/mask/Shape", start=1, end=2)[0]
+        padded = self.op("Add", [shape, padding], "/model/mask/Padded")[0]
+        total64 = self.op("Squeeze", [padded, self.const("axes.0", [0])], "/model/mask/Squeeze")[0]
+        return seqlens_k, self.op("Cast", [total64], "/model/mask/total", to=TensorProto.INT32)[0]
+
+    def lengths_given(self) -> tuple[str, str]:
+        """A capturable graph's lengths: seqlens_k is an input (device memory, updated in place
+        between replays) and the total a constant max_seq_len. GroupQueryAttention reads the total
+        on the host, so a captured replay must not see it change; its kernels bound each row's
+        keys by seqlens_k, the positions past it are never read."""
+        total = "total_sequence_length"
+        self.constants[total] = np.asarray(self.max_seq_len, dtype=np.int32)
+        return "seqlens_k", total
+
     def token_choice(self, logits: str) -> None:
         """next_token_ids (and, with ``confidence``, top_probability) from the float32 logits. ArgMax
         keeps the first of equal maxima, as numpy's argmax does, so both paths choose alike."""
@@ -434,10 +456,13 @@ class _GraphBuilder:
 
     def _model(self, keep_layers: Sequence[int], graph_name: str) -> onnx.ModelProto:
         kv_shape = ["batch", self.layout.num_kv_heads, self.max_seq_len, self.layout.head_dim]
-        inputs = [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-        ]
+        lengths = (
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"])
+            if self.capturable
+            else helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])
+        )
+        ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
+        inputs = [ids, lengths]
         choice = [("next_token_ids", TensorProto.INT64)]
         if self.confidence:
             choice.append(("top_probability", TensorProto.FLOAT))
@@ -488,10 +513,14 @@ def build_graph(
     bits: int | None = None,
     vocab_ids: np.ndarray | None = None,
     confidence: bool = False,
+    capturable: bool = False,
 ) -> tuple[onnx.ModelProto, set[str]]:
     """Build one graph that runs ``keep_layers`` (with ``bits``-bit linears and a head over
-    ``vocab_ids`` when given; ``confidence``: a draft's top_probability output); returns it and
-    the names of the weights it reads."""
-    builder = _GraphBuilder(model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, confidence)
+    ``vocab_ids`` when given; ``confidence``: a draft's top_probability output; ``capturable``:
+    lengths as an input, see the module docstring); returns it and the names of the weights it
+    reads."""
+    builder = _GraphBuilder(
+        model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, confidence, capturable
+    )
     graph = builder.build(list(keep_layers), graph_name)
     return graph, builder.used

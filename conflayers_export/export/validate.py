@@ -6,6 +6,8 @@ a 16-token prefill, 3 single-token steps, one 5-token verify step over the cache
 3 positions and one more step. Every step must give the same argmax at every position and
 logits within the tolerance.
 
+Capturable graphs (CUDA artifacts) run the same script with lengths given as an input.
+
 Row invariance (conflayers_runtime.row_invariance): whether each graph gives a position the same
 logits as a step, as any row of a 2-9 token pass and inside a prefill; bitwise for the full graph
 is what makes greedy speculation lossless.
@@ -99,20 +101,26 @@ def check_parity(
 
     full_bits = ARTIFACT_DTYPES[dtype].weight_bits
     dtype_family = ARTIFACT_DTYPES[dtype].activations
-    # (label, draft, weights mode, which role runs): every graph file, the paired ones in both roles
-    graphs: list[tuple[str, Draft | None, str, bool]] = [("full", None, "prepacked", False)]
+    # (label, draft, weights mode, which role runs, capturable form): every graph file, the paired
+    # ones in both roles
+    graphs: list[tuple[str, Draft | None, str, bool, bool]] = [("full", None, "prepacked", False, False)]
+    if "full" in section.capturable:
+        graphs.append(("capturable.full", None, "prepacked", False, True))
     for d in manifest.drafts:
         if d.name in section.drafts:
-            graphs.append((f"draft.{d.name}", d, "prepacked", True))
+            graphs.append((f"draft.{d.name}", d, "prepacked", True, False))
+        if d.name in section.capturable:
+            graphs.append((f"capturable.draft.{d.name}", d, "prepacked", True, True))
         if d.name in section.paired:
             graphs += [
-                (f"paired.{d.name}/full", d, "paired", False),
-                (f"paired.{d.name}/draft", d, "paired", True),
+                (f"paired.{d.name}/full", d, "paired", False, False),
+                (f"paired.{d.name}/draft", d, "paired", True, False),
             ]
     results: list[StepResult] = []
     failures = []
-    for label, draft, weights, use_draft in graphs:
-        onnx_backend = open_backend(folder, manifest, draft.name if draft else None, device, weights=weights)
+    for label, draft, weights, use_draft, capturable in graphs:
+        name = draft.name if draft else None
+        onnx_backend = open_backend(folder, manifest, name, device, weights=weights, capturable=capturable)
         bits = draft_bits(draft, dtype) if draft and use_draft else full_bits
         approximate = bits is not None  # int8 activations (see above)
         torch_backend = TorchBackend(

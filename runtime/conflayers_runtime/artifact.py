@@ -110,7 +110,7 @@ def session_options(
     return options
 
 
-def providers_for(device: str) -> list[str]:
+def providers_for(device: str, cuda_graphs: bool = False) -> list:
     if device not in PROVIDERS:
         raise ManifestError(f"unknown device {device!r}: use one of {', '.join(PROVIDERS)}")
     if PROVIDERS[device] not in ort.get_available_providers():
@@ -121,7 +121,10 @@ def providers_for(device: str) -> list[str]:
     if device == "cpu":
         return [PROVIDERS["cpu"]]
     # TF32 would round fp32 matrix products to 10-bit mantissas: an fp32 artifact computes in fp32.
-    return [(PROVIDERS[device], {"use_tf32": "0"}), "CPUExecutionProvider"]
+    options = {"use_tf32": "0"}
+    if cuda_graphs:
+        options["enable_cuda_graph"] = "1"
+    return [(PROVIDERS[device], options), "CPUExecutionProvider"]
 
 
 def open_backend(
@@ -132,6 +135,7 @@ def open_backend(
     threads: int | None = None,
     weights: str | None = None,
     exact: bool = True,
+    capturable: bool | None = None,
 ) -> OnnxBackend:
     """Sessions for the full graph and (optionally) one draft, over shared device-resident caches.
 
@@ -143,12 +147,31 @@ def open_backend(
     for the draft, else "prepacked". On CUDA the default is "prepacked": each session holds the
     weights its graph reads in GPU memory (the draft's a second time, where it reads the full
     graph's); "paired" holds them once but is not yet measured on a GPU (DESIGN.md).
+
+    ``capturable``: run the artifact's capturable graphs (lengths as an input, fixed shapes), which
+    on CUDA are captured in CUDA graphs (onnx_backend.py). Default: on CUDA where the artifact has
+    them (fp16 and int4-fp16 artifacts since schema 1.3); on the CPU they run uncaptured, which
+    only tests serve.
     """
     folder = Path(folder)
     section = artifact_section(manifest)
-    providers = providers_for(device)
+    roles = ["full"] if draft is None else ["full", draft]
+    has_capturable = all(role in section.capturable for role in roles)
+    if capturable is None:  # an explicit weights="paired" asks for the If graph, which is not capturable
+        capturable = device == "cuda" and has_capturable and weights != "paired"
+    if capturable and not has_capturable:
+        raise ManifestError(
+            f"{folder} has no capturable graphs for {' and '.join(roles)} (written for fp16 and "
+            "int4-fp16 artifacts since schema 1.3): rebuild it with `conflayers-export build`, or "
+            "open it with capturable=False"
+        )
+    providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
     paired_file = section.paired.get(draft) if draft is not None else None
-    weights = weights or ("paired" if paired_file and device == "cpu" else "prepacked")
+    weights = weights or ("paired" if paired_file and device == "cpu" and not capturable else "prepacked")
+    if capturable and weights == "paired":
+        raise ManifestError(
+            'capturable graphs run in two sessions (a CUDA graph cannot hold an If): use weights="prepacked"'
+        )
     if weights not in WEIGHT_MODES:
         raise ManifestError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
     if weights == "paired" and not paired_file:
@@ -168,12 +191,14 @@ def open_backend(
         raise ManifestError(
             'weights="shared" is a CPU mode (one memory map): on CUDA use the default ("prepacked")'
         )
-    graphs = {"full": section.full} if weights != "paired" else {"paired": paired_file}
-    if draft is not None and weights != "paired":
-        if draft not in section.drafts:
-            known = ", ".join(section.drafts) or "none"
-            raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
-        graphs["draft"] = section.drafts[draft]
+    if draft is not None and draft not in section.drafts:
+        known = ", ".join(section.drafts) or "none"
+        raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
+    files = section.capturable if capturable else {"full": section.full, **section.drafts}
+    if weights == "paired":
+        graphs = {"paired": paired_file}
+    else:
+        graphs = {"full": files["full"]} | ({"draft": files[draft]} if draft else {})
     sessions = {}
     for role, graph in graphs.items():
         options = session_options(threads, weights, two_sessions=len(graphs) > 1)
@@ -194,7 +219,8 @@ def open_backend(
     rows = row_invariant_rows(section, device) if exact else 1
     full = sessions.get("full") or sessions["paired"]
     draft_session = sessions["paired"] if weights == "paired" else sessions.get("draft")
-    return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows)
+    cuda_graphs = capturable and device == "cuda"
+    return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows, cuda_graphs)
 
 
 _NUMPY_DTYPES = {

@@ -32,9 +32,9 @@ from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import ManifestError, SkipSetError
 
-SCHEMA_VERSION = (
-    "1.2"  # 1.2: paired graphs; 1.1: draft length policy, pruned-vocabulary and quantized drafts built
-)
+# 1.3: capturable graphs; 1.2: paired graphs; 1.1: draft length policy, pruned-vocabulary and
+# quantized drafts built
+SCHEMA_VERSION = "1.3"
 MANIFEST_NAME = "manifest.json"
 WEIGHT_PRECISIONS = ("base", "int8", "int4")  # "base" = the artifact's own precision
 _REBUILD = "rebuild the artifact with `conflayers-export build`"
@@ -183,6 +183,10 @@ class Artifacts:
     # use_draft input, over the same weights: one session loads and prepacks them once (CPU
     # default). Absent before schema 1.2.
     paired: dict[str, str] = field(default_factory=dict)
+    # "full" or a draft name -> the same graph in capturable form (lengths as a seqlens_k input,
+    # fixed shapes per pass: CUDA graphs, docs/gpu/CUDA_GRAPHS.md). Written for fp16-activation
+    # (CUDA) artifacts. Absent before schema 1.3.
+    capturable: dict[str, str] = field(default_factory=dict)
     quantization: Quantization | None = _omitted_when_none()  # absent in schema 1.0
     kv: CacheLayout
     layers: dict[str, list[int]]  # "full" or a draft name -> the decoder layers its graph runs
@@ -223,6 +227,9 @@ class Artifacts:
         for name in self.paired:
             if name not in self.drafts:
                 _refuse(f"artifacts.paired names draft {name!r}, which has no graph in artifacts.drafts")
+        for name in self.capturable:
+            if name != "full" and name not in self.drafts:
+                _refuse(f"artifacts.capturable names graph {name!r}, which is neither 'full' nor a draft")
         for graph, kept in self.layers.items():
             if graph != "full" and graph not in self.drafts:
                 _refuse(f"artifacts.layers names graph {graph!r}, which is neither 'full' nor a draft")

@@ -217,16 +217,19 @@ def load(
     weights: str | None = None,
     verify: bool = True,
     exact: bool = True,
+    capturable: bool | None = None,
 ) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
     ``draft``: a draft name, ``DEFAULT_TASK_DRAFT`` (the draft of the manifest's ``default`` task, else the
     first built draft, unless calibration did not recommend it) or None (plain decoding only).
-    ``weights``: "prepacked" or "shared" (a CPU mode; see artifact.WEIGHT_MODES); None is
-    "prepacked". ``verify`` checks every file's sha256 first. ``exact`` (default) makes greedy
-    speculative output bitwise equal to plain output: every full-model pass then has at least the
-    device's row-invariant row count (artifact.row_invariant_rows; 1 on the CPU for graphs that
-    pad their attention themselves, 16 on CUDA); False turns that padding off.
+    ``weights`` (artifact.WEIGHT_MODES): None is "paired" on the CPU where the artifact has a
+    paired graph for the draft, else "prepacked". ``verify`` checks every file's sha256 first.
+    ``exact`` (default) makes greedy speculative output bitwise equal to plain output: every
+    full-model pass then has at least the device's row-invariant row count
+    (artifact.row_invariant_rows; 1 on the CPU for graphs that pad their attention themselves, 16
+    on CUDA); False turns that padding off. ``capturable``: run the capturable graphs, in CUDA
+    graphs on CUDA (the default there, where the artifact has them; artifact.open_backend).
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -239,7 +242,7 @@ def load(
             # auto would decode plainly anyway; a lone session also decodes faster (its threads
             # may spin between runs) and takes half the memory. Name the draft to force it.
             draft = None
-    backend = open_backend(folder, manifest, draft, device, threads, weights, exact)
+    backend = open_backend(folder, manifest, draft, device, threads, weights, exact, capturable)
     tokenizer_file = folder / section.tokenizer.file
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))

@@ -11,6 +11,13 @@ new token ids (8 bytes each) on the way in; on the way out the chosen token ids 
 top probability) when decoding greedily (:meth:`OnnxBackend.greedy`), else the logits rows. The
 attention mask is a view of a preallocated device buffer of ones, and the caches never move.
 
+Capturable graphs (graph.py; on CUDA by default where the artifact has them) take the valid length
+as a ``seqlens_k`` input instead of the mask. On CUDA every pass of at most ``CAPTURED_ROWS`` rows
+then runs as a CUDA graph (ONNX Runtime's ``enable_cuda_graph``, one ``gpu_graph_id`` per row
+count): its input ids and lengths live in fixed device buffers updated in place, and every output
+in a fixed device buffer, so that each replay finds the addresses it was captured with. Longer
+passes (prompts) run uncaptured.
+
 A draft with a pruned vocabulary returns logits over its own columns only; ``draft_token_ids``
 maps each column to its token id (the decoding loop applies it).
 
@@ -32,6 +39,9 @@ import onnxruntime as ort
 from .errors import GenerationError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# Passes of at most this many rows keep their buffers (and are captured in CUDA graphs): decode
+# steps, draft passes and verify passes; prompts vary in length and do not repeat.
+CAPTURED_ROWS = 16
 _NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -62,8 +72,10 @@ class OnnxBackend:
         device: str = "cpu",
         draft_token_ids: np.ndarray | None = None,
         full_pass_rows: int = 1,
+        cuda_graphs: bool = False,
     ):
         self.kv = kv
+        self.cuda_graphs = cuda_graphs
         self.full_pass_rows = full_pass_rows
         self.draft_token_ids = draft_token_ids
         self.device = device_type(device)
@@ -81,6 +93,12 @@ class OnnxBackend:
         self.ones = ort.OrtValue.ortvalue_from_numpy(np.ones((1, kv.max_seq_len), np.int64), self.device, 0)
         self.paired = draft is full
         self._roles = {False: np.array(False), True: np.array(True)}  # use_draft, kept alive while bound
+        # A capturable graph's seqlens_k, one fixed buffer per role (updated in place every pass).
+        self._seqlens = {
+            role: ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int32), self.device, 0)
+            for role, session in ((False, full), (True, draft))
+            if session is not None and "seqlens_k" in {i.name for i in session.get_inputs()}
+        }
         self.bindings = {
             False: self._bind(full, False),
             True: self._bind(draft, True) if draft is not None else None,
@@ -98,12 +116,15 @@ class OnnxBackend:
             draft is None or len(self._choice[True]) == 2
         )
         self._buffers: dict[tuple[str, bool, int, str], ort.OrtValue] = {}
+        self._graph_options: dict[int, ort.RunOptions] = {}
 
     def _bind(self, session: ort.InferenceSession, use_draft: bool) -> ort.IOBinding:
         binding = session.io_binding()
         for node in session.get_inputs():
             if node.name == "use_draft":  # a paired graph: this binding runs one branch
                 binding.bind_cpu_input("use_draft", self._roles[use_draft])
+            if node.name == "seqlens_k":
+                binding.bind_ortvalue_input("seqlens_k", self._seqlens[use_draft])
             if node.name.startswith("past_key_values."):
                 _, layer, kind = node.name.split(".")
                 cache = self.caches[(int(layer), kind)]
@@ -148,19 +169,43 @@ class OnnxBackend:
             # length check leaves room for them (Model.stream).
             padding = min(self.full_pass_rows, self.kv.max_seq_len - start) - rows
             token_ids = [*token_ids, *[token_ids[-1]] * padding]
-        passed, rows = start + len(token_ids), len(token_ids)
-        binding.bind_cpu_input("input_ids", np.asarray([token_ids], dtype=np.int64))
-        # A [1, passed] view of the preallocated ones: the mask tells the graph the valid length.
-        binding.bind_input("attention_mask", self.device, 0, np.int64, [1, passed], self.ones.data_ptr())
-        logits_device = "cpu" if logits_on_host else self.device
+        rows = len(token_ids)
+        ids = np.asarray([token_ids], dtype=np.int64)
+        if use_draft in self._seqlens:  # the valid length after the pass, attention padding included
+            valid = start + max(rows, self.kv.min_rows)
+            self._seqlens[use_draft].update_inplace(np.array([valid - 1], np.int32))
+        else:  # a [1, start + rows] view of the preallocated ones: the mask tells the valid length
+            mask = self.ones.data_ptr()
+            binding.bind_input("attention_mask", self.device, 0, np.int64, [1, start + rows], mask)
+        if self.cuda_graphs:  # a captured pass reads its ids where they were at capture
+            ids_buffer = self._buffer("input_ids", use_draft, rows, self.device)
+            ids_buffer.update_inplace(ids)
+            binding.bind_ortvalue_input("input_ids", ids_buffer)
+        else:
+            binding.bind_cpu_input("input_ids", ids)
+        # Outputs on the host are copied there by the run itself; a captured run writes device buffers.
+        host = "cpu" if not self.cuda_graphs else self.device
         # Every output is bound each call: a binding keeps earlier buffers, of other row counts.
+        logits_device = host if logits_on_host else self.device
         outputs = {"logits": self._buffer("logits", use_draft, rows, logits_device)}
         for name in self._choice[use_draft]:
-            outputs[name] = self._buffer(name, use_draft, rows, "cpu")
+            outputs[name] = self._buffer(name, use_draft, rows, host)
         for name, buffer in outputs.items():
             binding.bind_ortvalue_output(name, buffer)
-        self.sessions[use_draft].run_with_iobinding(binding)
+        self.sessions[use_draft].run_with_iobinding(binding, self._run_options(rows))
         return outputs
+
+    def _run_options(self, rows: int) -> ort.RunOptions | None:
+        """With CUDA graphs, each row count up to CAPTURED_ROWS is its own captured graph; -1 runs
+        a pass uncaptured. Every run must name one: ONNX Runtime reads a missing id as graph 0."""
+        if not self.cuda_graphs:
+            return None
+        graph_id = rows if rows <= CAPTURED_ROWS else -1
+        options = self._graph_options.get(graph_id)
+        if options is None:
+            options = self._graph_options[graph_id] = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
 
     def _buffer(self, name: str, use_draft: bool, rows: int, device: str) -> ort.OrtValue:
         """An output buffer [1, rows(, width)] on ``device``, kept for the short passes that repeat
@@ -168,11 +213,12 @@ class OnnxBackend:
         key = (name, use_draft, rows, device)
         buffer = self._buffers.get(key)
         if buffer is None:
-            shape, dtype = [1, rows], {"next_token_ids": np.int64}.get(name, np.float32)
+            shape = [1, rows]
+            dtype = np.int64 if name in ("next_token_ids", "input_ids") else np.float32
             if name == "logits":
                 shape.append(self.widths[use_draft])
             buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
-            if rows <= 16:
+            if rows <= CAPTURED_ROWS:
                 self._buffers[key] = buffer
         return buffer
 
