@@ -170,12 +170,12 @@ for dtype in ("fp16", "int4-fp16"):  # fp32 graphs run attention on CPU under CU
         entry["build_seconds"] = time.perf_counter() - started
         manifest = read_manifest(art)
         backend = open_backend(art, manifest, None, device)
-        entry["plain_tokens_per_second"] = decode_rate(lambda n: generate(backend, prompt, n)[0])  # captured in CUDA graphs (the default)
+        entry["plain_tokens_per_second"] = decode_rate(lambda n: generate(backend, prompt, n, draft_config=None)[0])  # captured in CUDA graphs (the default)
         del backend
         # The same without CUDA graphs (the mask graphs), and onnxruntime-genai with CUDA graphs
         # (when its wheel was carried): the before/after and the anchor, one run.
         uncaptured = open_backend(art, manifest, None, device, capturable=False)
-        entry["plain_uncaptured_tokens_per_second"] = decode_rate(lambda n: generate(uncaptured, prompt, n)[0])
+        entry["plain_uncaptured_tokens_per_second"] = decode_rate(lambda n: generate(uncaptured, prompt, n, draft_config=None)[0])
         del uncaptured
         entry["genai_cuda_graph_tokens_per_second"] = genai_rate(dtype)
         costs = entry["pass_costs"] = {}

@@ -43,14 +43,14 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(config).eval(), architecture
 
 
-def write_tiny_folder(model, folder: Path) -> Path:
-    """Save ``model`` with a word-level tokenizer covering its whole vocabulary: letters are ids
-    0-25, every other id decodes to "<id>", so any generated sequence has text (26 doubles as the
-    unknown token)."""
+def write_tiny_folder(model, folder: Path, max_shard_size: str | None = None) -> Path:
+    """Save ``model`` (in safetensors shards of at most ``max_shard_size``) with a word-level
+    tokenizer covering its whole vocabulary: letters are ids 0-25, every other id decodes to
+    "<id>", so any generated sequence has text (26 doubles as the unknown token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     vocab = {chr(ord("a") + i): i for i in range(26)}
     vocab |= {f"<{i}>": i for i in range(26, model.config.vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<26>"))

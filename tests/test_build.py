@@ -112,7 +112,7 @@ def test_a_failed_build_leaves_the_existing_artifact_untouched(tiny_folder, tmp_
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(build_module, "write_weights", broken)
+    monkeypatch.setattr(build_module, "attach_external", broken)
     with pytest.raises(OSError, match="disk full"):
         build(folder, loaded, {"other": [1]})
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
@@ -241,14 +241,15 @@ def test_fp16_graphs_match_pytorch_within_the_stated_tolerance(tiny_folder, tmp_
     assert max(r.max_abs_diff for r in results) <= TOLERANCE["fp16"]
 
 
-def test_an_output_head_equal_to_the_embeddings_is_stored_once(make_tiny):
-    from conflayers_export.export.graph import WeightStore, build_graph
+def test_an_output_head_equal_to_the_embeddings_is_stored_once(make_tiny, tmp_path):
+    from conflayers_export.export.graph import build_graph
+    from conflayers_export.export.weights import weights_file
 
     model, architecture = make_tiny("llama")
     for copy_embeddings in (False, True):
         if copy_embeddings:
             with torch.no_grad():
                 model.lm_head.weight.copy_(model.model.embed_tokens.weight)
-        store = WeightStore()
-        build_graph(model, architecture, range(4), "fp32", 32, store, "full")
-        assert ("lm_head.weight" in store.arrays) is not copy_embeddings
+        with weights_file(tmp_path / "weights.bin") as store:
+            build_graph(model, architecture, range(4), "fp32", 32, store, "full")
+        assert ("lm_head.weight" in store) is not copy_embeddings

@@ -35,10 +35,10 @@ from ..errors import ManifestError
 from ..models import LoadedModel
 from ..models.architectures import KVLayout
 from ..staging import replace_folder
-from .graph import MIN_ATTENTION_ROWS, WeightStore, build_graph, draft_vocab_name
+from .graph import MIN_ATTENTION_ROWS, build_graph, draft_vocab_name
 from .paired import paired_graph
 from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE
-from .weights import attach_external, write_weights
+from .weights import WeightStore, attach_external, weights_file
 
 WEIGHTS_FILE = "weights.bin"
 FULL_GRAPH = "full.onnx"
@@ -145,6 +145,7 @@ def _build_graphs(
             "full",
             ARTIFACT_DTYPES[dtype].weight_bits,
             capturable=capturable,
+            read=loaded.array,
         )
         if capturable:
             built.capturable["full"] = file_name
@@ -172,6 +173,7 @@ def _build_graphs(
                 vocab_ids,
                 confidence=True,
                 capturable=capturable,
+                read=loaded.array,
             )
         built.layers[draft.name] = kept
     return built
@@ -185,13 +187,12 @@ def _write(
     max_seq_len: int,
     progress: Callable[[str], None],
 ) -> Manifest:
-    store = WeightStore()
-    built = _build_graphs(loaded, manifest, dtype, max_seq_len, store, progress)
-
+    # Weights go to the file as the graphs first read them (one tensor in memory at a time).
+    with weights_file(folder / WEIGHTS_FILE) as store:
+        built = _build_graphs(loaded, manifest, dtype, max_seq_len, store, progress)
     progress("weights")
-    offsets = write_weights(store.arrays, folder / WEIGHTS_FILE)
     for file_name, (graph, used) in built.protos.items():
-        attach_external(graph, used, store.arrays, offsets, WEIGHTS_FILE)
+        attach_external(graph, used, store, WEIGHTS_FILE)
         onnx.save(graph, folder / file_name)
     paired = {}  # the full graph and each draft in one graph, for one session (paired.py)
     for name, file_name in built.drafts.items():
@@ -230,7 +231,8 @@ def _write(
         kv=_cache_layout(layout, dtype),
         layers=built.layers,
         weights_index={
-            name: WeightEntry(str(a.dtype), list(a.shape), *offsets[name]) for name, a in store.arrays.items()
+            name: WeightEntry(str(e.dtype), list(e.shape), e.offset, e.length)
+            for name, e in store.entries.items()
         },
         graph_weights={
             **{file_name: sorted(used) for file_name, (_, used) in built.protos.items()},

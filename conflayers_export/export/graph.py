@@ -35,8 +35,7 @@ fixed per captured pass.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -46,6 +45,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..models.architectures import Architecture
 from .quantize import ACCURACY_LEVEL, BLOCK_SIZE, quantize
+from .weights import WeightStore
 
 OPSET = 21
 # An artifact dtype's activations (ARTIFACT_DTYPES, the runtime's list) -> numpy and ONNX types.
@@ -59,19 +59,10 @@ _FLOATS: dict[str, tuple[type, int]] = {
 MIN_ATTENTION_ROWS = 2
 
 
-@dataclass
-class WeightStore:
-    """Named weight arrays shared by every graph of one artifact (each stored once)."""
-
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def add(self, name: str, array: np.ndarray) -> str:
-        if name not in self.arrays:
-            self.arrays[name] = np.ascontiguousarray(array)
-        return name
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.arrays
+def host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A float32 copy of an in-memory parameter (a lazily loaded model reads its files instead:
+    models.loader.LoadedModel.array)."""
+    return tensor.detach().float().numpy()
 
 
 class _GraphBuilder:
@@ -86,8 +77,10 @@ class _GraphBuilder:
         vocab_ids: np.ndarray | None = None,
         confidence: bool = False,
         capturable: bool = False,
+        read: Callable[[torch.Tensor], np.ndarray] = host_array,
     ):
         self.model = model
+        self.read = read  # a parameter's values as a float32 array
         self.arch = architecture
         self.config = model.config
         self.np_dtype, self.onnx_dtype = _FLOATS[ARTIFACT_DTYPES[dtype].activations]
@@ -122,7 +115,7 @@ class _GraphBuilder:
         self.used.add(name)
         if name in self.weights:  # an earlier graph of the artifact converted it already
             return name
-        array = tensor.detach().float().numpy() if isinstance(tensor, torch.Tensor) else tensor
+        array = self.read(tensor) if isinstance(tensor, torch.Tensor) else tensor
         if not keep_dtype:
             array = array.astype(self.np_dtype)
         return self.weights.add(name, array)
@@ -131,7 +124,15 @@ class _GraphBuilder:
         self.constants[name] = np.asarray(values, dtype=np.int64)
         return name
 
-    def linear(self, x: str, weight: torch.Tensor, bias: torch.Tensor | None, name: str, wname: str) -> str:
+    def linear(
+        self,
+        x: str,
+        weight: torch.Tensor | np.ndarray,
+        bias: torch.Tensor | np.ndarray | None,
+        name: str,
+        wname: str,
+    ) -> str:
+        weight = self.read(weight) if isinstance(weight, torch.Tensor) else weight
         if self.bits:
             y = self.matmul_nbits(x, weight, name, wname + ".weight")
         else:
@@ -148,7 +149,7 @@ class _GraphBuilder:
         names = [f"{wname}.int{bits}", f"{wname}.int{bits}.scales", f"{wname}.int{bits}.zero_points"]
         n, k = weight.shape
         if names[0] not in self.weights:  # quantized once, shared by every graph that reads it
-            array = weight.detach().float().numpy() if isinstance(weight, torch.Tensor) else weight
+            array = self.read(weight) if isinstance(weight, torch.Tensor) else weight
             packed, scales, zero_points = quantize(np.asarray(array, np.float32), bits)
             tensors = (packed, scales.astype(self.np_dtype), zero_points)
             for tensor_name, values in zip(names, tensors, strict=True):
@@ -167,7 +168,7 @@ class _GraphBuilder:
         )[0]
 
     def norm_weight(self, name: str, module: torch.nn.Module) -> str:
-        return self.weight(name, module.weight.detach().float() + self.arch.norm_offset)
+        return self.weight(name, self.read(module.weight) + self.arch.norm_offset)
 
     def rms_norm(self, x: str, module: torch.nn.Module, name: str, wname: str) -> str:
         eps = _epsilon(module)
@@ -226,13 +227,10 @@ class _GraphBuilder:
             self.layout.num_kv_heads,
             self.layout.head_dim,
         )
-        if self.arch.fused_qkv:
-            proj = getattr(attn, self.arch.fused_qkv)
-            weight, bias = proj.weight, proj.bias
-        else:
-            projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-            weight = torch.cat([p.weight for p in projs], dim=0)
-            bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
+        fused = [getattr(attn, self.arch.fused_qkv)] if self.arch.fused_qkv else None
+        projs = fused or [attn.q_proj, attn.k_proj, attn.v_proj]
+        weight = np.concatenate([self.read(p.weight) for p in projs])
+        bias = np.concatenate([self.read(p.bias) for p in projs]) if projs[0].bias is not None else None
         qkv = self.linear(x, weight, bias, f"{name}/qkv", f"{wname}.qkv")
         if self.arch.qk_norm:
             sizes = self.const(
@@ -292,8 +290,7 @@ class _GraphBuilder:
         mlp = self.arch.blocks(self.arch.decoder_layers(self.model)[i])[1]
         name, wname = f"/model/layers.{i}/mlp", f"model.layers.{i}.mlp"
         if self.arch.fused_gate_up:
-            gate_up = getattr(mlp, self.arch.fused_gate_up).weight
-            gate_w, up_w = gate_up.chunk(2, dim=0)
+            gate_w, up_w = np.split(self.read(getattr(mlp, self.arch.fused_gate_up).weight), 2)
         else:
             gate_w, up_w = mlp.gate_proj.weight, mlp.up_proj.weight
         gate = self.linear(x, gate_w, None, f"{name}/gate_proj", f"{wname}.gate_proj")
@@ -441,12 +438,12 @@ class _GraphBuilder:
         table = self.model.model.embed_tokens.weight
         # Tied, or untied with equal values (GGUF files often carry the output head as a copy of
         # the embeddings): either way the head reads the embedding table, stored once.
-        tied = head.data_ptr() == table.data_ptr() or (head.shape == table.shape and torch.equal(head, table))
+        rows = self.read(head)
+        tied = head is table or (head.shape == table.shape and np.array_equal(rows, self.read(table)))
         name = embed if tied else "lm_head.weight"
         if self.vocab_ids is None and not self.bits:
-            weight = embed if tied else self.weight(name, head)
+            weight = embed if tied else self.weight(name, rows)
             return self.op("Gemm", [flat, weight], "/lm_head/Gemm", transB=1)[0]
-        rows = head.detach().float().numpy()
         if self.vocab_ids is not None:  # a pruned head: its own contiguous copy of the kept rows
             name = f"{name}.vocab{len(self.vocab_ids)}"
             rows = rows[self.vocab_ids]
@@ -514,13 +511,14 @@ def build_graph(
     vocab_ids: np.ndarray | None = None,
     confidence: bool = False,
     capturable: bool = False,
+    read: Callable[[torch.Tensor], np.ndarray] = host_array,
 ) -> tuple[onnx.ModelProto, set[str]]:
     """Build one graph that runs ``keep_layers`` (with ``bits``-bit linears and a head over
     ``vocab_ids`` when given; ``confidence``: a draft's top_probability output; ``capturable``:
-    lengths as an input, see the module docstring); returns it and the names of the weights it
-    reads."""
+    lengths as an input, see the module docstring; ``read``: a parameter's values, for a model
+    whose weights are not in memory); returns it and the names of the weights it reads."""
     builder = _GraphBuilder(
-        model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, confidence, capturable
+        model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, confidence, capturable, read
     )
     graph = builder.build(list(keep_layers), graph_name)
     return graph, builder.used

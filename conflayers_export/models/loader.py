@@ -17,6 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from conflayers_runtime.artifact import file_sha256
 from conflayers_runtime.manifest import ModelIdentity
 
@@ -36,13 +37,54 @@ def cache_dir() -> Path:
 REFERENCE_DTYPES = ("float32", "float16", "bfloat16")
 
 
+class StreamedWeights:
+    """The parameters of a model built on PyTorch's meta device (structure only, no storage),
+    read from its safetensors files one tensor at a time: a build then holds one tensor in memory,
+    not the model (a 7B model in float32 is 28 GB)."""
+
+    def __init__(self, model: object, folder: Path):
+        from safetensors import safe_open
+
+        # Tied parameters are one object and appear once, under the name the files store them by.
+        self.names = {id(p): name for name, p in model.named_parameters()}  # type: ignore[attr-defined]
+        self.files: dict[str, Path] = {}  # tensor name -> its file
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                self.files.update(dict.fromkeys(handle.keys(), path))
+        missing = sorted(set(self.names.values()) - set(self.files))
+        if missing:
+            raise ModelSourceError(
+                f"{folder}'s safetensors files lack {len(missing)} of the model's parameters (e.g. "
+                f"{missing[0]}): re-save the model with transformers' save_pretrained"
+            )
+
+    def read(self, tensor: object) -> np.ndarray:
+        from safetensors import safe_open
+
+        name = self.names.get(id(tensor))
+        if name is None:
+            raise ModelSourceError("a streamed model's tensor is not one of its parameters (a bug)")
+        # Opened per tensor: an open file stays memory-mapped, and every page read through the map
+        # would stay resident in this process (measured: the whole model by the end of a build).
+        with safe_open(str(self.files[name]), framework="pt") as handle:
+            return handle.get_tensor(name).float().numpy()
+
+
 @dataclass
 class LoadedModel:
-    model: object  # transformers PreTrainedModel, float32, eval mode
+    model: object  # transformers PreTrainedModel in eval mode: float32, or structure only (streamed)
     tokenizer: object  # transformers tokenizer
     architecture: Architecture
     identity: ModelIdentity
     folder: Path  # Hugging Face-format folder the model was loaded from (config, weights, tokenizer)
+    streamed: StreamedWeights | None = None  # set when the model's weights stay in its files
+
+    def array(self, tensor: object) -> np.ndarray:
+        """A parameter's (or a computed tensor's) values as a float32 array."""
+        if getattr(tensor, "is_meta", False):
+            assert self.streamed is not None, "a meta tensor outside a streamed model"
+            return self.streamed.read(tensor)
+        return tensor.detach().float().numpy()  # type: ignore[attr-defined]
 
     def encode(self, text: str | list[dict[str, str]], chat: bool = True) -> list[int]:
         """Token ids of a prompt: text (``chat`` wraps it as one user turn with the model's chat
@@ -68,15 +110,16 @@ class LoadedModel:
         self, device: str = "cpu", dtype: str = "float32", device_map: str | None = None
     ) -> object:
         """The model for the PyTorch reference decoder and the layer profiles on ``device`` in
-        ``dtype`` (REFERENCE_DTYPES): this float32 CPU model itself by default, else loaded again
-        from the folder, e.g. on CUDA in float16, or spread over several GPUs with accelerate's
-        ``device_map`` ("auto"). Graphs are always built from the float32 CPU model."""
+        ``dtype`` (REFERENCE_DTYPES): this float32 CPU model itself by default (unless it is
+        streamed: structure only), else loaded again from the folder, e.g. on CUDA in float16, or
+        spread over several GPUs with accelerate's ``device_map`` ("auto"). Graphs are built from
+        this model's float32 values (streamed or in memory), whatever the reference's dtype."""
         import torch
         from transformers import AutoModelForCausalLM
 
         if dtype not in REFERENCE_DTYPES:
             raise ModelSourceError(f"reference dtype {dtype!r}: use one of {', '.join(REFERENCE_DTYPES)}")
-        if device == "cpu" and dtype == "float32" and device_map is None:
+        if device == "cpu" and dtype == "float32" and device_map is None and self.streamed is None:
             return self.model
         model = AutoModelForCausalLM.from_pretrained(
             self.folder, dtype=getattr(torch, dtype), device_map=device_map or device
@@ -84,17 +127,29 @@ class LoadedModel:
         return model.eval()
 
 
-def load_model(spec: str) -> LoadedModel:
-    """Resolve ``spec`` and load the model in float32 for the CPU."""
+def load_model(spec: str, streamed: bool = False) -> LoadedModel:
+    """Resolve ``spec`` and load the model in float32 for the CPU; ``streamed``: only its structure,
+    its weights read from its safetensors files when asked for (LoadedModel.array; what ``build``
+    needs, not what runs the model), where the folder has safetensors files."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the library reports through `logging`, not progress bars
     folder, fingerprint = _resolve(spec)
     config = AutoConfig.from_pretrained(folder)
     architecture = get_architecture(config.model_type)  # fail before loading weights
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    weights = None
+    if streamed and any(folder.glob("*.safetensors")):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config).eval()
+        # RoPE tables are computed, not stored: that module is rebuilt on the CPU (it is tiny).
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+        if (folder / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        weights = StreamedWeights(model, folder)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     identity = ModelIdentity(
         source=spec,
@@ -102,7 +157,7 @@ def load_model(spec: str) -> LoadedModel:
         num_layers=config.num_hidden_layers,
         fingerprint=fingerprint,
     )
-    return LoadedModel(model, tokenizer, architecture, identity, folder)
+    return LoadedModel(model, tokenizer, architecture, identity, folder, weights)
 
 
 def _resolve(spec: str) -> tuple[Path, str]:
