@@ -26,18 +26,26 @@ if TYPE_CHECKING:
 
     from .calibrate import TaskResult
     from .export.validate import StepResult
+    from .models import LoadedModel
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def _parse_layers(value: str, option: str = "--skip") -> list[int]:
-    """Comma-separated integers (layer indices, vocabulary sizes)."""
+def _parse_ints(value: str, option: str) -> list[int]:
+    """Comma-separated integers (vocabulary sizes)."""
     if not value.strip():
         return []
     try:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise SkipSetError(f"{option} takes comma-separated integers such as 3,7,11; got {value!r}") from None
+        raise SkipSetError(f"{option} takes comma-separated integers; got {value!r}") from None
+
+
+def _parse_skip(value: str) -> list[int | str]:
+    """--skip: layer indices, and single blocks as <layer>.attention / <layer>.mlp (3,7.mlp,9);
+    checked against the model by check_skip_layers."""
+    units = [v.strip() for v in value.split(",") if v.strip()]
+    return [int(u) if u.isdigit() else u for u in units]
 
 
 def _dtype_option(help_text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -82,7 +90,11 @@ def cli(verbose: bool) -> None:
     help="Packaged name, .gguf file or Hugging Face folder.",
 )
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--skip", default="", help="Layers the draft skips, e.g. 14,15,16 (empty: draft = full model).")
+@click.option(
+    "--skip",
+    default="",
+    help="Layers the draft skips, e.g. 14,15,16, or blocks, e.g. 5.mlp (empty: draft = full model).",
+)
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the model's chat template.")
 @click.option("--plain", is_flag=True, help="Decode without speculation (the baseline).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
@@ -113,7 +125,7 @@ def reference(
     from .models import load_model
     from .models.reference import speculative_generate
 
-    skip_layers = _parse_layers(skip)
+    skip_layers = _parse_skip(skip)
     loaded = load_model(model)
     prompt_ids = loaded.encode(prompt, chat=chat)
     start = time.perf_counter()
@@ -179,10 +191,17 @@ def reference(
 )
 @click.option(
     "--cost",
-    default="measured",
-    show_default=True,
-    type=click.Choice(["bytes", "measured"]),
-    help="Draft cost in the final choice: passes timed on --device, or weight bytes read per token.",
+    default=None,
+    type=click.Choice(["bytes", "measured", "table"]),
+    help="Draft cost in the final choice: passes timed on --device (default), weight bytes read per "
+    "token, or the --costs table (implied by --costs).",
+)
+@click.option(
+    "--costs",
+    "costs_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Cost table measured on the target device by `conflayers-run profile` (docs/COSTS.md).",
 )
 @_dtype_option("Artifact dtype the drafts are chosen for (build with the same).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
@@ -230,9 +249,10 @@ def reference(
     "--stage",
     default="all",
     show_default=True,
-    type=click.Choice(["all", "search", "select"]),
+    type=click.Choice(["all", "search", "select", "profile-artifact"]),
     help="search: the layer search alone (writes calibration/search.json); select: the draft that "
-    "ships, from that search (e.g. again for another --dtype or --device).",
+    "ships, from that search (e.g. again for another --dtype or --device); profile-artifact: build "
+    "into --out the artifact `conflayers-run profile` times for --costs.",
 )
 @click.option("--force", is_flag=True, help="Replace a folder that holds another model's manifest.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines (errors still print).")
@@ -247,7 +267,8 @@ def calibrate(
     search_interval: int,
     max_iter: int,
     max_new_tokens: int,
-    cost: str,
+    cost: str | None,
+    costs_file: str | None,
     dtype: str,
     device: str,
     reference_device: str | None,
@@ -265,6 +286,8 @@ def calibrate(
 ) -> None:
     """Search the layers to skip (ConfLayers), then the cheapest draft (skip set x weight precision
     x vocabulary x draft length) on the target graphs; write the manifest and a report into --out."""
+    from conflayers_runtime.costs import read_cost_table
+
     from .calibrate import CalibrationSettings, check_settings, search_layers, select_drafts
     from .calibrate import calibrate as run_calibration
     from .calibrate.data import default_prompts, load_prompts
@@ -277,7 +300,7 @@ def calibrate(
         search_interval=search_interval,
         max_iter=max_iter,
         max_new_tokens=max_new_tokens,
-        cost=cost,
+        cost=cost or ("table" if costs_file else "measured"),
         eval_prompts=eval_prompts,
         seed=seed,
         search=search,
@@ -288,9 +311,10 @@ def calibrate(
         or ("float16" if (reference_device or device) == "cuda" else "float32"),
         device_map=device_map,
         precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-        vocab_sizes=tuple(_parse_layers(vocab_sizes, "--vocab-sizes")),
+        vocab_sizes=tuple(_parse_ints(vocab_sizes, "--vocab-sizes")),
     )
     check_settings(settings)  # before the data and the model load: bad flags fail fast
+    costs = read_cost_table(costs_file) if costs_file else None
     tasks = {}
     for spec in task_files:
         name, sep, path = spec.partition("=")
@@ -299,8 +323,19 @@ def calibrate(
         tasks[name] = load_prompts(path)
     if not tasks:
         tasks["default"] = load_prompts(data) if data else default_prompts()
-    loaded = load_model(model)
+    # The float32 model is needed in memory only where it is the PyTorch reference itself; graphs
+    # are built from the weight files either way (a 7B model calibrates with its reference on a GPU
+    # without 28 GB of host memory for a float32 copy).
+    reference_in_memory = (settings.reference_device, settings.reference_dtype, device_map) == (
+        "cpu",
+        "float32",
+        None,
+    )
+    loaded = load_model(model, streamed=stage == "profile-artifact" or not reference_in_memory)
     progress = ConsoleProgress(quiet)
+    if stage == "profile-artifact":
+        _profiling_artifact(out_dir, loaded, dtype, force, progress)
+        return
     if stage == "search":
         results = search_layers(out_dir, loaded, tasks, settings, force, progress)
         found = [
@@ -318,9 +353,9 @@ def calibrate(
         click.echo(f"wrote {out_dir}/calibration/search.json; next: calibrate --stage select --out {out_dir}")
         return
     if stage == "select":
-        _, results = select_drafts(out_dir, loaded, settings, progress)
+        _, results = select_drafts(out_dir, loaded, settings, progress, costs=costs)
     else:
-        _, results = run_calibration(out_dir, loaded, tasks, settings, force, progress)
+        _, results = run_calibration(out_dir, loaded, tasks, settings, force, progress, costs)
     summary = [_calibration_summary(r) for r in results]
     if as_json:
         click.echo(json.dumps({"out": out_dir, "tasks": summary}, indent=2))
@@ -328,6 +363,22 @@ def calibrate(
     for r, row in zip(results, summary, strict=True):
         click.echo(_calibration_verdict(r, row, model))
     click.echo(f"wrote {out_dir}/manifest.json and {out_dir}/calibration/report.md")
+
+
+def _profiling_artifact(
+    out_dir: str, loaded: LoadedModel, dtype: str, force: bool, progress: ConsoleProgress
+) -> None:
+    """calibrate --stage profile-artifact: build it, and say what to run next."""
+    from .calibrate.costs import build_profiling_artifact, profiling_drafts
+
+    count = len(profiling_drafts(loaded.identity.num_layers, loaded.model.config.vocab_size, dtype))
+    with progress.phase(f"building the profiling artifact ({count} drafts, {dtype})", count + 3) as step:
+        manifest = build_profiling_artifact(out_dir, loaded, dtype, force, lambda name: step())
+    click.echo(
+        f"built {out_dir} ({len(manifest.drafts)} drafts); on the target device run "
+        f"`conflayers-run profile {out_dir} --device cpu|cuda --out costs.json`, then "
+        f"`conflayers-export calibrate --dtype {dtype} --costs costs.json ...`"
+    )
 
 
 def _calibration_summary(r: TaskResult) -> dict[str, object]:
@@ -389,7 +440,10 @@ def _calibration_verdict(r: TaskResult, row: dict[str, Any], model: str) -> str:
     "--skip-set", "skip_sets", multiple=True, help="Build only this draft of the manifest (repeatable)."
 )
 @click.option(
-    "--skip", default=None, help="Also build a draft skipping these layers, e.g. 3,7,11 (named 'manual')."
+    "--skip",
+    default=None,
+    help="Also build a draft skipping these layers, e.g. 3,7,11, or single blocks, e.g. 5.attention,9.mlp "
+    "(named 'manual').",
 )
 @click.option(
     "--draft-precision",
@@ -438,7 +492,7 @@ def build(
     hand_given = []
     if skip is not None or draft_precision is not None or draft_vocab is not None:
         hand_given.append(
-            hand_draft("manual", _parse_layers(skip or ""), draft_precision or "base", draft_vocab)
+            hand_draft("manual", _parse_skip(skip or ""), draft_precision or "base", draft_vocab)
         )
     if model is None:
         if not (folder / MANIFEST_NAME).is_file():
@@ -450,7 +504,7 @@ def build(
             )
         model = read_manifest(folder).model.source
     start = time.perf_counter()
-    loaded = load_model(model)
+    loaded = load_model(model, streamed=True)  # weights read one tensor at a time
     manifest = manifest_for_build(folder, loaded, hand_given, list(skip_sets) or None)
     with ConsoleProgress(quiet).phase(
         f"building {len(manifest.drafts)} draft(s)", len(manifest.drafts) + 3

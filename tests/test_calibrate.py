@@ -463,6 +463,11 @@ def test_the_layer_search_runs_its_reference_where_and_in_what_precision_asked(t
     results = search_layers(tmp_path / "s", loaded, {"default": PROMPTS}, settings)
     assert results[0].iterations and results[0].finalists
     assert Calibrator(loaded, SMALL).reference is loaded.model  # the default: no second copy
+    # The same search over a streamed model (structure only: what the CLI loads in this case)
+    streamed = load_model(str(tiny_folder("llama")), streamed=True)
+    again = search_layers(tmp_path / "streamed", streamed, {"default": PROMPTS}, settings)
+    assert again[0].as_dict() == {**results[0].as_dict(), "seconds": again[0].as_dict()["seconds"]}
+    assert not any(p.is_meta for p in Calibrator(streamed, SMALL).reference.parameters())
     if not torch.cuda.is_available():  # this machine: the GPU route is refused with the fix
         with pytest.raises(
             CalibrationError, match="sees none: install a CUDA build of torch.*--reference-device cpu"

@@ -54,7 +54,7 @@ def test_newer_minor_version_is_read_and_other_major_refused(tmp_path):
     [
         (lambda d: d["drafts"][0].update(skip_layers=[0, 5]), r"draft 'd1'.*invalid layers \[0\]"),
         (lambda d: d["drafts"][0].update(skip_layers=[29]), r"invalid layers \[29\].*1\.\.28"),
-        (lambda d: d["drafts"][0].update(skip_layers=[3, 3]), "repeats a layer"),
+        (lambda d: d["drafts"][0].update(skip_layers=[3, 3]), "repeats an entry"),
         (lambda d: d["drafts"][1].update(weight_precision="fp8"), "weight_precision 'fp8'"),
         (lambda d: d["tasks"]["default"].update(draft="nope"), "unknown draft 'nope'"),
         (lambda d: d.pop("model"), "malformed manifest"),

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from conflayers_runtime.artifact import providers_for
+from conflayers_runtime.costs import CostTable
 from conflayers_runtime.manifest import (
     ARTIFACT_DTYPES,
     MANIFEST_NAME,
@@ -38,7 +39,7 @@ from .data import Prompt
 from .report import write_reports
 from .scoring import EvaluationTexts, generate_texts, score_layer_sets
 from .search import COST_MODELS, SEARCHES, CalibrationSettings, Calibrator, Candidate, TaskResult
-from .select import DraftSearch, rank_vocabulary
+from .select import DraftSearch, check_cost_table, rank_vocabulary
 
 __all__ = ["CalibrationSettings", "TaskResult", "calibrate", "search_layers", "select_drafts"]
 
@@ -102,13 +103,15 @@ def calibrate(
     settings: CalibrationSettings | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    costs: CostTable | None = None,
 ) -> tuple[Manifest, list[TaskResult]]:
     """Both stages: :func:`search_layers`, then :func:`select_drafts` on its results (the
-    evaluation texts generated once for both)."""
+    evaluation texts generated once for both). ``costs``: see :func:`select_drafts`."""
     settings = settings or CalibrationSettings()
+    check_cost_table(costs, loaded, settings)  # before the search: a wrong table fails fast
     texts: dict[str, EvaluationTexts] = {}
     results = search_layers(out_dir, loaded, tasks, settings, force, progress, texts)
-    return select_drafts(out_dir, loaded, settings, progress, results, tasks, texts)
+    return select_drafts(out_dir, loaded, settings, progress, results, tasks, texts, costs)
 
 
 def search_layers(
@@ -166,15 +169,19 @@ def select_drafts(
     results: list[TaskResult] | None = None,
     tasks: dict[str, list[Prompt]] | None = None,
     texts: dict[str, EvaluationTexts] | None = None,
+    costs: CostTable | None = None,
 ) -> tuple[Manifest, list[TaskResult]]:
     """Stage 2: the vocabulary ranking and, per task, the joint choice of skip set, weight
     precision, vocabulary size and draft length on graphs of ``settings.dtype`` on
     ``settings.device`` (select.py), from the layer search's results (default: ``out_dir``'s
     ``calibration/search.json``, so a selection for another dtype or device reuses a search).
+    ``costs`` (with ``settings.cost`` "table"): the pass costs measured on the target device by
+    ``conflayers-run profile`` (conflayers_runtime.costs), instead of timings on this machine.
     Writes the manifest and the report into ``out_dir``."""
     settings = settings or CalibrationSettings()
     progress = progress or Progress()
     check_settings(settings)
+    search = DraftSearch(loaded, settings, progress, costs)  # checks the cost table
     out_dir = Path(out_dir)
     if results is None or tasks is None:
         results, tasks = read_search(out_dir, loaded)
@@ -187,7 +194,6 @@ def select_drafts(
     generate_texts(loaded, settings, [*texts.values(), ranking], progress)
 
     ranked = rank_vocabulary(_token_counts(loaded, ranking), loaded.stop_token_ids)
-    search = DraftSearch(loaded, settings, progress)
     for result in results:
         result.drafts = search.run(result.task, [[], result.chosen.skip], texts[result.task], ranked)
 
@@ -284,6 +290,7 @@ def _manifest_draft(result: TaskResult) -> Draft:
     metrics = {
         **c.metrics(),
         "bytes_ratio": c.bytes_ratio,
+        "cost_source": c.cost_source,
         "wall_clock_speedup": result.drafts.wall_clock_speedup,
         "layer_search": {
             "skip_layers": result.chosen.skip,

@@ -175,8 +175,8 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
         f"plain decoding ran at {d.plain_tokens_per_second:.1f} tok/s), by replay along the full "
         "model's greedy text (the statistics of a real speculative run, without its verify passes). "
         "The expected speedup S = tokens per full pass / (drafts per cycle x c_draft + c_verify), "
-        "from pass costs timed on these graphs, chooses: it leaves out the prompt's prefill and the "
-        "noise of a whole run, which the wall clock includes. "
+        f"with pass costs {d.chosen.cost_source or 'timed on these graphs'}, chooses: it leaves out "
+        "the prompt's prefill and the noise of a whole run, which the wall clock includes. "
         f"Held-out coverage of the pruned vocabularies (share of generated tokens inside): {coverage}.",
         "",
         *_confirmation(d),

@@ -37,7 +37,7 @@ from .confidence import adapt_lambda, profile_layers, select_at_least
 if TYPE_CHECKING:
     from .select import DraftSearchResult
 
-COST_MODELS = ("bytes", "measured")
+COST_MODELS = ("bytes", "measured", "table")  # table: a --costs file (runtime costs.py)
 SEARCHES = ("cost-aware", "published", "both")
 # Scores (origin, skip set) pairs on the common evaluation slice (scoring.score_layer_sets)
 SetScorer = Callable[[list[tuple[str, list[int]]]], list["Candidate"]]
@@ -86,7 +86,9 @@ class CalibrationSettings:
     max_draft_tokens: int = 8
     confidence_threshold: float = 0.8
     # The joint choice of the draft that ships (select.py), on the target artifact's real graphs:
-    cost: str = "measured"  # "measured": passes timed on the device; "bytes": weight bytes read per token
+    # "measured": passes timed on the device; "bytes": weight bytes read per token; "table": the
+    # cost table of ``costs`` (measured on the target by `conflayers-run profile`)
+    cost: str = "measured"
     dtype: str = "fp32"  # the artifact dtype the drafts are built and scored for
     device: str = "cpu"
     threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)

@@ -8,8 +8,9 @@ greedy text, and ranks them by the expected speedup
 
     S = tokens per full pass / (draft passes per cycle * c_draft + c_verify)
 
-with c_draft and c_verify either timed on those graphs ("measured") or taken from the bytes
-each graph reads per token ("bytes", deterministic). The best few are re-scored with longer or
+with c_draft and c_verify timed on those graphs ("measured"), taken from the bytes each graph
+reads per token ("bytes", deterministic), or priced by a cost table measured on the target device
+by the runtime alone ("table", conflayers_runtime.costs). The best few are re-scored with longer or
 more confident draft lengths, since an accurate draft pays for longer drafts. The chosen one is
 then confirmed by a real speculative run, timed against plain decoding (the wall-clock speedup,
 which includes the prompt's prefill and is noisier than S: S chooses).
@@ -20,10 +21,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 from conflayers_runtime import DraftConfig
-from conflayers_runtime.manifest import ARTIFACT_DTYPES, Draft
+from conflayers_runtime.costs import CostTable
+from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draft
+from conflayers_runtime.onnx_backend import OnnxBackend
 from conflayers_runtime.speculative import DraftScore
 
 from ..errors import CalibrationError
@@ -45,6 +49,7 @@ class DraftCandidate(DraftScore):
     confidence_threshold: float
     bytes_ratio: float = 0.0  # weight bytes the draft reads per token / the full graph's
     timing_flag: str = ""  # set when the timed c_draft disagrees with the bytes ratio (scoring.timed_costs)
+    cost_source: str = ""  # where c_draft and c_verify come from (DraftSearch.cost_source)
 
     @property
     def label(self) -> str:
@@ -103,18 +108,22 @@ def coverage(
     return {n: sum(rank.get(t, len(ranked)) < n for t in tokens) / max(len(tokens), 1) for n in sizes}
 
 
+def draft_precisions(dtype: str, precisions: Sequence[str] = WEIGHT_PRECISIONS) -> list[str]:
+    """The ``precisions`` a draft of a ``dtype`` artifact can save bytes with: those that read as
+    many bytes as the artifact's own or more (int4 or int8 drafts of an int4 artifact) collapse
+    into "base"."""
+    artifact_bits = ARTIFACT_DTYPES[dtype].weight_bits
+    return [
+        p for p in dict.fromkeys(precisions) if p == "base" or not artifact_bits or BITS[p] < artifact_bits
+    ]
+
+
 def draft_combinations(
     skip_sets: Sequence[Sequence[int]], settings: CalibrationSettings, vocab_size: int
 ) -> list[tuple[list[int], str, int | None]]:
-    """(skip, precision, vocab size) to score. Precisions that read as many bytes as the artifact's
-    own or more (int4 or int8 drafts of an int4 artifact) collapse into "base". The unchanged full
+    """(skip, precision, vocab size) to score, over :func:`draft_precisions`. The unchanged full
     graph is no draft (every graph of an int4 artifact computes alike, at quantize.ACCURACY_LEVEL)."""
-    artifact_bits = ARTIFACT_DTYPES[settings.dtype].weight_bits
-    precisions = [
-        p
-        for p in dict.fromkeys(settings.precisions)
-        if p == "base" or not artifact_bits or BITS[p] < artifact_bits
-    ]
+    precisions = draft_precisions(settings.dtype, settings.precisions)
     sizes = [None, *sorted(n for n in set(settings.vocab_sizes) if n < vocab_size)]
     combos = []
     for skip in dict.fromkeys(tuple(sorted(s)) for s in skip_sets):
@@ -125,11 +134,79 @@ def draft_combinations(
     return combos
 
 
+def check_cost_table(costs: CostTable | None, loaded: LoadedModel, settings: CalibrationSettings) -> None:
+    """A cost table goes with ``settings.cost`` "table", and prices every draft the joint choice
+    may score: measured for this model, this artifact dtype, each precision tried and verify
+    passes of the longest cycle. Raises CalibrationError naming the fix."""
+    if costs is not None and settings.cost != "table":
+        raise CalibrationError(
+            f"a cost table (--costs) prices the drafts itself: drop --cost {settings.cost}, or the table"
+        )
+    if costs is None and settings.cost == "table":
+        raise CalibrationError(
+            "--cost table needs the table: pass --costs FILE (written by `conflayers-run profile`)"
+        )
+    if costs is None:
+        return
+    profile = f"`conflayers-run profile` on a profiling artifact of --dtype {settings.dtype} for this model"
+    if costs.fingerprint != loaded.identity.fingerprint:
+        raise CalibrationError(
+            f"the cost table {costs.path} was measured for another model ({costs.model_source}, "
+            f"{costs.fingerprint[:19]}...) than {loaded.identity.source}: measure one with {profile}"
+        )
+    if costs.artifact_dtype != settings.dtype:
+        raise CalibrationError(
+            f"the cost table {costs.path} was measured on a {costs.artifact_dtype} artifact, not "
+            f"{settings.dtype}: pass --dtype {costs.artifact_dtype}, or measure one with {profile}"
+        )
+    missing = [
+        p for p in draft_precisions(settings.dtype, settings.precisions) if p not in costs.coefficients
+    ]
+    if missing:
+        raise CalibrationError(
+            f"the cost table {costs.path} has no cost model for {', '.join(missing)} drafts: leave them "
+            f"out of --precisions, or measure one with {profile}"
+        )
+    rows = 1 + max(settings.max_draft_tokens, *(tokens for tokens, _ in settings.draft_policies))
+    if rows > max(costs.verify):
+        raise CalibrationError(
+            f"the cost table {costs.path} times verify passes of up to {max(costs.verify)} rows; cycles "
+            f"of {rows - 1} drafts need {rows}: measure one with {profile}"
+        )
+
+
 class DraftSearch:
-    def __init__(self, loaded: LoadedModel, settings: CalibrationSettings, progress: Progress | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: CalibrationSettings,
+        progress: Progress | None = None,
+        costs: CostTable | None = None,
+    ):
+        """``costs``: the cost table that prices the drafts when ``settings.cost`` is "table"
+        (:func:`check_cost_table`)."""
+        check_cost_table(costs, loaded, settings)
         self.loaded = loaded
         self.settings = settings
         self.progress = progress or Progress()
+        self.costs = costs
+
+    @property
+    def cost_source(self) -> str:
+        """Where c_draft and c_verify come from, in words (the manifest's metrics and the report)."""
+        s, table = self.settings, self.costs
+        if s.cost == "table" and table is not None:
+            held_out = table.max_held_out_error
+            return (
+                f"cost table {Path(table.path).name} measured on {table.device} "
+                f"({table.threads or 'default'} threads, "
+                f"onnxruntime {table.onnxruntime}, {table.profiled_at}), linear model fitted to "
+                f"{len(table.drafts)} drafts within {table.max_error:.1%}"
+                + (f" ({held_out:.1%} held out)" if held_out is not None else "")
+            )
+        if s.cost == "measured":
+            return f"timed on the candidate graphs on {s.device} ({s.threads or 'default'} threads)"
+        return "weight bytes read per token (verify passes priced as one step)"
 
     def run(
         self,
@@ -188,11 +265,7 @@ class DraftSearch:
         scored = []
         for config in configs:
             stats = graphs.replay(backend, evaluation, config)
-            c_draft, c_verify, flag = ratio, 1.0, ""
-            if self.settings.cost == "measured":
-                # verify passes as long as this draft's typical cycle
-                verify_tokens = max(2, round(stats.draft_passes_per_cycle) + 1)
-                c_draft, c_verify, flag = timed_costs(backend, ratio, verify_tokens)
+            c_draft, c_verify, flag = self._pass_costs(backend, draft, ratio, stats.draft_passes_per_cycle)
             candidate = DraftCandidate(
                 skip=list(draft.skip_layers),
                 weight_precision=draft.weight_precision,
@@ -201,6 +274,7 @@ class DraftSearch:
                 confidence_threshold=config.confidence_threshold,
                 bytes_ratio=ratio,
                 timing_flag=flag,
+                cost_source=self.cost_source,
             )
             candidate.scored(stats, c_draft, c_verify)
             self.progress.log(
@@ -212,6 +286,29 @@ class DraftSearch:
             scored.append(candidate)
             step()
         return scored
+
+    def _pass_costs(
+        self, backend: OnnxBackend, draft: Draft, bytes_ratio: float, draft_passes_per_cycle: float
+    ) -> tuple[float, float, str]:
+        """(c_draft, c_verify, timing flag) by ``settings.cost``: timed on the draft's graphs,
+        priced by the cost table, or the bytes ratio. Verify passes are as long as this draft's
+        typical cycle."""
+        verify_tokens = max(2, round(draft_passes_per_cycle) + 1)
+        if self.settings.cost == "measured":
+            return timed_costs(backend, bytes_ratio, verify_tokens)
+        if self.settings.cost == "table":
+            assert self.costs is not None  # check_cost_table
+            if not all(isinstance(unit, int) for unit in draft.skip_layers):
+                raise CalibrationError(
+                    f"cost tables price drafts that skip whole layers; {draft.skip_layers} skips single "
+                    "blocks: choose it with --cost measured or --cost bytes (calibrate --stage select "
+                    "reuses the search)"
+                )
+            kept_layers = self.loaded.identity.num_layers - len(draft.skip_layers)
+            columns = draft.vocab_size or self.loaded.model.config.vocab_size
+            c_draft = self.costs.draft_cost(draft.weight_precision, kept_layers, columns)
+            return c_draft, self.costs.verify_cost(verify_tokens), ""
+        return bytes_ratio, 1.0, ""
 
     def _confirm(
         self,

@@ -23,6 +23,7 @@ from conflayers_runtime.manifest import (
     FileEntry,
     Manifest,
     Quantization,
+    SkipPlan,
     TokenizerFiles,
     WeightEntry,
     check_skip_layers,
@@ -152,7 +153,8 @@ def _build_graphs(
     built.layers["full"] = list(range(num_layers))
     for draft in manifest.drafts:
         progress(f"draft {draft.name}")
-        kept = [i for i in range(num_layers) if i not in set(draft.skip_layers)]
+        plan = SkipPlan.of(draft.skip_layers)
+        kept = [i for i in range(num_layers) if i not in plan.layers]
         vocab_ids = draft_vocabulary(draft, manifest, model.config.vocab_size)
         if vocab_ids is not None:  # the id of each logits column, read by runtimes from the weights file
             built.draft_vocab[draft.name] = store.add(draft_vocab_name(len(vocab_ids)), vocab_ids)
@@ -174,6 +176,8 @@ def _build_graphs(
                 confidence=True,
                 capturable=capturable,
                 read=loaded.array,
+                skip_attention=plan.attention,
+                skip_mlp=plan.mlp,
             )
         built.layers[draft.name] = kept
     return built
@@ -408,6 +412,7 @@ def manifest_for_build(
 
 
 def hand_draft(
-    name: str, skip: list[int], weight_precision: str = "base", vocab_size: int | None = None
+    name: str, skip: list[int | str], weight_precision: str = "base", vocab_size: int | None = None
 ) -> Draft:
-    return Draft(name, sorted(skip), vocab_size, weight_precision, metrics={"source": "given by hand"})
+    units = sorted(skip, key=lambda unit: (str(unit).split(".")[0].zfill(9), str(unit)))  # by layer
+    return Draft(name, units, vocab_size, weight_precision, metrics={"source": "given by hand"})

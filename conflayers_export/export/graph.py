@@ -35,7 +35,7 @@ fixed per captured pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 import onnx
@@ -96,6 +96,7 @@ class _GraphBuilder:
         self.constants: dict[str, np.ndarray] = {}  # small shape/index constants (stored inline)
         # Names of [1] int64 tensors set by build(): S, and max(S, MIN_ATTENTION_ROWS).
         self.sequence = self.attention_rows = ""
+        self.cached_layers: list[int] = []  # set by build(): the layers whose attention runs
 
     # -- helpers -----------------------------------------------------------------------------
     def op(
@@ -306,14 +307,29 @@ class _GraphBuilder:
         hidden = self.op("Mul", [gate, up], f"{name}/Mul")[0]
         return self.linear(hidden, mlp.down_proj.weight, None, f"{name}/down_proj", f"{wname}.down_proj")
 
-    def build(self, keep_layers: Sequence[int], graph_name: str) -> onnx.ModelProto:
+    def _block_norms(
+        self, layer: torch.nn.Module, block: str
+    ) -> tuple[tuple[str, str], tuple[str, str] | None]:
+        """((norm module, node name) before the block, the same after it or None)."""
+        sandwich = self.arch.sandwich_norms
+        if block == "attention":
+            return ("input_layernorm", "input_norm"), (
+                ("post_attention_layernorm", "post_attn_norm") if sandwich else None
+            )
+        pre = "pre_feedforward_layernorm" if sandwich else "post_attention_layernorm"
+        return (pre, "pre_mlp_norm"), (("post_feedforward_layernorm", "post_mlp_norm") if sandwich else None)
+
+    def build(
+        self, keep_layers: Sequence[int], graph_name: str, skipped_blocks: dict[str, Collection[int]]
+    ) -> onnx.ModelProto:
         layers = self.arch.decoder_layers(self.model)
         inner = self.model.model
         self.sequence = self.op("Shape", ["input_ids"], "/model/rows/Shape", start=1, end=2)[0]  # [1]: S
         least = self.const("min_rows", [MIN_ATTENTION_ROWS])
         self.attention_rows = self.op("Max", [self.sequence, least], "/model/rows/Max")[0]
         seqlens_k, total = self.lengths() if not self.capturable else self.lengths_given()
-        rope = self.rope_tables(keep_layers)
+        self.cached_layers = [i for i in keep_layers if i not in skipped_blocks["attention"]]
+        rope = self.rope_tables(self.cached_layers)
 
         embed = self.weight("model.embed_tokens.weight", inner.embed_tokens.weight)
         residual = self.op("Gather", [embed, "input_ids"], "/model/embed_tokens/Gather")[0]
@@ -324,46 +340,25 @@ class _GraphBuilder:
 
         pending: str | None = None  # the last block output, not yet added to the residual
         for i in keep_layers:
-            layer = layers[i]
-            prefix, wprefix = f"/model/layers.{i}", f"model.layers.{i}"
-            if pending is None:
-                x = self.rms_norm(
-                    residual,
-                    layer.input_layernorm,
-                    f"{prefix}/input_norm",
-                    f"{wprefix}.input_layernorm.weight",
-                )
-            else:
-                residual, x = self.skip_norm(
-                    pending,
-                    residual,
-                    layer.input_layernorm,
-                    f"{prefix}/input_norm",
-                    f"{wprefix}.input_layernorm.weight",
-                )
-            kind = self.config.layer_types[i] if self.arch.rope_per_layer_type else "default"
-            attn_out = self.attention(i, x, seqlens_k, total, rope[kind])
-            if self.arch.sandwich_norms:
-                attn_out = self.rms_norm(
-                    attn_out,
-                    layer.post_attention_layernorm,
-                    f"{prefix}/post_attn_norm",
-                    f"{wprefix}.post_attention_layernorm.weight",
-                )
-                pre_mlp, pre_mlp_name = layer.pre_feedforward_layernorm, "pre_feedforward_layernorm"
-            else:
-                pre_mlp, pre_mlp_name = layer.post_attention_layernorm, "post_attention_layernorm"
-            residual, x = self.skip_norm(
-                attn_out, residual, pre_mlp, f"{prefix}/pre_mlp_norm", f"{wprefix}.{pre_mlp_name}.weight"
-            )
-            pending = self.mlp(i, x)
-            if self.arch.sandwich_norms:
-                pending = self.rms_norm(
-                    pending,
-                    layer.post_feedforward_layernorm,
-                    f"{prefix}/post_mlp_norm",
-                    f"{wprefix}.post_feedforward_layernorm.weight",
-                )
+            for block in ("attention", "mlp"):
+                if i in skipped_blocks[block]:  # its output is zero: the residual passes through
+                    continue
+                (pre, pre_node), post = self._block_norms(layers[i], block)
+                prefix, wname = f"/model/layers.{i}/{pre_node}", f"model.layers.{i}.{pre}.weight"
+                module = getattr(layers[i], pre)
+                if pending is None:
+                    x = self.rms_norm(residual, module, prefix, wname)
+                else:
+                    residual, x = self.skip_norm(pending, residual, module, prefix, wname)
+                if block == "attention":
+                    kind = self.config.layer_types[i] if self.arch.rope_per_layer_type else "default"
+                    pending = self.attention(i, x, seqlens_k, total, rope[kind])
+                else:
+                    pending = self.mlp(i, x)
+                if post is not None:  # sandwich norms: the block's output is normalised too
+                    name, node = post
+                    module, wname = getattr(layers[i], name), f"model.layers.{i}.{name}.weight"
+                    pending = self.rms_norm(pending, module, f"/model/layers.{i}/{node}", wname)
         _, x = self.skip_norm(pending, residual, inner.norm, "/model/norm", "model.norm.weight")
 
         flat = self.op(
@@ -384,7 +379,7 @@ class _GraphBuilder:
             logits = self.op("Cast", [logits], "/lm_head/Cast", to=TensorProto.FLOAT)[0]
         self.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="/lm_head/Output"))
         self.token_choice(logits)
-        return self._model(keep_layers, graph_name)
+        return self._model(graph_name)
 
     def lengths(self) -> tuple[str, str]:
         """(seqlens_k, total_sequence_length) for GroupQueryAttention from the attention mask, as
@@ -451,7 +446,7 @@ class _GraphBuilder:
             return self.matmul_nbits(flat, rows, "/lm_head", name)
         return self.op("Gemm", [flat, self.weight(name, rows)], "/lm_head/Gemm", transB=1)[0]
 
-    def _model(self, keep_layers: Sequence[int], graph_name: str) -> onnx.ModelProto:
+    def _model(self, graph_name: str) -> onnx.ModelProto:
         kv_shape = ["batch", self.layout.num_kv_heads, self.max_seq_len, self.layout.head_dim]
         lengths = (
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"])
@@ -469,7 +464,7 @@ class _GraphBuilder:
                 "logits", TensorProto.FLOAT, ["batch", "sequence", self.vocab_width]
             ),
         ]
-        for i in keep_layers:
+        for i in self.cached_layers:  # layers whose attention runs
             for kind in ("key", "value"):
                 inputs.append(
                     helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", self.onnx_dtype, kv_shape)
@@ -512,13 +507,16 @@ def build_graph(
     confidence: bool = False,
     capturable: bool = False,
     read: Callable[[torch.Tensor], np.ndarray] = host_array,
+    skip_attention: Collection[int] = (),
+    skip_mlp: Collection[int] = (),
 ) -> tuple[onnx.ModelProto, set[str]]:
     """Build one graph that runs ``keep_layers`` (with ``bits``-bit linears and a head over
     ``vocab_ids`` when given; ``confidence``: a draft's top_probability output; ``capturable``:
     lengths as an input, see the module docstring; ``read``: a parameter's values, for a model
-    whose weights are not in memory); returns it and the names of the weights it reads."""
+    whose weights are not in memory; ``skip_attention`` / ``skip_mlp``: kept layers whose
+    attention or MLP block the graph leaves out); returns it and the names of the weights it reads."""
     builder = _GraphBuilder(
         model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, confidence, capturable, read
     )
-    graph = builder.build(list(keep_layers), graph_name)
+    graph = builder.build(list(keep_layers), graph_name, {"attention": skip_attention, "mlp": skip_mlp})
     return graph, builder.used

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+from conflayers_runtime.manifest import SkipPlan
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -92,21 +93,46 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
-@contextlib.contextmanager
-def bypassed(model: PreTrainedModel, architecture: Architecture, skip: Iterable[int]) -> Iterator[None]:
-    """Run ``model`` with the ``skip`` layers bypassed (both attention and MLP), then restore them.
+class _ZeroBlock(nn.Module):
+    """Stands in for a skipped attention or MLP block: it adds nothing to the residual stream (a
+    zero output stays zero through a sandwich norm). An attention block returns (output, weights)."""
 
-    Layers are replaced in place, so kept layers keep their index and their slot in the KV cache.
+    def __init__(self, attention: bool):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> object:
+        zero = torch.zeros_like(hidden_states)
+        return (zero, None) if self.attention else zero
+
+
+@contextlib.contextmanager
+def bypassed(model: PreTrainedModel, architecture: Architecture, skip: Iterable[int | str]) -> Iterator[None]:
+    """Run ``model`` with the ``skip`` set bypassed (whole layers, and "<layer>.attention" /
+    "<layer>.mlp" blocks: conflayers_runtime.manifest.SkipPlan), then restore it.
+
+    Modules are replaced in place, so kept layers keep their index and their slot in the KV cache.
     """
+    plan = SkipPlan.of(list(skip))
     layers = architecture.decoder_layers(model)
-    saved = {i: layers[i] for i in skip}
+    saved_layers = {i: layers[i] for i in plan.layers}
+    names = {"attention": architecture.attention_name, "mlp": architecture.mlp_name}
+    saved_blocks = {
+        (i, names[block]): getattr(layers[i], names[block])
+        for block, indices in (("attention", plan.attention), ("mlp", plan.mlp))
+        for i in indices
+    }
     try:
-        for i in saved:
+        for i in saved_layers:
             layers[i] = _PassThrough()
+        for i, name in saved_blocks:
+            setattr(layers[i], name, _ZeroBlock(attention=name == names["attention"]))
         yield
     finally:
-        for i, layer in saved.items():
+        for i, layer in saved_layers.items():
             layers[i] = layer
+        for (i, name), block in saved_blocks.items():
+            setattr(layers[i], name, block)
 
 
 _REGISTRY: dict[str, Architecture] = {}

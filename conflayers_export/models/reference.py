@@ -31,7 +31,7 @@ class TorchBackend:
         self,
         model: PreTrainedModel,
         architecture: Architecture,
-        skip_layers: Sequence[int] = (),
+        skip_layers: Sequence[int | str] = (),
         draft_model: PreTrainedModel | None = None,
         draft_token_ids: np.ndarray | None = None,
     ):
@@ -41,7 +41,7 @@ class TorchBackend:
         self.model = model
         self.draft_model = draft_model if draft_model is not None else model
         self.architecture = architecture
-        self.skip_layers = tuple(sorted(skip_layers))
+        self.skip_layers = tuple(skip_layers)
         self.draft_token_ids = draft_token_ids
         self.cache_argument = _cache_argument(model)  # both models are of the same class
         # No config: every layer is a plain growing layer that can be cropped. Sliding-window
@@ -90,7 +90,7 @@ def speculative_generate(
     model: PreTrainedModel,
     architecture: Architecture,
     prompt_ids: Sequence[int],
-    skip_layers: Sequence[int],
+    skip_layers: Sequence[int | str],
     max_new_tokens: int,
     sampling: SamplingConfig = GREEDY,
     draft_config: DraftConfig | None = DEFAULT_DRAFT_CONFIG,

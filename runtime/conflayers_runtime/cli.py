@@ -1,6 +1,7 @@
 """``conflayers-run``: generate from a built artifact without the exporter (or torch) installed.
 
 conflayers-run ARTIFACT --prompt "Write a haiku." [--mode auto|speculative|plain] [--json]
+conflayers-run profile ARTIFACT --device cpu|cuda [--threads N] --out costs.json  (costs.py)
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from .costs import CostTable, profile, write_cost_table
 from .errors import ConflayersError
 from .manifest import read_manifest
 from .model import DEFAULT_TASK_DRAFT, MODES, default_draft, load
@@ -105,8 +107,69 @@ def generate_and_report(
     return result
 
 
+def describe_costs(table: CostTable) -> list[str]:
+    """The cost table in words: the step, the verify passes, the fitted model and its error per draft."""
+    verify = ", ".join(f"{rows}: {cost:.2f}" for rows, cost in table.verify.items())
+    lines = [
+        f"{table.model_source} {table.artifact_dtype} on {table.device} (onnxruntime {table.onnxruntime}, "
+        f"{table.threads or 'default'} threads): step {table.step_seconds * 1000:.2f} ms",
+        f"verify pass / step by rows: {verify}",
+        "draft pass / step = fixed + kept layers x per layer + vocabulary columns x per column:",
+        *(
+            f"  {precision}: {c.fixed:.4f} + layers x {c.per_layer:.5f} + columns x {c.per_column:.3e}"
+            for precision, c in table.coefficients.items()
+        ),
+        f"  {'draft':24s} {'layers':>6s} {'columns':>7s} {'measured':>8s} {'fitted':>8s} {'error':>7s} "
+        f"{'held out':>8s}",
+    ]
+    for t in table.drafts:
+        held_out = f"{t.held_out_error:+8.1%}" if t.held_out_error is not None else f"{'-':>8s}"
+        lines.append(
+            f"  {t.name:24s} {t.kept_layers:6d} {t.columns:7d} {t.measured:8.3f} {t.predicted:8.3f} "
+            f"{t.error:+7.1%} {held_out}"
+        )
+    worst = table.max_held_out_error
+    lines.append(
+        f"fit error: at most {table.max_error:.1%} on the drafts fitted"
+        + (f", {worst:.1%} predicting a draft left out of the fit" if worst is not None else "")
+    )
+    return lines
+
+
+def profile_main(argv: Sequence[str]) -> int:
+    """``conflayers-run profile``: time the artifact's passes here and write the cost table."""
+    parser = argparse.ArgumentParser(
+        prog="conflayers-run profile",
+        description="Time an artifact's full step, verify passes and drafts on this device and write "
+        "the cost table that `conflayers-export calibrate --costs` reads.",
+    )
+    parser.add_argument("artifact", help="a profiling artifact (calibrate --stage profile-artifact)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=15, help="each pass's time is its fastest repeat")
+    parser.add_argument("--out", required=True, help="the cost table (JSON) to write")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        table = profile(args.artifact, args.device, args.threads, args.repeats)
+        write_cost_table(table, args.out)
+    except ConflayersError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    sys.stdout.write("\n".join([*describe_costs(table), f"wrote {args.out}"]) + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="conflayers-run", description=__doc__.splitlines()[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["profile"]:  # an artifact folder named "profile" is ./profile
+        return profile_main(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="conflayers-run",
+        description=__doc__.splitlines()[0],
+        epilog="conflayers-run profile --help: time an artifact's passes here for calibrate --costs",
+    )
     parser.add_argument("artifact", help="folder written by `conflayers-export build`")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True)

@@ -70,7 +70,7 @@ class ModelIdentity:
 @dataclass
 class Draft:
     name: str
-    skip_layers: list[int]
+    skip_layers: list[int | str]  # layers, and "<layer>.attention" / "<layer>.mlp" blocks (SkipPlan)
     vocab_size: int | None = None  # None: full vocabulary
     weight_precision: str = "base"
     # How long it drafts (the runtime's DraftConfig): calibrate picks these per draft, since an
@@ -336,16 +336,60 @@ class Manifest:
             self.artifacts.check(names, n)
 
 
-def check_skip_layers(skip_layers: list[int], num_layers: int) -> None:
-    """Layers 1..L-2 may be skipped; the first and last decoder layers never are."""
-    bad = [i for i in skip_layers if not isinstance(i, int) or not 1 <= i <= num_layers - 2]
+# A skip set lists whole layers (ints) and single blocks: "<layer>.attention" or "<layer>.mlp"
+# (SWIFT-style component skipping, schema 1.3). Readers before 1.3 refuse such a set: they type
+# every entry as an integer.
+BLOCKS = ("attention", "mlp")
+
+
+class SkipPlan(NamedTuple):
+    """A skip set split by what is skipped: whole layers, and attention or MLP blocks alone."""
+
+    layers: list[int]
+    attention: list[int]
+    mlp: list[int]
+
+    @classmethod
+    def of(cls, skip: list[int | str]) -> SkipPlan:
+        """Split a skip set already checked by check_skip_layers."""
+        blocks: dict[str, list[int]] = {b: [] for b in BLOCKS}
+        for unit in skip:
+            if isinstance(unit, str):
+                layer, block = unit.split(".")
+                blocks[block].append(int(layer))
+        layers = [unit for unit in skip if isinstance(unit, int)]
+        return cls(sorted(layers), sorted(blocks["attention"]), sorted(blocks["mlp"]))
+
+
+def check_skip_layers(skip_layers: list[int | str], num_layers: int) -> None:
+    """Layers 1..L-2 (or one of their blocks) may be skipped; the first and last decoder layers
+    never are."""
+    layers = []
+    for unit in skip_layers:
+        layer, _, block = unit.partition(".") if isinstance(unit, str) else ("", "", "")
+        if isinstance(unit, int) and not isinstance(unit, bool):
+            layers.append(unit)
+        elif layer.isdigit() and block in BLOCKS:
+            layers.append(int(layer))
+        else:
+            raise SkipSetError(
+                f"skip set entry {unit!r} is neither a layer index nor '<layer>.attention' / '<layer>.mlp'"
+            )
+    bad = [i for i in layers if not 1 <= i <= num_layers - 2]
     if bad:
         raise SkipSetError(
-            f"skip set {sorted(skip_layers)} has invalid layers {bad}: only layers 1..{num_layers - 2} "
+            f"skip set {skip_layers} has invalid layers {bad}: only layers 1..{num_layers - 2} "
             f"of a {num_layers}-layer model may be skipped (never the first or the last)"
         )
     if len(set(skip_layers)) != len(skip_layers):
-        raise SkipSetError(f"skip set {skip_layers} repeats a layer")
+        raise SkipSetError(f"skip set {skip_layers} repeats an entry")
+    plan = SkipPlan.of(skip_layers)
+    both = sorted(set(plan.attention) & set(plan.mlp))
+    if both:
+        raise SkipSetError(f"skip set {skip_layers} skips both blocks of layers {both}: list them as layers")
+    overlap = sorted(set(plan.layers) & set(plan.attention + plan.mlp))
+    if overlap:
+        raise SkipSetError(f"skip set {skip_layers} skips layers {overlap} whole and a block of them")
 
 
 def _refuse(problem: str) -> None:
@@ -375,9 +419,16 @@ def _typed(hint: Any, value: object, where: str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
     if hint is Any:
         return value
-    if origin in (Union, types.UnionType):  # only ``X | None`` is used
-        inner = next(a for a in args if a is not type(None))
-        return None if value is None else _typed(inner, value, where)
+    if origin in (Union, types.UnionType):  # ``X | None``, or alternatives tried in order
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms[:-1]:
+            try:
+                return _typed(arm, value, where)
+            except _Invalid:
+                pass
+        return _typed(arms[-1], value, where)
     if dataclasses.is_dataclass(hint):
         return _record(hint, value, where)
     if isinstance(hint, type) and issubclass(hint, tuple):  # a NamedTuple, stored as a JSON list

@@ -18,7 +18,7 @@ One cycle (gpt-fast / Leviathan et al. style):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
@@ -360,28 +360,40 @@ def generate(
     return tokens, stats
 
 
-def measure_pass_costs(
-    backend: Backend, repeats: int = 15, context: int = 64, verify_tokens: int = 4
-) -> tuple[float, float]:
-    """(c_draft, c_verify): the time of one draft pass and of one ``verify_tokens``-token verify
-    pass (pass the typical drafts per cycle + 1), relative to one full-model decoding step, after a
-    ``context``-token prefill.
+def fastest_passes(
+    backend: Backend, passes: Mapping[str, tuple[Sequence[int], bool]], repeats: int = 15, context: int = 64
+) -> dict[str, float]:
+    """Seconds of each named pass (token ids, use_draft) at cache position ``context``, after a
+    ``context``-token prefill and one warm-up call each (first calls allocate, or capture a graph).
 
-    Robust to a busy machine: each repeat times a step, a draft pass and a verify pass back to back
-    (so load that comes and goes hits all three alike), and each cost is the ratio of the fastest
-    repeats (other work only ever adds time)."""
-    prompt = list(range(100, 100 + context))
-    backend.forward(prompt, 0, use_draft=False)
-    verify = list(range(101, 101 + verify_tokens))
-    passes = {"step": ([101], False), "draft": ([101], True), "verify": (verify, False)}
-    for tokens, use_draft in passes.values():  # warm-up: first calls allocate
-        backend.forward(tokens, context, use_draft)
+    Robust to a busy machine: each repeat runs every pass back to back (load that comes and goes
+    hits them alike) and each keeps its fastest repeat (other work only ever adds time). A pass runs
+    as greedy decoding runs it: the token chosen on the device where the backend can (the logits
+    stay there), else from logits brought to the host.
+    """
+    backend.forward(list(range(100, 100 + context)), 0, use_draft=False)
+    on_device = getattr(backend, "chooses_on_device", False)
+    run = backend.greedy if on_device else backend.forward
+    for tokens, use_draft in passes.values():
+        run(tokens, context, use_draft)
     fastest = dict.fromkeys(passes, float("inf"))
     for _ in range(repeats):
         for name, (tokens, use_draft) in passes.items():
             start = time.perf_counter()
-            backend.forward(tokens, context, use_draft)
+            run(tokens, context, use_draft)
             fastest[name] = min(fastest[name], time.perf_counter() - start)
+    return fastest
+
+
+def measure_pass_costs(
+    backend: Backend, repeats: int = 15, context: int = 64, verify_tokens: int = 4
+) -> tuple[float, float]:
+    """(c_draft, c_verify): the time of one draft pass and of one ``verify_tokens``-token verify
+    pass (pass the typical drafts per cycle + 1), relative to one full-model decoding step, timed by
+    :func:`fastest_passes` after a ``context``-token prefill."""
+    verify = list(range(101, 101 + verify_tokens))
+    passes = {"step": ([101], False), "draft": ([101], True), "verify": (verify, False)}
+    fastest = fastest_passes(backend, passes, repeats, context)
     return fastest["draft"] / fastest["step"], fastest["verify"] / fastest["step"]
 
 
