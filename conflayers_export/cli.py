@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from conflayers_runtime.errors import ConflayersError, SkipSetError
-from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS
+from conflayers_runtime.manifest import ARTIFACT_DTYPES, BLOCKS, WEIGHT_PRECISIONS
 
 from .progress import ConsoleProgress
 
@@ -45,6 +45,12 @@ def _parse_skip(value: str) -> list[int | str]:
     """--skip: layer indices, and single blocks as <layer>.attention / <layer>.mlp (3,7.mlp,9);
     checked against the model by check_skip_layers."""
     units = [v.strip() for v in value.split(",") if v.strip()]
+    for unit in units:
+        layer, dot, block = unit.partition(".")
+        if not layer.isdigit() or (dot and block not in BLOCKS):
+            raise SkipSetError(
+                f"--skip takes layer indices and blocks such as 3,7,5.mlp,9.attention; got {unit!r}"
+            )
     return [int(u) if u.isdigit() else u for u in units]
 
 

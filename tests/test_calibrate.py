@@ -401,6 +401,42 @@ def test_the_layer_search_finds_a_planted_redundant_layer(make_tiny, tmp_path):
         assert (lowest == planted) == lowest_is_planted
 
 
+def test_the_search_ranks_a_planted_dead_mlp_block_as_a_block(make_tiny, tmp_path):
+    """An MLP that writes nothing (down projection zeroed) while its layer's attention works: the
+    block-ranked finalist of one block skips exactly that MLP and drafts perfectly; a whole-layer
+    skip of that layer would also drop its attention. Without the plant another block ranks first."""
+    import torch
+
+    from conflayers_export.calibrate.scoring import EvaluationTexts, generate_texts, score_layer_sets
+    from conflayers_export.calibrate.search import Calibrator
+    from tests.helpers import write_tiny_folder
+
+    settings = dataclasses.replace(SMALL, max_iter=3, skip_ratio=0.2, ranked_sizes=(1,))
+    progress = Progress()
+    first_blocks = {}
+    for planted in (True, False):
+        model, _ = make_tiny("llama", seed=3, num_hidden_layers=8)
+        if planted:
+            with torch.no_grad():
+                model.model.layers[5].mlp.down_proj.weight.zero_()
+        loaded = load_model(str(write_tiny_folder(model, tmp_path / f"planted-{planted}")))
+        prompts = [loaded.encode(p) for p in PROMPTS]
+        evaluation = EvaluationTexts(prompts[: settings.eval_prompts], settings.max_new_tokens)
+        generate_texts(loaded, settings, [evaluation], progress)
+        calibrator = Calibrator(loaded, settings, progress)
+
+        def scorer(sets, loaded=loaded, evaluation=evaluation, calibrator=calibrator):
+            return score_layer_sets(loaded, settings, sets, evaluation, calibrator.cost, progress)
+
+        result = calibrator.run("default", prompts, scorer)
+        block = next(c for c in result.finalists if c.origin == "confidence-ranked blocks (k=1)")
+        first_blocks[planted] = block.skip
+        if planted:
+            assert block.acceptance_rate == 1.0
+            assert calibrator.cost(["5.mlp"])[0] < 1.0 and calibrator.cost(["5.mlp"]) > calibrator.cost([5])
+    assert first_blocks[True] == ["5.mlp"] and first_blocks[False] != ["5.mlp"]
+
+
 def _timeless(manifest):
     """The manifest without wall-clock timings (everything else must repeat exactly)."""
     data = manifest.to_dict()

@@ -43,7 +43,8 @@ def test_reference_prints_json_stats(tiny_folder, capsys):
     "argv, message",
     [
         (["reference", "--model", "nope", "--prompt", "x"], "unknown model 'nope'"),
-        (["reference", "--model", "nope", "--prompt", "x", "--skip", "a,b"], "comma-separated integers"),
+        (["reference", "--model", "nope", "--prompt", "x", "--skip", "a,b"], "--skip takes layer indices"),
+        (["reference", "--model", "nope", "--prompt", "x", "--skip", "3.ffn"], "such as 3,7,5.mlp"),
         (["validate", "."], "no manifest.json"),
     ],
 )

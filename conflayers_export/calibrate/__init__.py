@@ -143,7 +143,7 @@ def search_layers(
     results = []
     for task, prompts in encoded.items():
 
-        def scorer(sets: list[tuple[str, list[int]]], task: str = task) -> list[Candidate]:
+        def scorer(sets: list[tuple[str, list[int | str]]], task: str = task) -> list[Candidate]:
             return score_layer_sets(loaded, settings, sets, texts[task], calibrator.cost, progress)
 
         results.append(calibrator.run(task, prompts, scorer))

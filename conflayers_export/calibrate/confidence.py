@@ -117,12 +117,12 @@ def adapt_lambda(lam: float, skipped: int, eligible: int, target_ratio: float, s
     return lam
 
 
-def profile_layers(
+def profile_blocks(
     model, architecture, token_ids: Sequence[int], window: int, clamp: bool = False
 ) -> np.ndarray:
-    """Scores s_i for layers 1..L-2 from one full-model pass over ``token_ids`` (a prompt and the
-    text the model generated for it), from the raw attention and MLP block outputs of the last
-    ``window`` tokens (which attend to everything before them)."""
+    """Confidences [layers 1..L-2, (attention, MLP)] from one full-model pass over ``token_ids``
+    (a prompt and the text the model generated for it), of the raw attention and MLP block
+    outputs of the last ``window`` tokens (which attend to everything before them)."""
     import torch
 
     layers = architecture.decoder_layers(model)
@@ -148,8 +148,28 @@ def profile_layers(
         for handle in handles:
             handle.remove()
     return np.array(
-        [
-            block_confidence(captured[(i, "attn")], clamp) + block_confidence(captured[(i, "mlp")], clamp)
-            for i in eligible
-        ]
+        [[block_confidence(captured[(i, block)], clamp) for block in ("attn", "mlp")] for i in eligible]
     )
+
+
+def profile_layers(
+    model, architecture, token_ids: Sequence[int], window: int, clamp: bool = False
+) -> np.ndarray:
+    """Layer scores s_i = confidence(attention output) + confidence(MLP output), layers 1..L-2."""
+    return profile_blocks(model, architecture, token_ids, window, clamp).sum(axis=1)
+
+
+def ranked_blocks(block_scores: np.ndarray, k: int) -> list[int | str]:
+    """The ``k`` least confident blocks of layers 1..L-2 as a skip set, from confidences [layers,
+    (attention, MLP)]: each block type z-normalised on its own (their scales differ), both blocks
+    of a layer written as the layer (conflayers_runtime.manifest.SkipPlan)."""
+    z = np.stack([z_normalise(block_scores[:, b]) for b in range(2)], axis=1)
+    order = np.argsort(z, axis=None, kind="stable")[:k]
+    chosen: dict[int, list[str]] = {}
+    for flat in order:
+        layer, block = divmod(int(flat), 2)
+        chosen.setdefault(layer + 1, []).append(("attention", "mlp")[block])  # eligible i is layer i + 1
+    units: list[int | str] = []
+    for layer, blocks in sorted(chosen.items()):
+        units += [layer] if len(blocks) == 2 else [f"{layer}.{blocks[0]}"]
+    return units

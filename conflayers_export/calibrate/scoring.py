@@ -20,7 +20,7 @@ from pathlib import Path
 import onnx
 from conflayers_runtime import DraftConfig, GenerationStats
 from conflayers_runtime.artifact import artifact_section, open_backend
-from conflayers_runtime.manifest import Draft, Manifest, VocabularyRanking, read_manifest
+from conflayers_runtime.manifest import Draft, Manifest, VocabularyRanking, read_manifest, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
 from conflayers_runtime.speculative import GREEDY, generate, measure_pass_costs
 
@@ -163,18 +163,25 @@ def generate_texts(
                 step()
 
 
+def _plain_unit(unit: object) -> int | str:
+    """A skip-set entry as JSON writes it: a layer (numpy integers too) or a block string."""
+    return unit if isinstance(unit, str) else int(unit)  # type: ignore[call-overload]
+
+
 def score_layer_sets(
     loaded: LoadedModel,
     settings: CalibrationSettings,
-    sets: Sequence[tuple[str, Sequence[int]]],
+    sets: Sequence[tuple[str, Sequence[int | str]]],
     evaluation: EvaluationTexts,
-    cost: Callable[[Sequence[int]], tuple[float, float]],
+    cost: Callable[[Sequence[int | str]], tuple[float, float]],
     progress: Progress,
 ) -> list[Candidate]:
     """Score (origin, skip set) pairs of the layer search as drafts of the artifact's own precision,
     at the search's draft length, with the search's ``cost`` model (the bytes each set reads)."""
     config = DraftConfig(settings.max_draft_tokens, settings.confidence_threshold)
-    drafts = [Draft(f"s{i}", sorted(int(x) for x in skip)) for i, (_, skip) in enumerate(sets)]
+    drafts = [
+        Draft(f"s{i}", sorted(map(_plain_unit, skip), key=skip_order)) for i, (_, skip) in enumerate(sets)
+    ]
     scored = []
     with progress.phase(f"scoring {len(sets)} skip sets", len(sets) + 1) as step:
         with candidate_graphs(loaded, settings, drafts, [evaluation]) as graphs:

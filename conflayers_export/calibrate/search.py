@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from conflayers_runtime import DraftConfig, GenerationStats
+from conflayers_runtime.manifest import SkipPlan
 from conflayers_runtime.speculative import DraftScore, expected_speedup, stream
 
 from ..models import LoadedModel
 from ..models.reference import TorchBackend
 from ..progress import Progress
-from .confidence import adapt_lambda, profile_layers, select_at_least
+from .confidence import adapt_lambda, profile_blocks, ranked_blocks, select_at_least
 
 if TYPE_CHECKING:
     from .select import DraftSearchResult
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 COST_MODELS = ("bytes", "measured", "table")  # table: a --costs file (runtime costs.py)
 SEARCHES = ("cost-aware", "published", "both")
 # Scores (origin, skip set) pairs on the common evaluation slice (scoring.score_layer_sets)
-SetScorer = Callable[[list[tuple[str, list[int]]]], list["Candidate"]]
+SetScorer = Callable[[list[tuple[str, list[int | str]]]], list["Candidate"]]
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ class CalibrationSettings:
 class Candidate(DraftScore):
     """A skip set of the layer search, scored (costs: the bytes model)."""
 
-    skip: list[int]
+    skip: list[int | str]  # layers and blocks (conflayers_runtime.manifest.SkipPlan)
     origin: str  # "conflayers", "start set", "early exit", "random"
     cycles: int = 0
 
@@ -171,23 +172,34 @@ class Calibrator:
         self._layer_bytes, self._head_bytes = self._weight_bytes()
 
     # -- costs ---------------------------------------------------------------------------------
-    def _weight_bytes(self) -> tuple[list[int], int]:
-        layers = self.loaded.architecture.decoder_layers(self.loaded.model)
-        per_layer = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in layers]
+    def _weight_bytes(self) -> tuple[list[dict[str, int]], int]:
+        """Per layer the bytes of its attention and MLP blocks and of the whole layer; the head's."""
+
+        def size(module: Any) -> int:
+            return sum(p.numel() * p.element_size() for p in module.parameters())
+
+        arch = self.loaded.architecture
+        per_layer = []
+        for layer in arch.decoder_layers(self.loaded.model):
+            attention, mlp = arch.blocks(layer)
+            per_layer.append({"attention": size(attention), "mlp": size(mlp), "layer": size(layer)})
         head = self.loaded.model.lm_head.weight
         return per_layer, head.numel() * head.element_size()
 
-    def cost(self, skip: Sequence[int]) -> tuple[float, float]:
+    def cost(self, skip: Sequence[int | str]) -> tuple[float, float]:
         """(c_draft, c_verify) relative to one full-model decoding step: the share of the weight
-        bytes a layer-skipped draft reads (the joint stage then times the real graphs)."""
-        kept = sum(b for i, b in enumerate(self._layer_bytes) if i not in set(skip))
-        full = sum(self._layer_bytes) + self._head_bytes
+        bytes a layer- or block-skipped draft reads (the joint stage then times the real graphs)."""
+        plan = SkipPlan.of(list(skip))
+        kept = sum(b["layer"] for i, b in enumerate(self._layer_bytes) if i not in plan.layers)
+        kept -= sum(self._layer_bytes[i]["attention"] for i in plan.attention)
+        kept -= sum(self._layer_bytes[i]["mlp"] for i in plan.mlp)
+        full = sum(b["layer"] for b in self._layer_bytes) + self._head_bytes
         return (kept + self._head_bytes) / full, 1.0
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(
         self,
-        skip: Sequence[int],
+        skip: Sequence[int | str],
         prompts: Sequence[list[int]],
         max_cycles: int | None = None,
         abandon_below: float | None = None,
@@ -237,7 +249,7 @@ class Calibrator:
         result = TaskResult(
             task, Candidate(skip=[], origin=""), False, finalists=[], baselines=[], search=s.search
         )
-        sets: list[tuple[str, list[int]]] = []
+        sets: list[tuple[str, list[int | str]]] = []
         if s.search != "published":
             result.iterations, all_scores, result.profile, _ = self._search(task, prompts, SearchPolicy())
             mean_scores = np.mean(all_scores, axis=0) if all_scores else np.zeros(len(self.eligible))
@@ -304,9 +316,11 @@ class Calibrator:
                 if not abandoned and accepted_per_cycle > 4 and stats.acceptance_rate > 0.95:
                     return iterations, all_scores, profile, record["skip"]  # type: ignore[return-value]
                 window = texts[0][-s.context_window :] if len(texts[0]) > s.context_window else texts[0]
-                scores = profile_layers(
+                blocks = profile_blocks(
                     self.reference, self.loaded.architecture, texts[0], len(window), policy.clamp
                 )
+                record["block_confidence"] = blocks.tolist()  # [layers 1..L-2, (attention, MLP)]
+                scores = blocks.sum(axis=1)
                 chosen, lam, steps = select_at_least(
                     scores,
                     self.num_layers,
@@ -333,7 +347,7 @@ class Calibrator:
 
     def _finalist_sets(
         self, iterations: list[dict[str, object]], mean_scores: np.ndarray
-    ) -> list[tuple[str, list[int]]]:
+    ) -> list[tuple[str, list[int | str]]]:
         """The search's distinct sets with the best expected speedup during the search, to re-score
         on the common evaluation slice (the search intervals are short and differ in text).
 
@@ -354,6 +368,15 @@ class Calibrator:
         for k in self.settings.ranked_sizes:
             if k < len(self.eligible):
                 sets.append((f"confidence-ranked (k={k})", sorted(self.eligible[i] for i in order[:k])))
+        # The same at the granularity of blocks (SWIFT skips attention and MLP apart): the k least
+        # confident blocks, from each block's confidence averaged over the iterations.
+        profiled = [r["block_confidence"] for r in iterations if "block_confidence" in r]
+        if profiled:
+            block_scores = np.mean(np.asarray(profiled, dtype=float), axis=0)
+            for k in self.settings.ranked_sizes:
+                units = ranked_blocks(block_scores, k)
+                if k < 2 * len(self.eligible) and any(isinstance(u, str) for u in units):
+                    sets.append((f"confidence-ranked blocks (k={k})", units))
         return sets
 
     def _baseline_sets(self, chosen: Candidate) -> list[tuple[str, list[int]]]:

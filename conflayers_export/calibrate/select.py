@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from conflayers_runtime import DraftConfig
 from conflayers_runtime.costs import CostTable
-from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draft
+from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draft, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
 from conflayers_runtime.speculative import DraftScore
 
@@ -42,7 +42,7 @@ from .search import CalibrationSettings
 class DraftCandidate(DraftScore):
     """A combination of the joint choice, scored (costs: timed on its graphs, or the bytes ratio)."""
 
-    skip: list[int]
+    skip: list[int | str]
     weight_precision: str
     vocab_size: int | None  # None: the whole vocabulary
     max_draft_tokens: int
@@ -119,14 +119,17 @@ def draft_precisions(dtype: str, precisions: Sequence[str] = WEIGHT_PRECISIONS) 
 
 
 def draft_combinations(
-    skip_sets: Sequence[Sequence[int]], settings: CalibrationSettings, vocab_size: int
-) -> list[tuple[list[int], str, int | None]]:
+    skip_sets: Sequence[Sequence[int | str]], settings: CalibrationSettings, vocab_size: int
+) -> list[tuple[list[int | str], str, int | None]]:
     """(skip, precision, vocab size) to score, over :func:`draft_precisions`. The unchanged full
-    graph is no draft (every graph of an int4 artifact computes alike, at quantize.ACCURACY_LEVEL)."""
+    graph is no draft (every graph of an int4 artifact computes alike, at quantize.ACCURACY_LEVEL).
+    A cost table prices whole layers only (conflayers_runtime.costs): with one, sets that skip
+    single blocks are left out."""
     precisions = draft_precisions(settings.dtype, settings.precisions)
     sizes = [None, *sorted(n for n in set(settings.vocab_sizes) if n < vocab_size)]
     combos = []
-    for skip in dict.fromkeys(tuple(sorted(s)) for s in skip_sets):
+    priced = [s for s in skip_sets if settings.cost != "table" or all(isinstance(u, int) for u in s)]
+    for skip in dict.fromkeys(tuple(sorted(s, key=skip_order)) for s in priced):
         for precision in precisions:
             for size in sizes:
                 if skip or size is not None or precision != "base":
@@ -211,7 +214,7 @@ class DraftSearch:
     def run(
         self,
         task: str,
-        skip_sets: Sequence[Sequence[int]],
+        skip_sets: Sequence[Sequence[int | str]],
         evaluation: EvaluationTexts,
         ranked: list[int],
     ) -> DraftSearchResult:
@@ -297,13 +300,7 @@ class DraftSearch:
         if self.settings.cost == "measured":
             return timed_costs(backend, bytes_ratio, verify_tokens)
         if self.settings.cost == "table":
-            assert self.costs is not None  # check_cost_table
-            if not all(isinstance(unit, int) for unit in draft.skip_layers):
-                raise CalibrationError(
-                    f"cost tables price drafts that skip whole layers; {draft.skip_layers} skips single "
-                    "blocks: choose it with --cost measured or --cost bytes (calibrate --stage select "
-                    "reuses the search)"
-                )
+            assert self.costs is not None  # check_cost_table; block sets are left out (draft_combinations)
             kept_layers = self.loaded.identity.num_layers - len(draft.skip_layers)
             columns = draft.vocab_size or self.loaded.model.config.vocab_size
             c_draft = self.costs.draft_cost(draft.weight_precision, kept_layers, columns)

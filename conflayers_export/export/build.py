@@ -28,6 +28,7 @@ from conflayers_runtime.manifest import (
     WeightEntry,
     check_skip_layers,
     read_manifest,
+    skip_order,
     write_manifest,
 )
 
@@ -414,5 +415,5 @@ def manifest_for_build(
 def hand_draft(
     name: str, skip: list[int | str], weight_precision: str = "base", vocab_size: int | None = None
 ) -> Draft:
-    units = sorted(skip, key=lambda unit: (str(unit).split(".")[0].zfill(9), str(unit)))  # by layer
+    units = sorted(skip, key=skip_order)
     return Draft(name, units, vocab_size, weight_precision, metrics={"source": "given by hand"})

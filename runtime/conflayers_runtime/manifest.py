@@ -361,6 +361,12 @@ class SkipPlan(NamedTuple):
         return cls(sorted(layers), sorted(blocks["attention"]), sorted(blocks["mlp"]))
 
 
+def skip_order(unit: int | str) -> tuple[int, str]:
+    """Sort key of skip-set entries: by layer, a whole layer before its blocks."""
+    layer, _, block = str(unit).partition(".")
+    return (int(layer) if layer.isdigit() else -1, block)
+
+
 def check_skip_layers(skip_layers: list[int | str], num_layers: int) -> None:
     """Layers 1..L-2 (or one of their blocks) may be skipped; the first and last decoder layers
     never are."""
