@@ -23,6 +23,7 @@ from typing import Any
 from conflayers_runtime import GenerationStats, Model, load, read_manifest
 from conflayers_runtime.artifact import artifact_section
 from conflayers_runtime.manifest import Manifest
+from conflayers_runtime.model import default_draft
 from conflayers_runtime.speculative import expected_speedup, measure_pass_costs
 
 DEFAULT_PROMPTS = [
@@ -76,20 +77,26 @@ def run_bench(
     """Every engine on ``prompts``, interleaved ``repeats`` times; pass costs of each draft."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
+    baselines: dict[str, Callable[[str], Timed]] = {}
+    # The baselines before our drafts' sessions: onnxruntime-genai's builder loads the model in a
+    # process of its own (with everything open at once, a 1.5B model in float32 ran this 24 GB
+    # machine out of memory).
     plain_model = load(artifact, device=device, draft=None, threads=threads)
-    drafts = list(artifact_section(manifest).drafts)
-    spec_models = {d: load(artifact, device=device, draft=d, threads=threads, verify=False) for d in drafts}
-    engines = _our_engines(artifact, manifest, plain_model, spec_models, max_new_tokens, device, threads)
     if with_transformers or with_genai:
         from .models import load_model
 
-        loaded = load_model(manifest.model.source)  # the same weights, once for both baselines
+        # The same weights, once for both baselines; only transformers needs them in memory.
+        loaded = load_model(manifest.model.source, streamed=not with_transformers)
     if with_transformers:
-        engines["transformers generate"] = _transformers_engine(loaded, plain_model, max_new_tokens, threads)
+        transformers = _transformers_engine(loaded, plain_model, max_new_tokens, threads)
+        baselines["transformers generate"] = transformers
     if with_genai:
         genai = _genai_engine(loaded, plain_model, max_new_tokens, threads, progress)
         if genai is not None:
-            engines["onnxruntime-genai"] = genai
+            baselines["onnxruntime-genai"] = genai
+    drafts = list(artifact_section(manifest).drafts)
+    spec_models = {d: load(artifact, device=device, draft=d, threads=threads, verify=False) for d in drafts}
+    engines = _our_engines(manifest, plain_model, spec_models, max_new_tokens) | baselines
 
     results = _time_interleaved(engines, prompts, repeats, progress)
     plain = results["ours plain"]["decode_tokens_per_s"]["median"]  # type: ignore[index]
@@ -112,16 +119,11 @@ def run_bench(
 
 
 def _our_engines(
-    artifact: Path,
-    manifest: Manifest,
-    plain_model: Model,
-    spec_models: dict[str, Model],
-    max_new_tokens: int,
-    device: str,
-    threads: int,
+    manifest: Manifest, plain_model: Model, spec_models: dict[str, Model], max_new_tokens: int
 ) -> dict[str, Callable[[str], Timed]]:
     """Our plain decoding, speculative decoding with each draft, auto mode where the draft is
-    recommended, and what load(ARTIFACT) gives a user (the default task's draft, mode auto)."""
+    recommended, and what load(ARTIFACT) gives a user (the default task's draft, mode auto: the
+    sessions already open for that draft, or the plain model where load() would speculate not)."""
     engines: dict[str, Callable[[str], Timed]] = {
         "ours plain": lambda p: _ours(plain_model, p, max_new_tokens, "plain")
     }
@@ -129,7 +131,9 @@ def _our_engines(
         engines[f"ours speculative ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "speculative")
         if manifest.draft(name).recommended:  # auto speculates with it, under the speed guard
             engines[f"ours auto ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "auto")
-    auto_model = load(artifact, device=device, threads=threads, verify=False)
+    default = default_draft(manifest)
+    recommended = default is not None and manifest.draft(default).recommended
+    auto_model = spec_models[default] if recommended else plain_model  # type: ignore[index]
     engines["ours auto (load defaults)"] = lambda p: _ours(auto_model, p, max_new_tokens, "auto")
     return engines
 
