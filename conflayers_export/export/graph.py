@@ -60,7 +60,7 @@ MIN_ATTENTION_ROWS = 2
 
 
 def host_array(tensor: torch.Tensor) -> np.ndarray:
-    """A float32 copy of an in-memory parameter (a lazily loaded model reads its files instead:
+    """A float32 copy of an in-memory parameter (a streamed model reads its files instead:
     models.loader.LoadedModel.array)."""
     return tensor.detach().float().numpy()
 
@@ -307,10 +307,8 @@ class _GraphBuilder:
         hidden = self.op("Mul", [gate, up], f"{name}/Mul")[0]
         return self.linear(hidden, mlp.down_proj.weight, None, f"{name}/down_proj", f"{wname}.down_proj")
 
-    def _block_norms(
-        self, layer: torch.nn.Module, block: str
-    ) -> tuple[tuple[str, str], tuple[str, str] | None]:
-        """((norm module, node name) before the block, the same after it or None)."""
+    def _block_norms(self, block: str) -> tuple[tuple[str, str], tuple[str, str] | None]:
+        """((norm attribute of the layer, node name) before the block, the same after it or None)."""
         sandwich = self.arch.sandwich_norms
         if block == "attention":
             return ("input_layernorm", "input_norm"), (
@@ -343,7 +341,7 @@ class _GraphBuilder:
             for block in ("attention", "mlp"):
                 if i in skipped_blocks[block]:  # its output is zero: the residual passes through
                     continue
-                (pre, pre_node), post = self._block_norms(layers[i], block)
+                (pre, pre_node), post = self._block_norms(block)
                 prefix, wname = f"/model/layers.{i}/{pre_node}", f"model.layers.{i}.{pre}.weight"
                 module = getattr(layers[i], pre)
                 if pending is None:
