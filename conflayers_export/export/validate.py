@@ -145,6 +145,8 @@ def check_parity(
             results.append(result)
             if result.max_abs_diff > tolerance or not result.argmax_equal:
                 failures.append(result)
+        # Closed before the next graph opens: two sessions of a large model need not coexist.
+        del onnx_backend, torch_backend
     if failures:
         lines = "; ".join(
             f"{r.graph}/{r.step}: max|diff| {r.max_abs_diff:.2e} (tolerance {r.tolerance:g}), argmax "
