@@ -190,6 +190,23 @@ for dtype in ("fp16", "int4-fp16"):  # fp32 graphs run attention on CPU under CU
     print(dtype, entry, flush=True)
     save()
 
+# 2b. A cost table of the device (issue 14): SmolLM2-shaped profiling artifact, fp16, timed on
+# this GPU by the runtime alone (conflayers-run profile); calibrate --costs reads it elsewhere.
+try:
+    from conflayers_export.calibrate.costs import build_profiling_artifact
+    from conflayers_runtime.costs import profile, write_cost_table
+
+    prof = Path(tempfile.mkdtemp()) / "prof"
+    build_profiling_artifact(prof, loaded, "fp16")
+    table = profile(prof, device, repeats=20)
+    write_cost_table(table, out / "costs_smollm2_shape_fp16.json")
+    report["cost_table"] = {"step_seconds": table.step_seconds, "max_error": table.max_error,
+                            "max_held_out_error": table.max_held_out_error, "verify": table.verify}
+except Exception as exc:
+    report["cost_table_error"] = f"{type(exc).__name__}: {traceback.format_exc()[-800:]}"
+print("cost table", report.get("cost_table") or report.get("cost_table_error"), flush=True)
+save()
+
 # 3. PyTorch on the same GPU, fp16, for context (transformers generate, greedy, 128 tokens).
 try:
     model = AutoModelForCausalLM.from_config(smol).to(device, torch.float16 if device == "cuda" else torch.float32).eval()
