@@ -88,7 +88,11 @@ def quantized_copy(model: torch.nn.Module, bits: int) -> torch.nn.Module:
     """The PyTorch model a ``bits``-bit graph computes: a copy whose decoder linears and output
     head hold :func:`round_trip` weights (embeddings and norms stay float, as in the graphs).
     Quantizing rows independently makes this equal to the graphs' fused QKV / gate-up tensors."""
-    copy = deepcopy(model)
+    replaced = {id(m.weight) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)}
+    # Everything else (embeddings, norms, biases, the head before it is replaced) is shared, not
+    # copied: the copy costs only the decoder linears' memory.
+    shared = {id(p): p for p in model.parameters() if id(p) not in replaced}
+    copy = deepcopy(model, shared)
     with torch.no_grad():
         for module in copy.model.layers.modules():
             if isinstance(module, torch.nn.Linear):
