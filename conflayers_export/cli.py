@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 from conflayers_runtime.errors import ConflayersError, SkipSetError
-from conflayers_runtime.manifest import ARTIFACT_DTYPES, BLOCKS, WEIGHT_PRECISIONS
+from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, skip_unit_layer
 
 from .progress import ConsoleProgress
 
@@ -44,14 +44,13 @@ def _parse_ints(value: str, option: str) -> list[int]:
 def _parse_skip(value: str) -> list[int | str]:
     """--skip: layer indices, and single blocks as <layer>.attention / <layer>.mlp (3,7.mlp,9);
     checked against the model by check_skip_layers."""
-    units = [v.strip() for v in value.split(",") if v.strip()]
+    units: list[int | str] = [int(v) if v.isdigit() else v for v in map(str.strip, value.split(",")) if v]
     for unit in units:
-        layer, dot, block = unit.partition(".")
-        if not layer.isdigit() or (dot and block not in BLOCKS):
+        if skip_unit_layer(unit) is None:
             raise SkipSetError(
                 f"--skip takes layer indices and blocks such as 3,7,5.mlp,9.attention; got {unit!r}"
             )
-    return [int(u) if u.isdigit() else u for u in units]
+    return units
 
 
 def _dtype_option(help_text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:

@@ -361,27 +361,32 @@ class SkipPlan(NamedTuple):
         return cls(sorted(layers), sorted(blocks["attention"]), sorted(blocks["mlp"]))
 
 
+def skip_unit_layer(unit: object) -> int | None:
+    """The layer of a skip-set entry (a layer index, "<layer>.attention" or "<layer>.mlp"); None
+    for anything else."""
+    if isinstance(unit, int) and not isinstance(unit, bool):
+        return unit
+    layer, _, block = unit.partition(".") if isinstance(unit, str) else ("", "", "")
+    return int(layer) if layer.isdigit() and block in BLOCKS else None
+
+
 def skip_order(unit: int | str) -> tuple[int, str]:
     """Sort key of skip-set entries: by layer, a whole layer before its blocks."""
-    layer, _, block = str(unit).partition(".")
-    return (int(layer) if layer.isdigit() else -1, block)
+    layer = skip_unit_layer(unit)
+    return (-1 if layer is None else layer, str(unit).partition(".")[2])
 
 
 def check_skip_layers(skip_layers: list[int | str], num_layers: int) -> None:
     """Layers 1..L-2 (or one of their blocks) may be skipped; the first and last decoder layers
     never are."""
-    layers = []
-    for unit in skip_layers:
-        layer, _, block = unit.partition(".") if isinstance(unit, str) else ("", "", "")
-        if isinstance(unit, int) and not isinstance(unit, bool):
-            layers.append(unit)
-        elif layer.isdigit() and block in BLOCKS:
-            layers.append(int(layer))
-        else:
-            raise SkipSetError(
-                f"skip set entry {unit!r} is neither a layer index nor '<layer>.attention' / '<layer>.mlp'"
-            )
-    bad = [i for i in layers if not 1 <= i <= num_layers - 2]
+    layers = [skip_unit_layer(unit) for unit in skip_layers]
+    malformed = [unit for unit, layer in zip(skip_layers, layers, strict=True) if layer is None]
+    if malformed:
+        raise SkipSetError(
+            f"skip set entry {malformed[0]!r} is neither a layer index nor '<layer>.attention' "
+            "or '<layer>.mlp'"
+        )
+    bad = [i for i in layers if not 1 <= i <= num_layers - 2]  # type: ignore[operator]
     if bad:
         raise SkipSetError(
             f"skip set {skip_layers} has invalid layers {bad}: only layers 1..{num_layers - 2} "
