@@ -23,7 +23,7 @@ from typing import Any
 from conflayers_runtime import GenerationStats, Model, load, read_manifest
 from conflayers_runtime.artifact import artifact_section
 from conflayers_runtime.manifest import Manifest
-from conflayers_runtime.model import default_draft
+from conflayers_runtime.model import loaded_by_default
 from conflayers_runtime.speculative import expected_speedup, measure_pass_costs
 
 DEFAULT_PROMPTS = [
@@ -131,9 +131,8 @@ def _our_engines(
         engines[f"ours speculative ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "speculative")
         if manifest.draft(name).recommended:  # auto speculates with it, under the speed guard
             engines[f"ours auto ({name})"] = lambda p, m=model: _ours(m, p, max_new_tokens, "auto")
-    default = default_draft(manifest)
-    recommended = default is not None and manifest.draft(default).recommended
-    auto_model = spec_models[default] if recommended else plain_model  # type: ignore[index]
+    default = loaded_by_default(manifest)
+    auto_model = spec_models[default] if default is not None else plain_model
     engines["ours auto (load defaults)"] = lambda p: _ours(auto_model, p, max_new_tokens, "auto")
     return engines
 

@@ -373,9 +373,9 @@ class Calibrator:
         profiled = [r["block_confidence"] for r in iterations if "block_confidence" in r]
         if profiled:
             block_scores = np.mean(np.asarray(profiled, dtype=float), axis=0)
-            for k in self.settings.ranked_sizes:
+            for k in (k for k in self.settings.ranked_sizes if k < 2 * len(self.eligible)):
                 units = ranked_blocks(block_scores, k)
-                if k < 2 * len(self.eligible) and any(isinstance(u, str) for u in units):
+                if any(isinstance(u, str) for u in units):  # whole layers only: the layer sets cover those
                     sets.append((f"confidence-ranked blocks (k={k})", units))
         return sets
 

@@ -209,6 +209,14 @@ def default_draft(manifest: Manifest) -> str | None:
     return task.draft if task is not None and task.draft in built else (built[0] if built else None)
 
 
+def loaded_by_default(manifest: Manifest) -> str | None:
+    """The draft ``load()`` opens when none is named: :func:`default_draft`, unless calibration did
+    not recommend it (auto would decode plainly anyway; a lone session also decodes faster, its
+    threads may spin between runs, and takes half the memory). Name the draft to force it."""
+    draft = default_draft(manifest)
+    return draft if draft is not None and manifest.draft(draft).recommended else None
+
+
 def load(
     folder: str | os.PathLike[str],
     device: str = "cpu",
@@ -237,11 +245,7 @@ def load(
     if verify:
         verify_files(folder, manifest)
     if isinstance(draft, _DefaultTaskDraft):
-        draft = default_draft(manifest)
-        if draft is not None and not manifest.draft(draft).recommended:
-            # auto would decode plainly anyway; a lone session also decodes faster (its threads
-            # may spin between runs) and takes half the memory. Name the draft to force it.
-            draft = None
+        draft = loaded_by_default(manifest)
     backend = open_backend(folder, manifest, draft, device, threads, weights, exact, capturable)
     tokenizer_file = folder / section.tokenizer.file
     try:
