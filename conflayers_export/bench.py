@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conflayers_runtime import GenerationStats, Model, load, read_manifest
+from conflayers_runtime import GenerationStats, Model, TreeConfig, load, read_manifest
 from conflayers_runtime.artifact import artifact_section
 from conflayers_runtime.manifest import Manifest
 from conflayers_runtime.model import loaded_by_default
@@ -73,8 +73,10 @@ def run_bench(
     with_transformers: bool = True,
     with_genai: bool = True,
     progress: Callable[[str], None] = lambda line: None,
+    tree: TreeConfig | None = None,
 ) -> dict[str, object]:
-    """Every engine on ``prompts``, interleaved ``repeats`` times; pass costs of each draft."""
+    """Every engine on ``prompts``, interleaved ``repeats`` times; pass costs of each draft.
+    ``tree``: also speculative decoding with token trees of that shape, with each draft."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     baselines: dict[str, Callable[[str], Timed]] = {}
@@ -97,6 +99,11 @@ def run_bench(
     drafts = list(artifact_section(manifest).drafts)
     spec_models = {d: load(artifact, device=device, draft=d, threads=threads, verify=False) for d in drafts}
     engines = _our_engines(manifest, plain_model, spec_models, max_new_tokens) | baselines
+    if tree is not None:  # the tree graph in a session of its own, beside each draft's
+        for d in drafts:
+            model = load(artifact, device=device, draft=d, threads=threads, verify=False, tree=tree)
+            name = f"ours speculative, tree {tree.nodes}x{tree.width} ({d})"
+            engines[name] = lambda p, m=model: _ours(m, p, max_new_tokens, "speculative")
 
     results = _time_interleaved(engines, prompts, repeats, progress)
     plain = results["ours plain"]["decode_tokens_per_s"]["median"]  # type: ignore[index]

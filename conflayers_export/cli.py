@@ -659,6 +659,14 @@ def generate(
 @click.option("--no-transformers", is_flag=True, help="Skip the transformers generate baseline.")
 @click.option("--no-genai", is_flag=True, help="Skip the onnxruntime-genai baseline.")
 @click.option(
+    "--tree",
+    "tree_nodes",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Also decode with token trees of this many alternative rows (2 per drafted position).",
+)
+@click.option(
     "--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the result here."
 )
 @click.option(
@@ -673,11 +681,14 @@ def bench(
     device: str,
     no_transformers: bool,
     no_genai: bool,
+    tree_nodes: int,
     json_out: str | None,
     plot_out: str | None,
 ) -> None:
     """Benchmark plain and speculative decoding against transformers and onnxruntime-genai."""
     from pathlib import Path
+
+    from conflayers_runtime import TreeConfig
 
     from .bench import DEFAULT_PROMPTS, plot, run_bench
     from .calibrate.data import load_prompts
@@ -699,6 +710,7 @@ def bench(
         not no_transformers,
         not no_genai,
         progress=lambda line: click.echo(line, err=True),
+        tree=TreeConfig(tree_nodes) if tree_nodes else None,
     )
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -204,7 +204,7 @@ def test_the_manifest_reads_back_to_the_json_build_wrote(tiny_folder, tmp_path):
     section = on_disk["artifacts"]
     assert list(section) == [
         *("dtype", "max_seq_len", "weights", "full", "drafts", "draft_vocab", "paired", "capturable"),
-        *("quantization", "kv"),
+        *("tree", "quantization", "kv"),
         *("layers", "weights_index", "graph_weights", "inputs", "outputs", "tokenizer", "files"),
     ]
     dtype, shape, _, length = section["weights_index"][section["draft_vocab"]["v"]]  # a 4-item list

@@ -99,6 +99,7 @@ def _built() -> dict:
         "draft_vocab": {"small-vocab": "draft_vocab.8192.token_ids"},
         "paired": {"d1": "paired.d1.onnx"},
         "capturable": {},
+        "tree": {"full": "tree.full.onnx"},
         "quantization": {
             "operator": "com.microsoft.MatMulNBits",
             "scheme": "asymmetric round-to-nearest per block (scales and zero points)",
@@ -139,7 +140,10 @@ def _built() -> dict:
         },
         "files": {
             name: {"size": 1, "sha256": "0" * 64}
-            for name in ("full.onnx", *graphs.values(), "paired.d1.onnx", "weights.bin", "tokenizer.json")
+            for name in (
+                *("full.onnx", *graphs.values(), "paired.d1.onnx", "tree.full.onnx"),
+                *("weights.bin", "tokenizer.json"),
+            )
         },
     }
     return data

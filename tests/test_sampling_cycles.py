@@ -4,7 +4,10 @@ them, the bonus token, and a pruned draft vocabulary, through the runtime's deco
 The model is a Markov chain (the next token's distribution depends on the previous token), run
 by a backend that needs no graph, so the exact joint distribution of the generated tokens is a
 product of known rows, and 30,000 generations take seconds. Each generation drafts up to three
-tokens in its first cycle, so the joint of its five tokens covers rows 0-3 of a verify pass."""
+tokens in its first cycle, so the joint of its five tokens covers rows 0-3 of a verify pass.
+With token trees (tree.py) the second cycle often starts from a proposal sampled from an
+alternative's row, which the backend computes wrongly on purpose: proposals never decide the
+output, so it must stay exact."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conflayers_runtime import DraftConfig, SamplingConfig, generate, sampling
+from conflayers_runtime import DraftConfig, SamplingConfig, TreeConfig, generate, sampling, speculative
 
 from tests.test_reference import chi_square_p_value
 
@@ -34,9 +37,15 @@ class MarkovBackend:
         width = len(self.draft_token_ids)
         self.draft = 0.6 * rng.dirichlet(np.ones(width), VOCAB) + 0.4 / width
 
-    def forward(self, token_ids, start, use_draft):
+    verifies_trees = True
+
+    def forward(self, token_ids, start, use_draft, depths=None):
         table = self.draft if use_draft else self.full
-        return np.log(table[np.asarray(token_ids)])
+        logits = np.log(table[np.asarray(token_ids)])
+        for row, depth in enumerate(depths or []):
+            if depth < row:  # an alternative's row: off on purpose, as rounding may make it
+                logits[row] = np.log(self.draft[token_ids[row], [0, 1, 2, 2]])
+        return logits
 
 
 def exact_joint(backend: MarkovBackend) -> np.ndarray:
@@ -47,12 +56,16 @@ def exact_joint(backend: MarkovBackend) -> np.ndarray:
     return probs
 
 
-def sampled_joint(backend: MarkovBackend) -> np.ndarray:
+def sampled_joint(backend: MarkovBackend, tree: TreeConfig | None = None) -> np.ndarray:
     counts = np.zeros((VOCAB,) * NEW_TOKENS)
     draft = DraftConfig(max_draft_tokens=3, confidence_threshold=0.0)  # always draft the maximum
+    hits = 0
     for seed in range(SAMPLES):
-        tokens, _ = generate(backend, PROMPT, NEW_TOKENS, SamplingConfig(temperature=1.0, seed=seed), draft)
+        config = SamplingConfig(temperature=1.0, seed=seed)
+        tokens, stats = generate(backend, PROMPT, NEW_TOKENS, config, draft, tree=tree)
         counts[tuple(tokens)] += 1
+        hits += stats.tree_hits
+    assert tree is None or hits > SAMPLES // 10, "the trees' rows must propose often"
     return counts
 
 
@@ -93,4 +106,29 @@ def test_a_wrong_bonus_or_residual_row_fails(chain, monkeypatch, wrong_rule):
     backend, expected = chain
     monkeypatch.setattr(sampling, "accept_sampled", wrong_rule)
     counts = sampled_joint(backend)
+    assert chi_square_p_value(counts, expected) < 1e-6
+
+
+TREE = TreeConfig(nodes=3, width=1)
+
+
+def test_sampled_cycles_with_trees_are_distributed_as_the_full_model(chain):
+    backend, expected = chain
+    counts = sampled_joint(backend, TREE)
+    assert chi_square_p_value(counts, expected) > 1e-3
+
+
+def test_a_tree_proposal_taken_as_certain_fails(chain, monkeypatch):
+    """Wrong: the proposal from an alternative's row is its argmax but is verified as if drawn from
+    the row (the rule needs the proposal distributed as the distribution it is checked against)."""
+    backend, expected = chain
+    carried = speculative._Carried
+
+    def argmax_proposal(tokens=None, distributions=None):
+        if distributions:
+            tokens = [int(np.argmax(d)) for d in distributions]
+        return carried(tokens or [], distributions or [])
+
+    monkeypatch.setattr(speculative, "_Carried", argmax_proposal)
+    counts = sampled_joint(backend, TREE)
     assert chi_square_p_value(counts, expected) < 1e-6

@@ -66,6 +66,10 @@ def capturable_graph_name(file_name: str) -> str:
     return f"capturable.{file_name}"
 
 
+def tree_graph_name(file_name: str) -> str:
+    return f"tree.{file_name}"
+
+
 def build_artifact(
     out_dir: str | os.PathLike[str],
     loaded: LoadedModel,
@@ -101,6 +105,9 @@ GRAPH_INPUTS = {
     "attention_mask": "int64 [batch, total] (ones; total = cached + sequence)",
     "seqlens_k": "int32 [batch], capturable graphs only, instead of attention_mask: the valid cache "
     "length after the pass minus one (a one-token pass counts 2 rows: kv.min_attention_rows)",
+    "position_ids": "int64 [batch, sequence], tree graphs only: each row's position (RoPE)",
+    "attention_bias": "activation dtype [batch, 1, sequence, total], tree graphs only: added to every "
+    "head's attention scores (0: attend; a large negative value: hide that key from that row)",
 }
 GRAPH_OUTPUTS = {
     "logits": "float32 [batch, sequence, vocab] (a pruned draft: [.., len(draft_vocab ids)])",
@@ -119,6 +126,7 @@ class _Graphs:
     drafts: dict[str, str] = field(default_factory=dict)  # draft name -> file name
     draft_vocab: dict[str, str] = field(default_factory=dict)  # draft name -> its token-ids tensor
     capturable: dict[str, str] = field(default_factory=dict)  # "full" or draft name -> file name
+    tree: dict[str, str] = field(default_factory=dict)  # "full" -> file name
 
 
 def _build_graphs(
@@ -151,6 +159,20 @@ def _build_graphs(
         )
         if capturable:
             built.capturable["full"] = file_name
+    # The full graph with position_ids and attention_bias inputs: token-tree verify passes (graph.py).
+    built.tree["full"] = tree_graph_name(FULL_GRAPH)
+    built.protos[built.tree["full"]] = build_graph(
+        model,
+        arch,
+        range(num_layers),
+        dtype,
+        max_seq_len,
+        store,
+        "tree.full",
+        ARTIFACT_DTYPES[dtype].weight_bits,
+        read=loaded.array,
+        tree=True,
+    )
     built.layers["full"] = list(range(num_layers))
     for draft in manifest.drafts:
         progress(f"draft {draft.name}")
@@ -215,6 +237,7 @@ def _write(
         *built.drafts.values(),
         *paired.values(),
         *built.capturable.values(),
+        *built.tree.values(),
         WEIGHTS_FILE,
         *tokenizer_files,
     ]
@@ -227,6 +250,7 @@ def _write(
         draft_vocab=built.draft_vocab,
         paired=paired,
         capturable=built.capturable,
+        tree=built.tree,
         quantization=Quantization(
             operator="com.microsoft.MatMulNBits",
             scheme="asymmetric round-to-nearest per block (scales and zero points)",

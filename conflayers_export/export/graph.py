@@ -31,6 +31,13 @@ attention mask, and a constant total length of max_seq_len: its inputs keep thei
 addresses from one decode step to the next, so ONNX Runtime can capture the pass in a CUDA graph
 and replay it with the lengths updated in place. Its only host-side nodes read shapes, which are
 fixed per captured pass.
+
+A *tree* graph (``tree=True``, the full model: ``tree.full.onnx``) also takes ``position_ids``
+[B, S] int64 (each row's position, for RoPE) and ``attention_bias`` [B, 1, S, T] in the activation
+dtype (added to every head's scores; a large negative value hides a key): a verify pass can then
+hold a token tree, nodes that branch off the drafted chain attending only to their ancestors
+(docs/TOKEN_TREES.md). With positions start..start+S-1 and a zero bias it computes every row
+bitwise as the mask graph does.
 """
 
 from __future__ import annotations
@@ -78,7 +85,10 @@ class _GraphBuilder:
         confidence: bool = False,
         capturable: bool = False,
         read: Callable[[torch.Tensor], np.ndarray] = host_array,
+        tree: bool = False,
     ):
+        if tree and capturable:
+            raise ValueError("a tree graph is built in mask form only (capturable trees are not built yet)")
         self.model = model
         self.read = read  # a parameter's values as a float32 array
         self.arch = architecture
@@ -88,6 +98,7 @@ class _GraphBuilder:
         self.vocab_ids = vocab_ids
         self.confidence = confidence  # also output top_probability (drafts)
         self.capturable = capturable  # lengths as an input, not from the mask (module docstring)
+        self.tree = tree  # position_ids and attention_bias inputs (module docstring)
         self.max_seq_len = max_seq_len
         self.weights = weights
         self.layout = architecture.kv_layout(model.config)
@@ -95,7 +106,8 @@ class _GraphBuilder:
         self.used: set[str] = set()  # weights this graph reads (stored externally)
         self.constants: dict[str, np.ndarray] = {}  # small shape/index constants (stored inline)
         # Names of [1] int64 tensors set by build(): S, and max(S, MIN_ATTENTION_ROWS).
-        self.sequence = self.attention_rows = ""
+        self.sequence = self.attention_rows = self.padded_total = ""
+        self.tree_inputs: list[str] = []  # set by build() for a tree graph: [position_ids, bias], padded
         self.cached_layers: list[int] = []  # set by build(): the layers whose attention runs
 
     # -- helpers -----------------------------------------------------------------------------
@@ -247,9 +259,10 @@ class _GraphBuilder:
             self.pad_attention_rows(t, f"{name}/pad{k}") if t else t for k, t in enumerate(qkv_inputs)
         ]
         window = self.layout.sliding_windows[i]
+        cache = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         out = self.op(
             "GroupQueryAttention",
-            [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, *rope],
+            [*qkv_inputs, *cache, seqlens_k, total, *rope, *self.tree_inputs],
             f"{name}/GroupQueryAttention",
             domain="com.microsoft",
             outputs=[f"{name}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
@@ -268,17 +281,27 @@ class _GraphBuilder:
         )[0]
         return self.linear(rows, attn.o_proj.weight, attn.o_proj.bias, f"{name}/o_proj", f"{wname}.o_proj")
 
-    def pad_attention_rows(self, x: str, name: str) -> str:
+    def pad_attention_rows(self, x: str, name: str, axis: int = 1, ends: str | None = None) -> str:
         """[B, S, D] -> [B, max(S, 2), D]: a one-token pass repeats its row. ONNX Runtime's CPU
         GroupQueryAttention multiplies probabilities by V through MLAS' M == 1 kernel when S == 1,
         whose sums differ in the last bits from any S >= 2 pass; every other float op here computes
         a row alike whatever S is (DESIGN.md, row invariance). The repeated row's K/V land one
-        position past the valid length, where the next pass overwrites them."""
-        doubled = self.op("Concat", [x, x], f"{name}/Concat", axis=1)[0]
-        ends = self.attention_rows
+        position past the valid length, where the next pass overwrites them. (``axis``/``ends``:
+        the same for another axis and length, e.g. a tree graph's attention bias.)"""
+        doubled = self.op("Concat", [x, x], f"{name}/Concat", axis=axis)[0]
+        axes = self.const(f"axes.{axis}", [axis])
         return self.op(
-            "Slice", [doubled, self.const("zero", [0]), ends, self.const("axes.1", [1])], f"{name}/Slice"
+            "Slice", [doubled, self.const("zero", [0]), ends or self.attention_rows, axes], f"{name}/Slice"
         )[0]
+
+    def pad_tree_inputs(self) -> list[str]:
+        """A tree graph's position_ids [B, S] and attention_bias [B, 1, S, T], padded as the
+        attention's rows are (a one-token pass: a second row, and a column for it). The padding
+        row's position and bias are copies: its output is dropped and its K/V overwritten later."""
+        positions = self.pad_attention_rows("position_ids", "/model/tree/position_ids")
+        rows = self.pad_attention_rows("attention_bias", "/model/tree/bias_rows", axis=2)
+        bias = self.pad_attention_rows(rows, "/model/tree/bias_columns", axis=3, ends=self.padded_total)
+        return [positions, bias]
 
     def _head_norm(self, x: str, module: torch.nn.Module, name: str, wname: str, head_dim: int) -> str:
         shaped = self.op("Reshape", [x, self.const("shape.heads", [0, 0, -1, head_dim])], f"{name}/Reshape")[
@@ -326,6 +349,8 @@ class _GraphBuilder:
         least = self.const("min_rows", [MIN_ATTENTION_ROWS])
         self.attention_rows = self.op("Max", [self.sequence, least], "/model/rows/Max")[0]
         seqlens_k, total = self.lengths() if not self.capturable else self.lengths_given()
+        if self.tree:
+            self.tree_inputs = self.pad_tree_inputs()
         self.cached_layers = [i for i in keep_layers if i not in skipped_blocks["attention"]]
         rope = self.rope_tables(self.cached_layers)
 
@@ -391,7 +416,7 @@ class _GraphBuilder:
         seqlens = self.op("Add", [mask_sum, last], "/model/mask/Add")[0]
         seqlens_k = self.op("Cast", [seqlens], "/model/mask/seqlens_k", to=TensorProto.INT32)[0]
         shape = self.op("Shape", ["attention_mask"], "/model/mask/Shape", start=1, end=2)[0]
-        padded = self.op("Add", [shape, padding], "/model/mask/Padded")[0]
+        padded = self.padded_total = self.op("Add", [shape, padding], "/model/mask/Padded")[0]
         total64 = self.op("Squeeze", [padded, self.const("axes.0", [0])], "/model/mask/Squeeze")[0]
         return seqlens_k, self.op("Cast", [total64], "/model/mask/total", to=TensorProto.INT32)[0]
 
@@ -453,6 +478,13 @@ class _GraphBuilder:
         )
         ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
         inputs = [ids, lengths]
+        if self.tree:
+            inputs += [
+                helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+                helper.make_tensor_value_info(
+                    "attention_bias", self.onnx_dtype, ["batch", 1, "sequence", "total"]
+                ),
+            ]
         choice = [("next_token_ids", TensorProto.INT64)]
         if self.confidence:
             choice.append(("top_probability", TensorProto.FLOAT))
@@ -507,14 +539,16 @@ def build_graph(
     read: Callable[[torch.Tensor], np.ndarray] = host_array,
     skip_attention: Collection[int] = (),
     skip_mlp: Collection[int] = (),
+    tree: bool = False,
 ) -> tuple[onnx.ModelProto, set[str]]:
     """Build one graph that runs ``keep_layers`` (with ``bits``-bit linears and a head over
     ``vocab_ids`` when given; ``confidence``: a draft's top_probability output; ``capturable``:
     lengths as an input, see the module docstring; ``read``: a parameter's values, for a model
     whose weights are not in memory; ``skip_attention`` / ``skip_mlp``: kept layers whose
-    attention or MLP block the graph leaves out); returns it and the names of the weights it reads."""
+    attention or MLP block the graph leaves out; ``tree``: position_ids and attention_bias inputs, see
+    the module docstring); returns it and the names of the weights it reads."""
     builder = _GraphBuilder(
-        model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, confidence, capturable, read
+        model, architecture, dtype, max_seq_len, weights, bits, vocab_ids, confidence, capturable, read, tree
     )
     graph = builder.build(list(keep_layers), graph_name, {"attention": skip_attention, "mlp": skip_mlp})
     return graph, builder.used

@@ -28,6 +28,7 @@ from .manifest import (
 from .model import DEFAULT_TASK_DRAFT, GenerationResult, Model, load
 from .sampling import SamplingConfig
 from .speculative import Backend, DraftConfig, GenerationStats, SpeedGuard, generate, stream
+from .tree import TreeConfig
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "SamplingConfig",
     "SkipSetError",
     "Task",
+    "TreeConfig",
     "VocabularyRanking",
     "check_skip_layers",
     "generate",

@@ -136,6 +136,7 @@ def open_backend(
     weights: str | None = None,
     exact: bool = True,
     capturable: bool | None = None,
+    tree: bool = False,
 ) -> OnnxBackend:
     """Sessions for the full graph and (optionally) one draft, over shared device-resident caches.
 
@@ -152,11 +153,17 @@ def open_backend(
     on CUDA are captured in CUDA graphs (onnx_backend.py). Default: on CUDA where the artifact has
     them (fp16 and int4-fp16 artifacts since schema 1.3); on the CPU they run uncaptured, which
     only tests serve.
+
+    ``tree``: the full graph in its tree form (tree.full.onnx: verify passes may hold a token tree,
+    tree.py), beside the draft's own graph in a second session; not paired, not capturable yet.
     """
     folder = Path(folder)
     section = artifact_section(manifest)
     roles = ["full"] if draft is None else ["full", draft]
     has_capturable = all(role in section.capturable for role in roles)
+    if tree:
+        _check_tree(folder, section, weights, capturable)
+        capturable = False
     if capturable is None:  # an explicit weights="paired" asks for the If graph, which is not capturable
         capturable = device == "cuda" and has_capturable and weights != "paired"
     if capturable and not has_capturable:
@@ -167,7 +174,8 @@ def open_backend(
         )
     providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
     paired_file = section.paired.get(draft) if draft is not None else None
-    weights = weights or ("paired" if paired_file and device == "cpu" and not capturable else "prepacked")
+    paired_default = paired_file and device == "cpu" and not capturable and not tree
+    weights = weights or ("paired" if paired_default else "prepacked")
     if capturable and weights == "paired":
         raise ManifestError(
             'capturable graphs run in two sessions (a CUDA graph cannot hold an If): use weights="prepacked"'
@@ -195,6 +203,8 @@ def open_backend(
         known = ", ".join(section.drafts) or "none"
         raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
     files = section.capturable if capturable else {"full": section.full, **section.drafts}
+    if tree:
+        files = {**files, "full": section.tree["full"]}
     if weights == "paired":
         graphs = {"paired": paired_file}
     else:
@@ -221,6 +231,19 @@ def open_backend(
     draft_session = sessions["paired"] if weights == "paired" else sessions.get("draft")
     cuda_graphs = capturable and device == "cuda"
     return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows, cuda_graphs)
+
+
+def _check_tree(folder: Path, section: Artifacts, weights: str | None, capturable: bool | None) -> None:
+    if "full" not in section.tree:
+        raise ManifestError(
+            f"{folder} has no tree graph (written since schema 1.4): rebuild it with "
+            "`conflayers-export build`, or open it without tree=True"
+        )
+    if weights == "paired" or capturable:
+        raise ManifestError(
+            "the tree graph runs in its own session and uncaptured: open it with "
+            'weights="prepacked" (or None) and capturable=False (or None)'
+        )
 
 
 _NUMPY_DTYPES = {

@@ -32,9 +32,9 @@ from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import ManifestError, SkipSetError
 
-# 1.3: capturable graphs; 1.2: paired graphs; 1.1: draft length policy, pruned-vocabulary and
-# quantized drafts built
-SCHEMA_VERSION = "1.3"
+# 1.4: tree graphs; 1.3: capturable graphs; 1.2: paired graphs; 1.1: draft length policy,
+# pruned-vocabulary and quantized drafts built
+SCHEMA_VERSION = "1.4"
 MANIFEST_NAME = "manifest.json"
 WEIGHT_PRECISIONS = ("base", "int8", "int4")  # "base" = the artifact's own precision
 _REBUILD = "rebuild the artifact with `conflayers-export build`"
@@ -187,6 +187,9 @@ class Artifacts:
     # fixed shapes per pass: CUDA graphs, docs/gpu/CUDA_GRAPHS.md). Written for fp16-activation
     # (CUDA) artifacts. Absent before schema 1.3.
     capturable: dict[str, str] = field(default_factory=dict)
+    # "full" -> the full graph with position_ids and attention_bias inputs: a verify pass over a
+    # token tree (docs/TOKEN_TREES.md). Absent before schema 1.4.
+    tree: dict[str, str] = field(default_factory=dict)
     quantization: Quantization | None = _omitted_when_none()  # absent in schema 1.0
     kv: CacheLayout
     layers: dict[str, list[int]]  # "full" or a draft name -> the decoder layers its graph runs
@@ -230,12 +233,16 @@ class Artifacts:
         for name in self.capturable:
             if name != "full" and name not in self.drafts:
                 _refuse(f"artifacts.capturable names graph {name!r}, which is neither 'full' nor a draft")
+        for name in self.tree:
+            if name != "full":
+                _refuse(f"artifacts.tree names graph {name!r}: only the full graph has a tree form")
         for graph, kept in self.layers.items():
             if graph != "full" and graph not in self.drafts:
                 _refuse(f"artifacts.layers names graph {graph!r}, which is neither 'full' nor a draft")
             if any(not 0 <= i < num_layers for i in kept):
                 _refuse(f"artifacts.layers.{graph} has layers outside 0..{num_layers - 1}: {kept}")
-        for graph in (self.weights, self.full, *self.drafts.values(), *self.paired.values()):
+        forms = (*self.paired.values(), *self.capturable.values(), *self.tree.values())
+        for graph in (self.weights, self.full, *self.drafts.values(), *forms):
             if graph not in self.files:
                 _refuse(f"artifacts.files does not list {graph} (its size and sha256)")
         kv = self.kv

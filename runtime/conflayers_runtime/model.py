@@ -23,6 +23,7 @@ from .manifest import Manifest, read_manifest
 from .onnx_backend import OnnxBackend
 from .sampling import SamplingConfig
 from .speculative import DraftConfig, GenerationStats
+from .tree import TreeConfig
 
 MODES = ("auto", "speculative", "plain")
 
@@ -44,9 +45,16 @@ class Model:
     """A loaded artifact: tokenizer, full graph and (optionally) one draft, on one device."""
 
     def __init__(
-        self, folder: Path, manifest: Manifest, backend: OnnxBackend, tokenizer: Tokenizer, draft: str | None
+        self,
+        folder: Path,
+        manifest: Manifest,
+        backend: OnnxBackend,
+        tokenizer: Tokenizer,
+        draft: str | None,
+        tree: TreeConfig | None = None,
     ):
         self.folder = folder
+        self.tree = tree  # token trees in speculative cycles (tree.py), None: a chain
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
@@ -137,6 +145,7 @@ class Model:
             self.stop_token_ids,
             self.last_stats,
             policy,
+            self.tree if used == "speculative" else None,
         ):
             piece = text.add(chunk)
             if piece is None:  # an incomplete UTF-8 sequence: wait for its next bytes
@@ -226,6 +235,7 @@ def load(
     verify: bool = True,
     exact: bool = True,
     capturable: bool | None = None,
+    tree: bool | TreeConfig = False,
 ) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
@@ -238,6 +248,8 @@ def load(
     (artifact.row_invariant_rows; 1 on the CPU for graphs that pad their attention themselves, 16
     on CUDA); False turns that padding off. ``capturable``: run the capturable graphs, in CUDA
     graphs on CUDA (the default there, where the artifact has them; artifact.open_backend).
+    ``tree``: verify passes hold a token tree (True: TreeConfig's defaults), through the artifact's
+    tree graph in a session of its own (tree.py; same output, the draft proposes more).
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -246,7 +258,7 @@ def load(
         verify_files(folder, manifest)
     if isinstance(draft, _DefaultTaskDraft):
         draft = loaded_by_default(manifest)
-    backend = open_backend(folder, manifest, draft, device, threads, weights, exact, capturable)
+    backend = open_backend(folder, manifest, draft, device, threads, weights, exact, capturable, bool(tree))
     tokenizer_file = folder / section.tokenizer.file
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -254,4 +266,5 @@ def load(
         raise ManifestError(
             f"cannot read the tokenizer {tokenizer_file} ({exc}); rebuild the artifact"
         ) from exc
-    return Model(folder, manifest, backend, tokenizer, draft)
+    tree_config = TreeConfig() if tree is True else (tree or None)
+    return Model(folder, manifest, backend, tokenizer, draft, tree_config)

@@ -37,6 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import GenerationError
+from .tree import tree_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Passes of at most this many rows keep their buffers (and are captured in CUDA graphs): decode
@@ -115,6 +116,8 @@ class OnnxBackend:
         self.chooses_on_device = all(self._choice.values()) and (
             draft is None or len(self._choice[True]) == 2
         )
+        # A tree graph as the full graph (tree.full.onnx): verify passes may hold a token tree.
+        self.verifies_trees = "position_ids" in {i.name for i in full.get_inputs()}
         self._buffers: dict[tuple[str, bool, int, str], ort.OrtValue] = {}
         self._graph_options: dict[int, ort.RunOptions] = {}
 
@@ -132,26 +135,34 @@ class OnnxBackend:
                 binding.bind_ortvalue_output(f"present.{layer}.{kind}", cache)
         return binding
 
-    def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray:
+    def forward(
+        self, token_ids: Sequence[int], start: int, use_draft: bool, depths: Sequence[int] | None = None
+    ) -> np.ndarray:
         """Logits rows [len(token_ids), width]: a view of a reused host buffer, valid until the next
-        call with as many rows (callers consume it first)."""
+        call with as many rows (callers consume it first). ``depths``: a token tree's row positions
+        relative to ``start`` (tree.py; needs ``verifies_trees``), None for a chain."""
         rows = len(token_ids)
-        outputs = self._run(token_ids, start, use_draft, logits_on_host=True)
+        outputs = self._run(token_ids, start, use_draft, logits_on_host=True, depths=depths)
         return outputs["logits"].numpy()[0, :rows]
 
     def greedy(
-        self, token_ids: Sequence[int], start: int, use_draft: bool
+        self, token_ids: Sequence[int], start: int, use_draft: bool, depths: Sequence[int] | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The greedy choice made on the device (needs ``chooses_on_device``): (the argmax token id
         of every row, and for the draft its softmax probability, else None). Only these few bytes
-        cross the bus; the logits stay in a device buffer."""
+        cross the bus; the logits stay in a device buffer. ``depths`` as for :meth:`forward`."""
         rows = len(token_ids)
-        outputs = self._run(token_ids, start, use_draft, logits_on_host=False)
+        outputs = self._run(token_ids, start, use_draft, logits_on_host=False, depths=depths)
         ids = outputs["next_token_ids"].numpy()[0, :rows]
         return ids, outputs["top_probability"].numpy()[0, :rows] if use_draft else None
 
     def _run(
-        self, token_ids: Sequence[int], start: int, use_draft: bool, logits_on_host: bool
+        self,
+        token_ids: Sequence[int],
+        start: int,
+        use_draft: bool,
+        logits_on_host: bool,
+        depths: Sequence[int] | None = None,
     ) -> dict[str, ort.OrtValue]:
         total = start + max(len(token_ids), self.kv.min_rows)
         if total > self.kv.max_seq_len:
@@ -171,6 +182,14 @@ class OnnxBackend:
             token_ids = [*token_ids, *[token_ids[-1]] * padding]
         rows = len(token_ids)
         ids = np.asarray([token_ids], dtype=np.int64)
+        if not use_draft and self.verifies_trees:  # a chain (and any padding rows) continues in order
+            known = list(range(rows)) if depths is None else list(depths)
+            known += range(len(known), rows)
+            positions, bias = tree_inputs(known, start, _NP_DTYPES[self.kv.dtype])
+            binding.bind_cpu_input("position_ids", positions)
+            binding.bind_cpu_input("attention_bias", bias)
+        elif depths is not None:
+            raise GenerationError("a token tree needs the artifact's tree graph: open it with tree=True")
         if use_draft in self._seqlens:  # the valid length after the pass, attention padding included
             valid = start + max(rows, self.kv.min_rows)
             self._seqlens[use_draft].update_inplace(np.array([valid - 1], np.int32))

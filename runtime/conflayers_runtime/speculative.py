@@ -25,8 +25,10 @@ from typing import Protocol
 import numpy as np
 
 from . import sampling
+from . import tree as trees
 from .errors import GenerationError
 from .sampling import SamplingConfig
+from .tree import TreeConfig
 
 
 class Backend(Protocol):
@@ -82,6 +84,8 @@ class GenerationStats:
     draft_passes: int = 0
     verify_passes: int = 0  # full-model passes after prefill (speculative verify or plain steps)
     accepted_histogram: list[int] = field(default_factory=list)
+    tree_nodes: int = 0  # alternative rows verified (token trees, tree.py)
+    tree_hits: int = 0  # cycles whose first proposal came from an alternative's row
 
     @property
     def acceptance_rate(self) -> float:
@@ -119,6 +123,8 @@ class GenerationStats:
             "prefill_passes",
             "draft_passes",
             "verify_passes",
+            "tree_nodes",
+            "tree_hits",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for accepted, cycles in enumerate(other.accepted_histogram):
@@ -138,6 +144,7 @@ class GenerationStats:
                 "draft": self.draft_passes,
                 "verify": self.verify_passes,
             },
+            "tree": {"nodes": self.tree_nodes, "hits": self.tree_hits},
         }
 
 
@@ -150,14 +157,19 @@ def stream(
     stop_token_ids: Sequence[int] = (),
     stats: GenerationStats | None = None,
     guard: SpeedGuard | None = None,
+    tree: TreeConfig | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens in chunks as they are decided (one chunk per cycle).
 
     ``draft_config=None`` decodes plainly with the full model. Greedy output is identical either way;
     sampled output is distributed exactly as plain sampling. A ``guard`` may turn drafting off
     for some cycles (when speculation is measured slower than plain decoding); that changes
-    speed only, never the output distribution.
+    speed only, never the output distribution. ``tree``: verify passes also run the full model at
+    the draft's likely alternatives, whose rows propose the next cycle's first token (tree.py;
+    the backend needs ``verifies_trees``); the output is the same.
     """
+    if tree is not None and not getattr(backend, "verifies_trees", False):
+        raise GenerationError("token trees need the artifact's tree graph: load it with tree=True")
     if not prompt_ids:
         raise GenerationError("the prompt is empty: give at least one token")
     if max_new_tokens < 1:
@@ -180,6 +192,7 @@ def stream(
     yield [pending]
     if pending in stops:
         return
+    carried = _Carried()  # the next cycle's first proposals, from the last tree pass
 
     while produced < max_new_tokens:
         # Leave room for the full model's own token: a cycle emits accepted drafts + 1.
@@ -189,18 +202,36 @@ def stream(
         if guard is not None and not guard.allow_draft():
             budget = 0
         started = time.perf_counter()
-        drafted, q_rows = _propose(backend, pending, cached, budget, draft_config, sampling_config, rng)
-        stats.draft_passes += len(drafted)
-
+        proposal = _propose(
+            backend, pending, cached, budget, draft_config, sampling_config, rng, tree, carried
+        )
+        drafted = proposal.tokens
+        stats.draft_passes += proposal.draft_passes
+        alternatives = []
+        if tree is not None and drafted:
+            alternatives = trees.choose(proposal.confidences, proposal.offers, tree.nodes)
+        rows = [pending, *drafted, *(a.token for a in alternatives)]
+        chain = len(drafted) + 1  # the rows that decide the output; alternatives only propose
+        depths = [*range(chain), *(a.depth for a in alternatives)] if alternatives else None
         stats.verify_passes += 1
+        stats.tree_nodes += len(alternatives)
+        carried = _Carried()
         if greedy:
-            targets, _ = greedy_tokens(backend, [pending, *drafted], cached, use_draft=False)  # [k+1]
-            accepted, next_token = sampling.accept_greedy(targets, drafted)
+            targets, _ = greedy_tokens(backend, rows, cached, use_draft=False, depths=depths)
+            accepted, next_token = sampling.accept_greedy(targets[:chain], drafted)
+            hit = _hit(alternatives, chain, accepted, next_token)
+            if hit is not None:
+                carried = _Carried([int(targets[hit])])
         else:
-            verify_logits = backend.forward([pending, *drafted], cached, use_draft=False)  # [k+1, V]
-            p = sampling.warp(verify_logits, sampling_config)
-            q = _over_vocabulary(q_rows, getattr(backend, "draft_token_ids", None), p.shape[-1])
+            verify_logits = _verify_logits(backend, rows, cached, depths)  # [rows, V]
+            p = sampling.warp(verify_logits[:chain], sampling_config)
+            q = proposal.distributions(getattr(backend, "draft_token_ids", None), p.shape[-1])
             accepted, next_token = sampling.accept_sampled(p, q, drafted, rng)
+            hit = _hit(alternatives, chain, accepted, next_token)
+            if hit is not None:  # any proposal distribution keeps the rule exact: the full model's here
+                row = sampling.warp(verify_logits[hit], sampling_config)
+                carried = _Carried([sampling.sample(row, rng)], [row])
+        stats.tree_hits += hit is not None
         if drafted:
             stats.record_cycle(len(drafted), accepted)
 
@@ -281,6 +312,34 @@ class SpeedGuard:
         return value if average is None else (1 - self.smoothing) * average + self.smoothing * value
 
 
+@dataclass
+class _Carried:
+    """Proposals a tree pass made for the next cycle: token ids and, when sampling, the full-vocabulary
+    distribution each was drawn from (its draft distribution in the acceptance rule)."""
+
+    tokens: list[int] = field(default_factory=list)
+    distributions: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class _Proposal:
+    """One cycle's proposals: carried ones first, then the draft's, with what acceptance and a token
+    tree need of each (``confidences``: the probability of the chosen token, 1.0 for carried ones;
+    ``offers``: its runners-up as (token id, probability), in tree mode)."""
+
+    tokens: list[int] = field(default_factory=list)
+    carried: list[np.ndarray] = field(default_factory=list)  # full-vocabulary rows of carried tokens
+    drafted: list[np.ndarray] = field(default_factory=list)  # the draft's rows, over its own columns
+    confidences: list[float] = field(default_factory=list)
+    offers: list[list[tuple[int, float]]] = field(default_factory=list)
+    draft_passes: int = 0
+
+    def distributions(self, token_ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
+        """Every proposal's draft distribution over the full vocabulary [k, vocab] (sampling)."""
+        drafted = _over_vocabulary(self.drafted, token_ids, vocab_size)
+        return np.concatenate([np.array(self.carried).reshape(-1, vocab_size), drafted])
+
+
 def _propose(
     backend: Backend,
     pending: int,
@@ -289,42 +348,74 @@ def _propose(
     draft_config: DraftConfig | None,
     sampling_config: SamplingConfig,
     rng: np.random.Generator,
-) -> tuple[list[int], list[np.ndarray]]:
-    """Propose up to ``budget`` tokens with the draft. Returns (tokens, their draft distributions
-    over the draft's own columns; none when greedy: acceptance then needs only the tokens)."""
-    drafted: list[int] = []
-    q_rows: list[np.ndarray] = []
+    tree: TreeConfig | None = None,
+    carried: _Carried | None = None,
+) -> _Proposal:
+    """Propose up to ``budget`` tokens: the carried ones, then the draft's. The draft's first pass
+    reads ``pending`` and the carried tokens together, then one token per pass."""
+    proposal = _Proposal()
+    if carried is not None and budget:
+        proposal.tokens = carried.tokens[:budget]
+        proposal.carried = carried.distributions[:budget]
+        proposal.confidences = [1.0] * len(proposal.tokens)
+        proposal.offers = [[] for _ in proposal.tokens]
     token_ids = getattr(backend, "draft_token_ids", None)  # test doubles may leave it out
-    token = pending
-    for position in range(cached, cached + budget):
-        if sampling_config.greedy:
-            ids, probabilities = greedy_tokens(backend, [token], position, use_draft=True)
-            token = int(ids[0])
-            drafted.append(token)
-            if draft_config is not None and probabilities[0] < draft_config.confidence_threshold:
-                break
-            continue
-        q = sampling.warp(backend.forward([token], position, use_draft=True)[0], sampling_config)
-        column = sampling.sample(q, rng)
-        token = column if token_ids is None else int(token_ids[column])
-        drafted.append(token)
-        q_rows.append(q)
-        if draft_config is not None and q.max() < draft_config.confidence_threshold:
+    greedy = sampling_config.greedy
+    feed, position = [pending, *proposal.tokens], cached
+    while len(proposal.tokens) < budget:
+        if greedy and tree is None:  # the token chosen on the device where the backend can
+            ids, probabilities = greedy_tokens(backend, feed, position, use_draft=True)
+            token, confidence, offered = int(ids[-1]), float(probabilities[-1]), []
+        else:
+            row = backend.forward(feed, position, use_draft=True)[-1]
+            q = sampling.warp(row, sampling_config)
+            column = int(row.argmax()) if greedy else sampling.sample(q, rng)
+            token, confidence = _token_id(column, token_ids), float(q.max())
+            offered = [] if tree is None else trees.runners_up(q, column, tree.width)
+            offered = [(_token_id(c, token_ids), p) for c, p in offered]
+            if not greedy:
+                proposal.drafted.append(q)
+        proposal.draft_passes += 1
+        proposal.tokens.append(token)
+        proposal.confidences.append(confidence)
+        proposal.offers.append(offered)
+        position, feed = position + len(feed), [token]
+        if draft_config is not None and confidence < draft_config.confidence_threshold:
             break
-    return drafted, q_rows
+    return proposal
+
+
+def _token_id(column: int, token_ids: np.ndarray | None) -> int:
+    return column if token_ids is None else int(token_ids[column])
+
+
+def _hit(alternatives: list[trees.Alternative], chain: int, accepted: int, token: int) -> int | None:
+    """The row of the alternative equal to the full model's correction, if the tree held it."""
+    for index, alternative in enumerate(alternatives):
+        if alternative.depth == accepted + 1 and alternative.token == token:
+            return chain + index
+    return None
+
+
+def _verify_logits(backend: Backend, rows: list[int], start: int, depths: list[int] | None) -> np.ndarray:
+    if depths is None:
+        return backend.forward(rows, start, use_draft=False)
+    return backend.forward(rows, start, use_draft=False, depths=depths)  # type: ignore[call-arg]
 
 
 def greedy_tokens(
-    backend: Backend, token_ids: Sequence[int], start: int, use_draft: bool
+    backend: Backend, token_ids: Sequence[int], start: int, use_draft: bool, depths: list[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(argmax token id of every row, its softmax probability): chosen on the device where the
     backend can (``chooses_on_device``: only ids and, for the draft, probabilities cross the bus),
     else from the logits here. Both paths pick the first of equal maxima; the probability only
-    decides where a draft stops (the device computes it in float32), never which token is emitted."""
+    decides where a draft stops (the device computes it in float32), never which token is emitted.
+    ``depths``: a token tree's rows (tree.py), for a backend that ``verifies_trees``."""
+    tree = {} if depths is None else {"depths": depths}
     if getattr(backend, "chooses_on_device", False):
-        ids, probabilities = backend.greedy(token_ids, start, use_draft)  # type: ignore[attr-defined]
+        ids, probabilities = backend.greedy(token_ids, start, use_draft, **tree)  # type: ignore[attr-defined]
         return ids, probabilities
-    logits = backend.forward(token_ids, start, use_draft)
+    logits = backend.forward(token_ids, start, use_draft, **tree)
     columns = logits.argmax(axis=-1)
     mapping = getattr(backend, "draft_token_ids", None) if use_draft else None
     ids = columns if mapping is None else np.asarray(mapping)[columns]
@@ -335,7 +426,7 @@ def _over_vocabulary(q_rows: list[np.ndarray], token_ids: np.ndarray | None, voc
     """Draft distributions [k, vocab]: a pruned draft gives probability 0 to every token outside its
     columns, so rejection sampling resamples those from the residual and stays exact."""
     if token_ids is None:
-        return np.array(q_rows)
+        return np.array(q_rows).reshape(-1, vocab_size)
     q = np.zeros((len(q_rows), vocab_size))
     if q_rows:
         q[:, token_ids] = q_rows
@@ -349,12 +440,13 @@ def generate(
     sampling_config: SamplingConfig = GREEDY,
     draft_config: DraftConfig | None = DEFAULT_DRAFT_CONFIG,
     stop_token_ids: Sequence[int] = (),
+    tree: TreeConfig | None = None,
 ) -> tuple[list[int], GenerationStats]:
     """Run :func:`stream` to the end. Returns (new token ids, stats)."""
     stats = GenerationStats()
     tokens: list[int] = []
     for chunk in stream(
-        backend, prompt_ids, max_new_tokens, sampling_config, draft_config, stop_token_ids, stats
+        backend, prompt_ids, max_new_tokens, sampling_config, draft_config, stop_token_ids, stats, tree=tree
     ):
         tokens.extend(chunk)
     return tokens, stats
