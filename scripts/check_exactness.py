@@ -6,7 +6,8 @@ by token counts of plain generations of the calibration prompts), measures the f
 invariance (padded passes, as the runtime runs them, and one-token steps), then generates
 NEW_TOKENS tokens for each prompt of examples/prompts/exactness.txt (stop tokens ignored, so every
 generation is full length) plainly and with every draft. With --reference it also decodes the fp32
-PyTorch model greedily and reports where plain and speculative output first leave it.
+PyTorch model greedily and reports where plain and speculative output first leave it. With
+--tree N every draft also runs with token trees of N alternative rows.
 
     python scripts/check_exactness.py --model smollm2-135m --dtypes fp32,int4 --prompts 16 \
         --new-tokens 256 --reference --json exactness.json
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_pass_rows import builder_constants  # scripts/, beside this file
-from conflayers_runtime import DraftConfig, GenerationStats, generate, read_manifest
+from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig, generate, read_manifest
 from conflayers_runtime.artifact import artifact_section, open_backend, row_invariant_rows
 from conflayers_runtime.manifest import Draft, VocabularyRanking
 from conflayers_runtime.row_invariance import measure
@@ -67,7 +68,9 @@ def vocabulary_ranking(loaded, folder: Path, device: str) -> list[int]:
     return rank_vocabulary(counts, loaded.stop_token_ids)
 
 
-def check_dtype(loaded, dtype, prompts, new_tokens, device, ranking, reference, folder, only=None) -> dict:
+def check_dtype(
+    loaded, dtype, prompts, new_tokens, device, ranking, reference, folder, only=None, tree=None
+) -> dict:
     drafts = drafts_for(dtype, loaded.identity.num_layers, loaded.model.config.vocab_size)
     drafts = [d for d in drafts if only is None or d.name in only]
     manifest = manifest_for_build(folder, loaded, drafts)
@@ -97,22 +100,29 @@ def check_dtype(loaded, dtype, prompts, new_tokens, device, ranking, reference, 
     if reference is not None:
         result["plain_vs_reference"] = [first_difference(p, r) for p, r in zip(plain, reference, strict=True)]
     for draft in drafts:
-        backend = open_backend(folder, manifest, draft.name, device)
-        outputs, total = [], GenerationStats()
-        for ids in prompts:
-            tokens, stats = generate(backend, ids, new_tokens, draft_config=DraftConfig())
-            outputs.append(tokens)
-            total.merge(stats)
-        differences = [first_difference(s, p) for s, p in zip(outputs, plain, strict=True)]
-        entry = {
-            "prompts_equal_to_plain": sum(d is None for d in differences),
-            "first_differences": differences,
-            "acceptance_rate": total.acceptance_rate,
-            "tokens_per_full_pass": total.mean_tokens_per_cycle,
-        }
-        if reference is not None:
-            entry["vs_reference"] = [first_difference(s, r) for s, r in zip(outputs, reference, strict=True)]
-        result[draft.name] = entry
+        runs = {draft.name: (open_backend(folder, manifest, draft.name, device), None)}
+        if tree is not None:  # the same draft with token trees (the tree graph's own session)
+            runs[f"{draft.name} tree"] = (open_backend(folder, manifest, draft.name, device, tree=True), tree)
+        for name, (backend, shape) in runs.items():
+            outputs, total = [], GenerationStats()
+            for ids in prompts:
+                tokens, stats = generate(backend, ids, new_tokens, draft_config=DraftConfig(), tree=shape)
+                outputs.append(tokens)
+                total.merge(stats)
+            differences = [first_difference(s, p) for s, p in zip(outputs, plain, strict=True)]
+            entry = {
+                "prompts_equal_to_plain": sum(d is None for d in differences),
+                "first_differences": differences,
+                "acceptance_rate": total.acceptance_rate,
+                "tokens_per_full_pass": total.mean_tokens_per_cycle,
+                "tree_nodes": total.tree_nodes,
+                "tree_hits": total.tree_hits,
+                "verify_passes": total.verify_passes,
+            }
+            if reference is not None:
+                pairs = zip(outputs, reference, strict=True)
+                entry["vs_reference"] = [first_difference(s, r) for s, r in pairs]
+            result[name] = entry
     return result
 
 
@@ -131,6 +141,7 @@ def main() -> None:
         default=ACCURACY_LEVEL,
         help="MatMulNBits accuracy_level of the int4 graphs (0: float math, as full graphs had before)",
     )
+    parser.add_argument("--tree", type=int, default=0, help="also run every draft with trees of N nodes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     loaded = load_model(args.model)
@@ -161,6 +172,7 @@ def main() -> None:
                     reference,
                     Path(tmp) / dtype,
                     args.drafts.split(",") if args.drafts else None,
+                    TreeConfig(args.tree) if args.tree else None,
                 )
                 print(json.dumps({dtype: report[dtype]}), flush=True)
     if args.json:

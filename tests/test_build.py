@@ -47,9 +47,14 @@ def tiny_artifacts(tiny_folder, tmp_path_factory):
 def test_full_and_draft_graphs_match_pytorch_step_by_step(tiny_artifacts, model_type):
     folder, loaded = tiny_artifacts(model_type)
     results = check_parity(folder, loaded)  # raises ParityError on any failure
-    paired = {f"paired.{d}/{role}" for d in ("mid", "one") for role in ("full", "draft")}
-    assert {r.graph for r in results} == {"full", "draft.mid", "draft.one", *paired}
-    assert len(results) == 7 * 6 and all(r.argmax_equal for r in results)
+    paired = {
+        f"{tree}paired.{d}/{role}"
+        for tree in ("", "tree.")
+        for d in ("mid", "one")
+        for role in ("full", "draft")
+    }
+    assert {r.graph for r in results} == {"full", "tree.full", "draft.mid", "draft.one", *paired}
+    assert len(results) == 12 * 6 and all(r.argmax_equal for r in results)
     assert max(r.max_abs_diff for r in results) <= TOLERANCE["fp32"]
 
 
@@ -184,8 +189,8 @@ def test_cli_build_and_validate(tiny_folder, tmp_path, capsys):
     assert result["drafts"] == ["manual"] and "weights.bin" in result["files"]
     assert main(["validate", str(folder)]) == 0
     assert capsys.readouterr().out.startswith(
-        "ok: hashes match; 4 graph(s)"
-    )  # full, draft.manual, paired.manual as both
+        "ok: hashes match; 7 graph(s)"
+    )  # full, tree.full, draft.manual, paired.manual and tree.paired.manual as both
     manifest = read_manifest(folder)
     assert manifest.artifacts.layers["manual"] == [0, 3]
     np.testing.assert_array_equal(manifest.draft("manual").skip_layers, [1, 2])

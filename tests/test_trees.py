@@ -27,7 +27,9 @@ def _prompt(seed: int, length: int = 11) -> list[int]:
 
 def test_the_tree_graph_computes_a_chain_bitwise_as_the_mask_graph(draft_kinds_artifact):
     folder, manifest = draft_kinds_artifact
-    assert manifest.artifacts.tree == {"full": "tree.full.onnx"}
+    assert manifest.artifacts.tree == {"full": "tree.full.onnx"} | {
+        d: f"tree.paired.{d}.onnx" for d in DRAFT_KINDS
+    }
     mask = open_backend(folder, manifest, "skip", "cpu", 1, weights="prepacked")
     tree = open_backend(folder, manifest, "skip", "cpu", 1, tree=True)
     assert tree.verifies_trees and not mask.verifies_trees
@@ -104,11 +106,22 @@ def test_load_with_trees_generates_the_plain_text(draft_kinds_artifact):
     assert speculative.token_ids == plain.token_ids and speculative.stats.tree_nodes > 0
 
 
-def test_trees_need_the_tree_graph_in_its_own_uncaptured_session(draft_kinds_artifact):
+def test_trees_over_one_paired_session_decode_as_two_sessions(draft_kinds_artifact):
     folder, manifest = draft_kinds_artifact
-    with pytest.raises(ManifestError, match="prepacked"):
-        open_backend(folder, manifest, "skip", "cpu", 1, weights="paired", tree=True)
-    with pytest.raises(ManifestError, match="capturable"):
+    paired = open_backend(folder, manifest, "skip", "cpu", 1, tree=True)  # the CPU default
+    two = open_backend(folder, manifest, "skip", "cpu", 1, weights="prepacked", tree=True)
+    assert paired.paired and paired.sessions[False]._model_path.endswith("tree.paired.skip.onnx")
+    assert not two.paired and two.sessions[False]._model_path.endswith("tree.full.onnx")
+    for sampling in (SamplingConfig(), SamplingConfig(temperature=0.9, top_k=40, seed=5)):
+        one = generate(paired, _prompt(2), 40, sampling, DraftConfig(6, 0.3), tree=TreeConfig(4, 2))
+        other = generate(two, _prompt(2), 40, sampling, DraftConfig(6, 0.3), tree=TreeConfig(4, 2))
+        assert one[0] == other[0] and one[1].as_dict() == other[1].as_dict()
+        assert one[1].tree_nodes > 0
+
+
+def test_trees_need_a_tree_graph_and_an_uncaptured_session(draft_kinds_artifact):
+    folder, manifest = draft_kinds_artifact
+    with pytest.raises(ManifestError, match="not capturable"):
         open_backend(folder, manifest, "skip", "cpu", 1, capturable=True, tree=True)
     older = dataclasses.replace(manifest, artifacts=dataclasses.replace(manifest.artifacts, tree={}))
     with pytest.raises(ManifestError, match="no tree graph.*rebuild"):

@@ -126,7 +126,7 @@ class _Graphs:
     drafts: dict[str, str] = field(default_factory=dict)  # draft name -> file name
     draft_vocab: dict[str, str] = field(default_factory=dict)  # draft name -> its token-ids tensor
     capturable: dict[str, str] = field(default_factory=dict)  # "full" or draft name -> file name
-    tree: dict[str, str] = field(default_factory=dict)  # "full" -> file name
+    tree: dict[str, str] = field(default_factory=dict)  # "full" or draft name -> file name
 
 
 def _build_graphs(
@@ -222,10 +222,14 @@ def _write(
         attach_external(graph, used, store, WEIGHTS_FILE)
         onnx.save(graph, folder / file_name)
     paired = {}  # the full graph and each draft in one graph, for one session (paired.py)
+    tree_full = built.protos[built.tree["full"]][0]
     for name, file_name in built.drafts.items():
         paired[name] = paired_graph_name(name)
-        model = paired_graph(built.protos[FULL_GRAPH][0], built.protos[file_name][0], f"paired.{name}")
-        onnx.save(model, folder / paired[name])
+        draft = built.protos[file_name][0]
+        onnx.save(paired_graph(built.protos[FULL_GRAPH][0], draft, f"paired.{name}"), folder / paired[name])
+        # and the tree graph paired with the draft: token trees over one copy of the weights
+        built.tree[name] = tree_graph_name(paired[name])
+        onnx.save(paired_graph(tree_full, draft, f"tree.paired.{name}"), folder / built.tree[name])
 
     progress("tokenizer")
     tokenizer_files = _copy_tokenizer(loaded, folder)

@@ -101,26 +101,29 @@ def check_parity(
 
     full_bits = ARTIFACT_DTYPES[dtype].weight_bits
     dtype_family = ARTIFACT_DTYPES[dtype].activations
-    # (label, draft, weights mode, which role runs, capturable form): every graph file, the paired
-    # ones in both roles
-    graphs: list[tuple[str, Draft | None, str, bool, bool]] = [("full", None, "prepacked", False, False)]
-    if "full" in section.capturable:
-        graphs.append(("capturable.full", None, "prepacked", False, True))
+    # (label, draft, weights mode, which role runs, graph form: "mask", "capturable" or "tree"):
+    # every graph file, the paired ones in both roles
+    graphs: list[tuple[str, Draft | None, str, bool, str]] = [("full", None, "prepacked", False, "mask")]
+    for form, forms in (("capturable", section.capturable), ("tree", section.tree)):
+        if "full" in forms:
+            graphs.append((f"{form}.full", None, "prepacked", False, form))
     for d in manifest.drafts:
         if d.name in section.drafts:
-            graphs.append((f"draft.{d.name}", d, "prepacked", True, False))
+            graphs.append((f"draft.{d.name}", d, "prepacked", True, "mask"))
         if d.name in section.capturable:
-            graphs.append((f"capturable.draft.{d.name}", d, "prepacked", True, True))
-        if d.name in section.paired:
-            graphs += [
-                (f"paired.{d.name}/full", d, "paired", False, False),
-                (f"paired.{d.name}/draft", d, "paired", True, False),
-            ]
+            graphs.append((f"capturable.draft.{d.name}", d, "prepacked", True, "capturable"))
+        for form, prefix, forms in (("mask", "", section.paired), ("tree", "tree.", section.tree)):
+            if d.name in forms:
+                graphs += [
+                    (f"{prefix}paired.{d.name}/full", d, "paired", False, form),
+                    (f"{prefix}paired.{d.name}/draft", d, "paired", True, form),
+                ]
     results: list[StepResult] = []
     failures = []
-    for label, draft, weights, use_draft, capturable in graphs:
+    for label, draft, weights, use_draft, form in graphs:
         name = draft.name if draft else None
-        onnx_backend = open_backend(folder, manifest, name, device, weights=weights, capturable=capturable)
+        forms = {"capturable": form == "capturable", "tree": form == "tree"}
+        onnx_backend = open_backend(folder, manifest, name, device, weights=weights, **forms)
         bits = draft_bits(draft, dtype) if draft and use_draft else full_bits
         approximate = bits is not None  # int8 activations (see above)
         torch_backend = TorchBackend(

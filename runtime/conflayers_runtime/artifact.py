@@ -155,14 +155,15 @@ def open_backend(
     only tests serve.
 
     ``tree``: the full graph in its tree form (tree.full.onnx: verify passes may hold a token tree,
-    tree.py), beside the draft's own graph in a second session; not paired, not capturable yet.
+    tree.py); "paired" then opens it paired with the draft (tree.paired.<draft>.onnx, the CPU
+    default as above). Not capturable yet.
     """
     folder = Path(folder)
     section = artifact_section(manifest)
     roles = ["full"] if draft is None else ["full", draft]
     has_capturable = all(role in section.capturable for role in roles)
     if tree:
-        _check_tree(folder, section, weights, capturable)
+        _check_tree(folder, section, capturable)
         capturable = False
     if capturable is None:  # an explicit weights="paired" asks for the If graph, which is not capturable
         capturable = device == "cuda" and has_capturable and weights != "paired"
@@ -173,9 +174,8 @@ def open_backend(
             "open it with capturable=False"
         )
     providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
-    paired_file = section.paired.get(draft) if draft is not None else None
-    paired_default = paired_file and device == "cpu" and not capturable and not tree
-    weights = weights or ("paired" if paired_default else "prepacked")
+    paired_file = (section.tree if tree else section.paired).get(draft) if draft is not None else None
+    weights = weights or ("paired" if paired_file and device == "cpu" and not capturable else "prepacked")
     if capturable and weights == "paired":
         raise ManifestError(
             'capturable graphs run in two sessions (a CUDA graph cannot hold an If): use weights="prepacked"'
@@ -233,17 +233,14 @@ def open_backend(
     return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows, cuda_graphs)
 
 
-def _check_tree(folder: Path, section: Artifacts, weights: str | None, capturable: bool | None) -> None:
+def _check_tree(folder: Path, section: Artifacts, capturable: bool | None) -> None:
     if "full" not in section.tree:
         raise ManifestError(
             f"{folder} has no tree graph (written since schema 1.4): rebuild it with "
             "`conflayers-export build`, or open it without tree=True"
         )
-    if weights == "paired" or capturable:
-        raise ManifestError(
-            "the tree graph runs in its own session and uncaptured: open it with "
-            'weights="prepacked" (or None) and capturable=False (or None)'
-        )
+    if capturable:
+        raise ManifestError("the tree graph is not capturable yet: open it with capturable=False (or None)")
 
 
 _NUMPY_DTYPES = {

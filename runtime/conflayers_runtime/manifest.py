@@ -188,7 +188,8 @@ class Artifacts:
     # (CUDA) artifacts. Absent before schema 1.3.
     capturable: dict[str, str] = field(default_factory=dict)
     # "full" -> the full graph with position_ids and attention_bias inputs: a verify pass over a
-    # token tree (docs/TOKEN_TREES.md). Absent before schema 1.4.
+    # token tree (docs/TOKEN_TREES.md); a draft name -> that graph paired with the draft (as in
+    # ``paired``). Absent before schema 1.4.
     tree: dict[str, str] = field(default_factory=dict)
     quantization: Quantization | None = _omitted_when_none()  # absent in schema 1.0
     kv: CacheLayout
@@ -234,8 +235,8 @@ class Artifacts:
             if name != "full" and name not in self.drafts:
                 _refuse(f"artifacts.capturable names graph {name!r}, which is neither 'full' nor a draft")
         for name in self.tree:
-            if name != "full":
-                _refuse(f"artifacts.tree names graph {name!r}: only the full graph has a tree form")
+            if name != "full" and name not in self.drafts:
+                _refuse(f"artifacts.tree names graph {name!r}, which is neither 'full' nor a draft")
         for graph, kept in self.layers.items():
             if graph != "full" and graph not in self.drafts:
                 _refuse(f"artifacts.layers names graph {graph!r}, which is neither 'full' nor a draft")

@@ -116,8 +116,12 @@ class OnnxBackend:
         self.chooses_on_device = all(self._choice.values()) and (
             draft is None or len(self._choice[True]) == 2
         )
-        # A tree graph as the full graph (tree.full.onnx): verify passes may hold a token tree.
-        self.verifies_trees = "position_ids" in {i.name for i in full.get_inputs()}
+        # Graphs in tree form (tree.full.onnx, or paired with the draft): each pass gets positions
+        # and an attention bias, and verify passes may hold a token tree.
+        self._tree_form = {
+            role: "position_ids" in {i.name for i in s.get_inputs()} for role, s in self.sessions.items() if s
+        }
+        self.verifies_trees = self._tree_form[False]
         self._buffers: dict[tuple[str, bool, int, str], ort.OrtValue] = {}
         self._graph_options: dict[int, ort.RunOptions] = {}
 
@@ -182,7 +186,9 @@ class OnnxBackend:
             token_ids = [*token_ids, *[token_ids[-1]] * padding]
         rows = len(token_ids)
         ids = np.asarray([token_ids], dtype=np.int64)
-        if not use_draft and self.verifies_trees:  # a chain (and any padding rows) continues in order
+        if self._tree_form[use_draft]:  # a chain (and any padding rows) continues in order
+            if depths is not None and use_draft:
+                raise GenerationError("a draft pass is a chain: token trees are verified by the full graph")
             known = list(range(rows)) if depths is None else list(depths)
             known += range(len(known), rows)
             positions, bias = tree_inputs(known, start, _NP_DTYPES[self.kv.dtype])
