@@ -31,6 +31,22 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = "smollm2-135m"
 
 
+def _parse_trees(text: str) -> tuple[tuple[int, int], ...]:
+    """--trees "1x1,2x2" -> ((1, 1), (2, 2))."""
+    shapes = []
+    for item in (t.strip() for t in text.split(",")):
+        nodes, sep, width = item.partition("x")
+        if item and (
+            not sep or not nodes.isdigit() or not width.isdigit() or min(int(nodes), int(width)) < 1
+        ):
+            raise click.BadParameter(
+                f"{item!r} is not NODESxWIDTH with both >= 1, e.g. 2x2", param_hint="--trees"
+            )
+        if item:
+            shapes.append((int(nodes), int(width)))
+    return tuple(shapes)
+
+
 def _parse_ints(value: str, option: str) -> list[int]:
     """Comma-separated integers (vocabulary sizes)."""
     if not value.strip():
@@ -240,6 +256,12 @@ def reference(
     help="Pruned draft vocabularies tried (comma-separated; empty: none).",
 )
 @click.option(
+    "--trees",
+    default="1x1,2x2,4x2",
+    show_default=True,
+    help="Token trees tried on the chosen draft, NODESxWIDTH (comma-separated; empty: chains only).",
+)
+@click.option(
     "--eval-prompts", default=8, show_default=True, type=int, help="Prompts every candidate is scored on."
 )
 @click.option(
@@ -281,6 +303,7 @@ def calibrate(
     device_map: str | None,
     precisions: str,
     vocab_sizes: str,
+    trees: str,
     eval_prompts: int,
     seed: int,
     search: str,
@@ -317,6 +340,7 @@ def calibrate(
         device_map=device_map,
         precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
         vocab_sizes=tuple(_parse_ints(vocab_sizes, "--vocab-sizes")),
+        tree_shapes=_parse_trees(trees),
     )
     check_settings(settings)  # before the data and the model load: bad flags fail fast
     costs = read_cost_table(costs_file) if costs_file else None

@@ -219,7 +219,9 @@ def test_calibrate_prices_drafts_from_the_table_and_refuses_one_of_another_model
         for c in results[0].drafts.candidates:
             kept, columns = 4 - len(c.skip), c.vocab_size or 256
             assert c.c_draft == pytest.approx(table.coefficients[c.weight_precision](kept, columns))
-            assert c.c_verify == table.verify[max(2, round(c.draft_passes_per_cycle) + 1)]
+            if not c.tree_nodes:  # a tree's verify pass also holds its alternatives
+                assert c.c_verify == table.verify[max(2, round(c.draft_passes_per_cycle) + 1)]
+            assert c.c_verify in table.verify.values()
         assert (
             manifest.drafts[0].metrics["cost_source"].startswith("cost table synthetic.json measured on cuda")
         )

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conflayers_runtime import DraftConfig, GenerationStats
+from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig
 from conflayers_runtime import speculative as speculative_module
 from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.manifest import Draft, read_manifest
@@ -41,10 +41,10 @@ def artifact(tiny_folder, tmp_path_factory):
     return folder, manifest, prompts, texts
 
 
-def _real(backend, prompts, config, stops) -> GenerationStats:
+def _real(backend, prompts, config, stops, tree=None) -> GenerationStats:
     total = GenerationStats()
     for prompt in prompts:
-        total.merge(generate(backend, prompt, NEW_TOKENS, GREEDY, config, stops)[1])
+        total.merge(generate(backend, prompt, NEW_TOKENS, GREEDY, config, stops, tree)[1])
     return total
 
 
@@ -60,6 +60,22 @@ def test_replay_counts_exactly_what_a_real_run_counts(artifact, name, on_device)
         replayed = replay_generation(backend, prompts, texts, NEW_TOKENS, config, stops)
         assert replayed.as_dict() == real.as_dict(), (config, stops)
         assert real.verify_passes > 0 and real.drafted_tokens > 0
+
+
+@pytest.mark.parametrize("name", ["mid", "int8", "pruned"])
+def test_replay_with_token_trees_counts_what_a_real_run_counts(artifact, name):
+    """An alternative equal to the text's token predicts the text's next token: what its row's
+    argmax gives (but at near-ties, which these random models do not have)."""
+    folder, manifest, prompts, texts = artifact
+    backend = open_backend(folder, manifest, name, "cpu", 1, tree=True)
+    hits = 0
+    for config, tree in itertools.product(CONFIGS, [TreeConfig(1, 1), TreeConfig(4, 2)]):
+        real = _real(backend, prompts, config, (), tree)
+        replayed = replay_generation(backend, prompts, texts, NEW_TOKENS, config, (), tree)
+        assert replayed.as_dict() == real.as_dict(), (config, tree)
+        assert real.tree_nodes > 0
+        hits += real.tree_hits
+    assert hits > 0, "proposals carried from the trees' rows must be replayed too"
 
 
 def test_replay_needs_the_full_models_keys_and_values_back(artifact, monkeypatch):

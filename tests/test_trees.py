@@ -7,12 +7,14 @@ the model computes that token at that position (up to rounding)."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import numpy as np
 import pytest
 from conflayers_runtime import DraftConfig, GenerationError, ManifestError, SamplingConfig, TreeConfig, load
 from conflayers_runtime.artifact import open_backend
-from conflayers_runtime.manifest import read_manifest
+from conflayers_runtime.manifest import read_manifest, write_manifest
+from conflayers_runtime.model import calibrated_tree
 from conflayers_runtime.speculative import generate
 from conflayers_runtime.tree import choose, tree_inputs
 
@@ -148,3 +150,23 @@ def test_tree_inputs_hide_the_chain_after_an_alternatives_parent():
     assert not hidden[:3].any()  # chain rows: only the causal mask applies
     assert hidden[3].tolist() == [False] * 4 + [True, True] + [False] * 2  # hides d1, d2
     assert hidden[4].tolist() == [False] * 5 + [True, True, False]  # hides d2 and the alternative of d1
+
+
+def test_load_decodes_with_the_tree_calibrate_chose(draft_kinds_artifact, tmp_path):
+    folder, manifest = draft_kinds_artifact
+    copy = tmp_path / "a"
+    shutil.copytree(folder, copy)
+    chosen = dataclasses.replace(manifest.draft("int8"), tree_nodes=3, tree_width=1)
+    edited = dataclasses.replace(
+        manifest, drafts=[chosen if d.name == "int8" else d for d in manifest.drafts]
+    )
+    write_manifest(edited, copy)
+    model = load(copy, draft="int8")
+    assert model.tree == TreeConfig(3, 1) and load(copy, draft="int8", tree=False).tree is None
+    plain = model.generate("abcdefgh", 40, chat=False, mode="plain")
+    speculative = model.generate("abcdefgh", 40, chat=False, mode="speculative")
+    assert speculative.token_ids == plain.token_ids and speculative.stats.tree_nodes > 0
+    # CUDA captures its graphs by default, which tree graphs are not yet: the chain then.
+    assert calibrated_tree(edited, "int8", "cuda", None) is None
+    assert calibrated_tree(edited, "int8", "cuda", False) == TreeConfig(3, 1)
+    assert calibrated_tree(edited, "skip", "cpu", None) is None  # calibrated as a chain

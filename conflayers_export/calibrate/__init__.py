@@ -307,6 +307,8 @@ def _manifest_draft(result: TaskResult) -> Draft:
         c.weight_precision,
         c.max_draft_tokens,
         c.confidence_threshold,
+        c.tree_nodes or None,
+        c.tree_width or None,
         metrics=metrics,
         recommended=_recommended(result),
     )

@@ -13,6 +13,10 @@ real run do: bitwise on the CPU (row invariance, DESIGN.md), up to the last bits
 
 The text must be generated without stop tokens for ``max_new_tokens`` tokens: a verify pass may
 look past a stop token (its accepted count does), and the loop never asks beyond that length.
+
+Token trees replay too: an alternative that equals the text's token at its position predicts the
+text's next token (what its row's argmax is but at near-ties, where the real row is not bitwise
+a step: tree.py); the loop only reads the rows of such alternatives.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from conflayers_runtime import DraftConfig, GenerationStats
+from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig
 from conflayers_runtime.onnx_backend import OnnxBackend
 from conflayers_runtime.speculative import GREEDY, generate
 
@@ -40,8 +44,12 @@ class ReplayBackend:
     def chooses_on_device(self) -> bool:
         return self.backend.chooses_on_device
 
+    @property
+    def verifies_trees(self) -> bool:
+        return self.backend.verifies_trees
+
     def greedy(
-        self, token_ids: Sequence[int], start: int, use_draft: bool
+        self, token_ids: Sequence[int], start: int, use_draft: bool, depths: Sequence[int] | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The decoding loop's greedy path: the draft's choices from its graph, the full model's from
         the text."""
@@ -50,13 +58,15 @@ class ReplayBackend:
         if start == 0:
             self._prefill(token_ids)
             return np.asarray(self.sequence[1 : len(self.prompt) + 1]), None
-        return np.asarray(self._verify(token_ids, start)), None
+        return np.asarray(self._verify(token_ids, start, depths)), None
 
-    def forward(self, token_ids: Sequence[int], start: int, use_draft: bool) -> np.ndarray:
+    def forward(
+        self, token_ids: Sequence[int], start: int, use_draft: bool, depths: Sequence[int] | None = None
+    ) -> np.ndarray:
         """The same as logits rows, for backends that choose from logits: one-hot rows of the text."""
         if use_draft:
             return self.backend.forward(token_ids, start, use_draft=True)
-        targets, _ = self.greedy(token_ids, start, use_draft=False)
+        targets, _ = self.greedy(token_ids, start, use_draft=False, depths=depths)
         rows = np.zeros((len(targets), self.backend.widths[False]), np.float32)
         rows[np.arange(len(targets)), targets] = 1.0
         return rows
@@ -70,14 +80,15 @@ class ReplayBackend:
             raise ValueError("the replayed text is not the full model's greedy continuation of its prompt")
         self.saved = {key: cache.numpy().copy() for key, cache in self.backend.caches.items()}
 
-    def _verify(self, token_ids: Sequence[int], start: int) -> list[int]:
-        """The full model's tokens after each of ``token_ids`` (read from the text), and its keys and
-        values put back where the draft wrote its own."""
-        end = start + len(token_ids)
+    def _verify(self, token_ids: Sequence[int], start: int, depths: Sequence[int] | None = None) -> list[int]:
+        """The full model's tokens after each of ``token_ids`` (read from the text; rows at ``depths``
+        of a token tree), and its keys and values put back where the draft wrote its own."""
+        depths = list(range(len(token_ids))) if depths is None else list(depths)
+        end = start + max(depths) + 1
         if end >= len(self.sequence) or list(token_ids[:1]) != self.sequence[start : start + 1]:
             raise ValueError(f"verify pass at {start} leaves the replayed text (length {len(self.sequence)})")
-        self._restore(start, end + self.backend.kv.min_rows)
-        return self.sequence[start + 1 : end + 1]
+        self._restore(start, start + len(token_ids) + self.backend.kv.min_rows)
+        return [self.sequence[start + depth + 1] for depth in depths]
 
     def _restore(self, start: int, stop: int) -> None:
         """Put back the full model's keys and values at [start, stop), where drafts wrote theirs."""
@@ -96,11 +107,12 @@ def replay_generation(
     max_new_tokens: int,
     draft_config: DraftConfig,
     stop_token_ids: Sequence[int],
+    tree: TreeConfig | None = None,
 ) -> GenerationStats:
     """Greedy speculative decoding statistics of every prompt, replayed along its text."""
     total = GenerationStats()
     for prompt, text in zip(prompts, texts, strict=True):
         replay = ReplayBackend(backend, prompt, text[:max_new_tokens])
-        _, stats = generate(replay, prompt, max_new_tokens, GREEDY, draft_config, stop_token_ids)
+        _, stats = generate(replay, prompt, max_new_tokens, GREEDY, draft_config, stop_token_ids, tree)
         total.merge(stats)
     return total

@@ -185,7 +185,8 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(
             f"| {','.join(map(str, x.skip)) or '-'} | {x.weight_precision} | {x.vocab_size or 'full'} | "
-            f"{x.max_draft_tokens} / {x.confidence_threshold} | {x.acceptance_rate:.3f} | "
+            f"{x.max_draft_tokens} / {x.confidence_threshold}"
+            f"{f', tree {x.tree_nodes}x{x.tree_width}' if x.tree_nodes else ''} | {x.acceptance_rate:.3f} | "
             f"{x.mean_tokens_per_cycle:.2f} | {x.draft_passes_per_cycle:.2f} | {x.bytes_ratio:.3f} | "
             f"{x.c_draft:.3f}{' (flagged)' if x.timing_flag else ''} | {x.c_verify:.3f} | "
             f"{x.expected_speedup:.3f}{' **(chosen)**' if x is c else ''} |"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from conflayers_runtime import DraftConfig, GenerationStats
+from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig
 from conflayers_runtime.artifact import artifact_section, open_backend
 from conflayers_runtime.manifest import Draft, Manifest, VocabularyRanking, read_manifest, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
@@ -78,8 +78,9 @@ class CandidateGraphs:
         self.stop_token_ids = list(stop_token_ids)
         self._full_bytes = graph_bytes(folder / self.section.full)
 
-    def open(self, draft: str | None) -> OnnxBackend:
-        return open_backend(self.folder, self.manifest, draft, self.settings.device, self.settings.threads)
+    def open(self, draft: str | None, tree: bool = False) -> OnnxBackend:
+        s = self.settings
+        return open_backend(self.folder, self.manifest, draft, s.device, s.threads, tree=tree)
 
     def bytes_ratio(self, draft: str) -> float:
         """Weight bytes the draft reads per token / the full graph's."""
@@ -92,15 +93,23 @@ class CandidateGraphs:
         return evaluation.texts
 
     def replay(
-        self, backend: OnnxBackend, evaluation: EvaluationTexts, config: DraftConfig
+        self,
+        backend: OnnxBackend,
+        evaluation: EvaluationTexts,
+        config: DraftConfig,
+        tree: TreeConfig | None = None,
     ) -> GenerationStats:
         texts = self.texts(evaluation)
         return replay_generation(
-            backend, evaluation.prompts, texts, evaluation.max_new_tokens, config, self.stop_token_ids
+            backend, evaluation.prompts, texts, evaluation.max_new_tokens, config, self.stop_token_ids, tree
         )
 
     def confirm(
-        self, backend: OnnxBackend, evaluation: EvaluationTexts, config: DraftConfig
+        self,
+        backend: OnnxBackend,
+        evaluation: EvaluationTexts,
+        config: DraftConfig,
+        tree: TreeConfig | None = None,
     ) -> tuple[GenerationStats, float]:
         """A real speculative run of every prompt (with stop tokens), timed against plain decoding of
         the same prompt right before it. Returns (its stats, wall-clock speedup over plain)."""
@@ -110,8 +119,9 @@ class CandidateGraphs:
         for prompt in evaluation.prompts:
             for mode, draft in (("plain", None), ("speculative", config)):
                 started = time.perf_counter()
+                shape = tree if draft is not None else None
                 _, stats = generate(
-                    backend, prompt, evaluation.max_new_tokens, GREEDY, draft, self.stop_token_ids
+                    backend, prompt, evaluation.max_new_tokens, GREEDY, draft, self.stop_token_ids, shape
                 )
                 seconds[mode] += time.perf_counter() - started
                 tokens[mode] += stats.new_tokens

@@ -105,6 +105,9 @@ class CalibrationSettings:
     # runs and a draft that nearly ties at the first policy may win by far at a longer one
     policy_finalists: int = 4
     draft_policies: tuple[tuple[int, float], ...] = ((8, 0.5), (12, 0.3), (6, 0.0))
+    # Token trees tried on the chosen draft (alternative rows, runners-up per drafted token): the
+    # draft ships with the tree where one is expected faster than its chain (docs/TOKEN_TREES.md).
+    tree_shapes: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 2))
 
 
 @dataclass(kw_only=True)

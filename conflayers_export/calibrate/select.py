@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from conflayers_runtime import DraftConfig
+from conflayers_runtime import DraftConfig, TreeConfig
 from conflayers_runtime.costs import CostTable
 from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draft, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
@@ -50,11 +50,22 @@ class DraftCandidate(DraftScore):
     bytes_ratio: float = 0.0  # weight bytes the draft reads per token / the full graph's
     timing_flag: str = ""  # set when the timed c_draft disagrees with the bytes ratio (scoring.timed_costs)
     cost_source: str = ""  # where c_draft and c_verify come from (DraftSearch.cost_source)
+    tree_nodes: int = 0  # token trees: alternative rows per verify pass (0: a chain)
+    tree_width: int = 0
 
     @property
     def label(self) -> str:
         vocab = f"vocab {self.vocab_size}" if self.vocab_size else "full vocab"
-        return f"skip {self.skip or '-'}, {self.weight_precision}, {vocab}"
+        tree = f", tree {self.tree_nodes}x{self.tree_width}" if self.tree_nodes else ""
+        return f"skip {self.skip or '-'}, {self.weight_precision}, {vocab}{tree}"
+
+    @property
+    def policy(self) -> DraftConfig:
+        return DraftConfig(self.max_draft_tokens, self.confidence_threshold)
+
+    @property
+    def tree(self) -> TreeConfig | None:
+        return TreeConfig(self.tree_nodes, self.tree_width) if self.tree_nodes else None
 
 
 @dataclass
@@ -231,7 +242,7 @@ class DraftSearch:
         drafts = [Draft(f"c{i}", skip, size, precision) for i, (skip, precision, size) in enumerate(combos)]
         policies = [DraftConfig(max_tokens, threshold) for max_tokens, threshold in s.draft_policies]
         first = DraftConfig(s.max_draft_tokens, s.confidence_threshold)
-        steps = 1 + len(drafts) + s.policy_finalists * len(policies) + 1
+        steps = 1 + len(drafts) + s.policy_finalists * len(policies) + len(s.tree_shapes) + 1
         with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
             with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
                 step()
@@ -242,6 +253,11 @@ class DraftSearch:
                 for index in by_speedup[: s.policy_finalists]:
                     candidates += self._score(graphs, drafts[index], policies, evaluation, step)
                 chosen = max(candidates, key=lambda c: c.expected_speedup)
+                if s.tree_shapes:  # the chosen draft and draft length, with token trees
+                    candidates += self._score(
+                        graphs, _draft_of(drafts, chosen), [chosen.policy], evaluation, step, s.tree_shapes
+                    )
+                    chosen = max(candidates, key=lambda c: c.expected_speedup)
                 confirmation = self._confirm(graphs, drafts, chosen, evaluation)
                 step()
         sizes = sorted({d.vocab_size for d in drafts if d.vocab_size})
@@ -261,14 +277,20 @@ class DraftSearch:
         configs: Sequence[DraftConfig],
         evaluation: EvaluationTexts,
         step: Callable[[], None],
+        tree_shapes: Sequence[tuple[int, int]] = (),
     ) -> list[DraftCandidate]:
-        """One replay per draft length, on one pair of sessions (opened once: costly for big models)."""
-        backend = graphs.open(draft.name)
+        """One replay per draft length (or, given ``tree_shapes``, per token tree at the one draft
+        length), on one pair of sessions (opened once: costly for big models)."""
+        backend = graphs.open(draft.name, tree=bool(tree_shapes))
         ratio = graphs.bytes_ratio(draft.name)
+        runs = [(config, None) for config in configs] if not tree_shapes else []
+        runs += [(configs[0], TreeConfig(*shape)) for shape in tree_shapes]
         scored = []
-        for config in configs:
-            stats = graphs.replay(backend, evaluation, config)
-            c_draft, c_verify, flag = self._pass_costs(backend, draft, ratio, stats.draft_passes_per_cycle)
+        for config, tree in runs:
+            stats = graphs.replay(backend, evaluation, config, tree)
+            # A verify pass holds the pending token, the drafts and the tree's alternatives.
+            rows = 1 + (stats.drafted_tokens + stats.tree_nodes) / max(stats.verify_passes, 1)
+            c_draft, c_verify, flag = self._pass_costs(backend, draft, ratio, max(2, round(rows)))
             candidate = DraftCandidate(
                 skip=list(draft.skip_layers),
                 weight_precision=draft.weight_precision,
@@ -278,12 +300,15 @@ class DraftSearch:
                 bytes_ratio=ratio,
                 timing_flag=flag,
                 cost_source=self.cost_source,
+                tree_nodes=tree.nodes if tree else 0,
+                tree_width=tree.width if tree else 0,
             )
             candidate.scored(stats, c_draft, c_verify)
             self.progress.log(
                 f"  {candidate.label}, up to {config.max_draft_tokens} drafts above "
                 f"{config.confidence_threshold}: acceptance {candidate.acceptance_rate:.2f}, "
-                f"c_draft {c_draft:.2f}, expected {candidate.expected_speedup:.2f}x"
+                f"{candidate.mean_tokens_per_cycle:.2f} tokens per pass, c_draft {c_draft:.2f}, "
+                f"c_verify {c_verify:.2f}, expected {candidate.expected_speedup:.2f}x"
                 + (f" [{flag}]" if flag else "")
             )
             scored.append(candidate)
@@ -291,12 +316,11 @@ class DraftSearch:
         return scored
 
     def _pass_costs(
-        self, backend: OnnxBackend, draft: Draft, bytes_ratio: float, draft_passes_per_cycle: float
+        self, backend: OnnxBackend, draft: Draft, bytes_ratio: float, verify_tokens: int
     ) -> tuple[float, float, str]:
         """(c_draft, c_verify, timing flag) by ``settings.cost``: timed on the draft's graphs,
-        priced by the cost table, or the bytes ratio. Verify passes are as long as this draft's
-        typical cycle."""
-        verify_tokens = max(2, round(draft_passes_per_cycle) + 1)
+        priced by the cost table, or the bytes ratio. ``verify_tokens``: the rows of this draft's
+        typical verify pass."""
         if self.settings.cost == "measured":
             return timed_costs(backend, bytes_ratio, verify_tokens)
         if self.settings.cost == "table":
@@ -314,14 +338,9 @@ class DraftSearch:
         chosen: DraftCandidate,
         evaluation: EvaluationTexts,
     ) -> Confirmation:
-        draft = next(
-            d
-            for d in drafts
-            if (list(d.skip_layers), d.weight_precision, d.vocab_size)
-            == (chosen.skip, chosen.weight_precision, chosen.vocab_size)
-        )
-        config = DraftConfig(chosen.max_draft_tokens, chosen.confidence_threshold)
-        stats, speedup = graphs.confirm(graphs.open(draft.name), evaluation, config)
+        draft = _draft_of(drafts, chosen)
+        backend = graphs.open(draft.name, tree=chosen.tree is not None)
+        stats, speedup = graphs.confirm(backend, evaluation, chosen.policy, chosen.tree)
         confirmation = Confirmation(
             wall_clock_speedup=speedup,
             acceptance_rate=stats.acceptance_rate,
@@ -335,3 +354,13 @@ class DraftSearch:
             + ("" if confirmation.matches_replay else " (differs from the replay)")
         )
         return confirmation
+
+
+def _draft_of(drafts: Sequence[Draft], candidate: DraftCandidate) -> Draft:
+    """The draft a candidate scored (drafts differ by skip set, precision and vocabulary)."""
+    return next(
+        d
+        for d in drafts
+        if (list(d.skip_layers), d.weight_precision, d.vocab_size)
+        == (candidate.skip, candidate.weight_precision, candidate.vocab_size)
+    )

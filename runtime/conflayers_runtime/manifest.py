@@ -59,6 +59,12 @@ ARTIFACT_DTYPES: dict[str, ArtifactDtype] = {
 }
 
 
+def _omitted_when_none() -> Any:
+    """An optional field that older writers left out: absent from the JSON while None, so that a
+    manifest they wrote reads back to the same dict."""
+    return field(default=None, metadata={"omit_if_none": True})
+
+
 @dataclass
 class ModelIdentity:
     source: str  # what the user passed to --model (packaged name, file or folder)
@@ -77,6 +83,11 @@ class Draft:
     # accurate draft pays for longer drafts and a weak one does not. None: the runtime's defaults.
     max_draft_tokens: int | None = None
     confidence_threshold: float | None = None
+    # Token trees (the runtime's TreeConfig: alternative rows per verify pass, runners-up offered
+    # per drafted token), where calibrate found them faster than a chain on its device. None: a
+    # chain. Absent before schema 1.4.
+    tree_nodes: int | None = _omitted_when_none()
+    tree_width: int | None = _omitted_when_none()
     # Measured on the calibration set: acceptance_rate, mean_tokens_per_cycle, c_draft,
     # expected_speedup... Free-form so that new metrics need no schema change.
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -87,12 +98,6 @@ class Draft:
 class Task:
     draft: str | None  # name of a Draft, or None when speculation is not recommended
     note: str = ""
-
-
-def _omitted_when_none() -> Any:
-    """An optional field that older writers left out: absent from the JSON while None, so that a
-    manifest they wrote reads back to the same dict."""
-    return field(default=None, metadata={"omit_if_none": True})
 
 
 @dataclass
@@ -335,6 +340,9 @@ class Manifest:
                 raise ManifestError(f"draft {d.name!r}: max_draft_tokens must be >= 1 or null")
             if d.confidence_threshold is not None and not 0.0 <= d.confidence_threshold <= 1.0:
                 raise ManifestError(f"draft {d.name!r}: confidence_threshold must be in [0, 1] or null")
+            tree = (d.tree_nodes, d.tree_width)
+            if tree != (None, None) and (None in tree or min(tree) < 1):  # type: ignore[type-var]
+                raise ManifestError(f"draft {d.name!r}: tree_nodes and tree_width must be >= 1, or both null")
         for task_name, task in self.tasks.items():
             if task.draft is not None and task.draft not in names:
                 raise ManifestError(f"task {task_name!r} names an unknown draft {task.draft!r}")

@@ -226,6 +226,22 @@ def loaded_by_default(manifest: Manifest) -> str | None:
     return draft if draft is not None and manifest.draft(draft).recommended else None
 
 
+def calibrated_tree(
+    manifest: Manifest, draft: str | None, device: str, capturable: bool | None
+) -> TreeConfig | None:
+    """The token tree calibrate chose for ``draft`` (Draft.tree_nodes / tree_width), where the
+    artifact has its tree graph and the session would not be captured: tree graphs are not
+    capturable yet, and on CUDA CUDA graphs are worth more than a tree (docs/TOKEN_TREES.md)."""
+    if draft is None:
+        return None
+    d = manifest.draft(draft)
+    has_graph = draft in artifact_section(manifest).tree
+    captured = capturable or (capturable is None and device == "cuda")
+    if d.tree_nodes is None or d.tree_width is None or not has_graph or captured:
+        return None
+    return TreeConfig(d.tree_nodes, d.tree_width)
+
+
 def load(
     folder: str | os.PathLike[str],
     device: str = "cpu",
@@ -235,7 +251,7 @@ def load(
     verify: bool = True,
     exact: bool = True,
     capturable: bool | None = None,
-    tree: bool | TreeConfig = False,
+    tree: bool | TreeConfig | None = None,
 ) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
@@ -248,8 +264,9 @@ def load(
     (artifact.row_invariant_rows; 1 on the CPU for graphs that pad their attention themselves, 16
     on CUDA); False turns that padding off. ``capturable``: run the capturable graphs, in CUDA
     graphs on CUDA (the default there, where the artifact has them; artifact.open_backend).
-    ``tree``: verify passes hold a token tree (True: TreeConfig's defaults), through the artifact's
-    tree graph in a session of its own (tree.py; same output, the draft proposes more).
+    ``tree``: verify passes hold a token tree (True: TreeConfig's defaults; tree.py: the same
+    output, more proposals accepted per full pass), through the artifact's tree graphs; None: as
+    calibrated for the draft (:func:`calibrated_tree`), False: a chain.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -258,6 +275,8 @@ def load(
         verify_files(folder, manifest)
     if isinstance(draft, _DefaultTaskDraft):
         draft = loaded_by_default(manifest)
+    if tree is None:
+        tree = calibrated_tree(manifest, draft, device, capturable) or False
     backend = open_backend(folder, manifest, draft, device, threads, weights, exact, capturable, bool(tree))
     tokenizer_file = folder / section.tokenizer.file
     try:
