@@ -95,8 +95,8 @@ def test_cheap_drafts_match_pytorch_and_keep_greedy_output(tiny_folder, tmp_path
     vocab = loaded.model.config.vocab_size
     build(tmp_path / "a", loaded, KINDS, ranked=ranking(vocab))
     results = check_parity(tmp_path / "a", loaded)  # raises on any disagreement beyond tolerance
-    paired = {f"paired.{k}/{role}" for k in KINDS for role in ("full", "draft")}
-    assert {r.graph for r in results} == {"full", *(f"draft.{k}" for k in KINDS), *paired}
+    paired = {f"{t}paired.{k}/{role}" for t in ("", "tree.") for k in KINDS for role in ("full", "draft")}
+    assert {r.graph for r in results} == {"full", "tree.full", *(f"draft.{k}" for k in KINDS), *paired}
     section = read_manifest(tmp_path / "a").artifacts
     assert set(section.draft_vocab) == {"pruned", "all"}
     plain = load(tmp_path / "a", draft=None).generate("abcdefg", 24, chat=False, mode="plain").token_ids

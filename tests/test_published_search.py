@@ -180,7 +180,8 @@ def test_validate_prints_each_graphs_tolerance(tiny_folder, tmp_path, capsys):
     assert main(["validate", folder]) == 0
     line = capsys.readouterr().out.splitlines()[0]
     assert "draft.manual " in line and "paired.manual/draft " in line and "full " in line, line
-    assert line.count("(tolerance 1.00e-03)") == 4, line  # full, draft, and the paired graph as both
+    # full, draft, the paired graph as both, the tree graph and its paired form as both
+    assert line.count("(tolerance 1.00e-03)") == 7, line
 
 
 def test_search_published_ships_the_published_choice(tiny_folder, tmp_path):
