@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import onnx
 import pytest
-from conflayers_runtime import DraftConfig, SamplingConfig
+from conflayers_runtime import DraftConfig, SamplingConfig, TreeConfig
 from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.errors import ManifestError
 from conflayers_runtime.manifest import read_manifest
@@ -32,7 +32,7 @@ def fp16_artifact(request, tiny_folder, tmp_path_factory):
 @pytest.mark.parametrize("draft", list(DRAFT_KINDS))
 def test_capturable_graphs_decode_as_the_mask_graphs(fp16_artifact, draft):
     folder, manifest = fp16_artifact
-    assert set(manifest.artifacts.capturable) == {"full", *DRAFT_KINDS}
+    assert set(manifest.artifacts.capturable) == {"full", "tree.full", *DRAFT_KINDS}
     mask = open_backend(folder, manifest, draft, "cpu", 1, weights="prepacked")
     lengths = open_backend(folder, manifest, draft, "cpu", 1, weights="prepacked", capturable=True)
     assert lengths.sessions[False]._model_path.endswith("capturable.full.onnx")
@@ -54,6 +54,32 @@ def test_capturable_graphs_decode_as_the_mask_graphs(fp16_artifact, draft):
     plain, _ = generate(lengths, prompt, 40)
     speculative, stats = generate(lengths, prompt, 40, draft_config=DraftConfig(6, 0.3))
     assert speculative == plain and stats.drafted_tokens > 0
+
+
+def test_the_capturable_tree_graph_decodes_as_the_mask_tree_graph(fp16_artifact):
+    folder, manifest = fp16_artifact
+    assert manifest.artifacts.capturable["tree.full"] == "capturable.tree.full.onnx"
+    mask = open_backend(folder, manifest, "skip", "cpu", 1, weights="prepacked", tree=True)
+    lengths = open_backend(folder, manifest, "skip", "cpu", 1, capturable=True, tree=True)
+    assert lengths.sessions[False]._model_path.endswith("capturable.tree.full.onnx")
+    prompt = [int(t) for t in np.random.default_rng(6).integers(3, 200, 13)]
+    # A prompt, a one-token step, a draft pass, a chain and a tree verify pass (its bias spans the
+    # whole cache in the capturable graph), a rollback.
+    for tokens, start, use_draft, depths in [
+        (prompt, 0, False, None),
+        (prompt[:1], 13, False, None),
+        (prompt[1:2], 14, True, None),
+        (prompt[2:7], 14, False, None),
+        (prompt[2:9], 14, False, [0, 1, 2, 3, 4, 1, 3]),
+        (prompt[7:8], 16, False, None),
+    ]:
+        expected = mask.forward(tokens, start, use_draft, depths).copy()
+        np.testing.assert_array_equal(lengths.forward(tokens, start, use_draft, depths), expected)
+    tree = TreeConfig(4, 2)
+    one = generate(lengths, prompt, 40, draft_config=DraftConfig(6, 0.3), tree=tree)
+    other = generate(mask, prompt, 40, draft_config=DraftConfig(6, 0.3), tree=tree)
+    assert one[0] == other[0] and one[1].as_dict() == other[1].as_dict() and one[1].tree_nodes > 0
+    assert one[0] == generate(lengths, prompt, 40, draft_config=None)[0]
 
 
 # Inputs that CUDA kernels read from host memory: values computed on the host from shapes may flow

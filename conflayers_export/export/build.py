@@ -16,6 +16,7 @@ import onnx
 from conflayers_runtime.artifact import file_sha256
 from conflayers_runtime.manifest import (
     ARTIFACT_DTYPES,
+    CAPTURABLE_TREE,
     MANIFEST_NAME,
     Artifacts,
     CacheLayout,
@@ -159,20 +160,27 @@ def _build_graphs(
         )
         if capturable:
             built.capturable["full"] = file_name
-    # The full graph with position_ids and attention_bias inputs: token-tree verify passes (graph.py).
-    built.tree["full"] = tree_graph_name(FULL_GRAPH)
-    built.protos[built.tree["full"]] = build_graph(
-        model,
-        arch,
-        range(num_layers),
-        dtype,
-        max_seq_len,
-        store,
-        "tree.full",
-        ARTIFACT_DTYPES[dtype].weight_bits,
-        read=loaded.array,
-        tree=True,
-    )
+    # The full graph with position_ids and attention_bias inputs: token-tree verify passes (graph.py),
+    # in capturable form too for CUDA artifacts (manifest key "tree.full" of artifacts.capturable).
+    for capturable in forms:
+        file_name = tree_graph_name(FULL_GRAPH)
+        if capturable:
+            file_name = built.capturable[CAPTURABLE_TREE] = capturable_graph_name(file_name)
+        else:
+            built.tree["full"] = file_name
+        built.protos[file_name] = build_graph(
+            model,
+            arch,
+            range(num_layers),
+            dtype,
+            max_seq_len,
+            store,
+            "tree.full",
+            ARTIFACT_DTYPES[dtype].weight_bits,
+            capturable=capturable,
+            read=loaded.array,
+            tree=True,
+        )
     built.layers["full"] = list(range(num_layers))
     for draft in manifest.drafts:
         progress(f"draft {draft.name}")

@@ -37,7 +37,8 @@ A *tree* graph (``tree=True``, the full model: ``tree.full.onnx``) also takes ``
 dtype (added to every head's scores; a large negative value hides a key): a verify pass can then
 hold a token tree, nodes that branch off the drafted chain attending only to their ancestors
 (docs/TOKEN_TREES.md). With positions start..start+S-1 and a zero bias it computes every row
-bitwise as the mask graph does.
+bitwise as the mask graph does. A capturable tree graph (both flags) takes the bias with
+max_seq_len columns, so that its shape too is fixed per row count.
 """
 
 from __future__ import annotations
@@ -87,8 +88,6 @@ class _GraphBuilder:
         read: Callable[[torch.Tensor], np.ndarray] = host_array,
         tree: bool = False,
     ):
-        if tree and capturable:
-            raise ValueError("a tree graph is built in mask form only (capturable trees are not built yet)")
         self.model = model
         self.read = read  # a parameter's values as a float32 array
         self.arch = architecture
@@ -296,11 +295,13 @@ class _GraphBuilder:
 
     def pad_tree_inputs(self) -> list[str]:
         """A tree graph's position_ids [B, S] and attention_bias [B, 1, S, T], padded as the
-        attention's rows are (a one-token pass: a second row, and a column for it). The padding
-        row's position and bias are copies: its output is dropped and its K/V overwritten later."""
+        attention's rows are (a one-token pass: a second row, and a column for it; a capturable
+        graph's bias already has max_seq_len columns). The padding row's position and bias are
+        copies: its output is dropped and its K/V overwritten later."""
         positions = self.pad_attention_rows("position_ids", "/model/tree/position_ids")
-        rows = self.pad_attention_rows("attention_bias", "/model/tree/bias_rows", axis=2)
-        bias = self.pad_attention_rows(rows, "/model/tree/bias_columns", axis=3, ends=self.padded_total)
+        bias = self.pad_attention_rows("attention_bias", "/model/tree/bias_rows", axis=2)
+        if not self.capturable:
+            bias = self.pad_attention_rows(bias, "/model/tree/bias_columns", axis=3, ends=self.padded_total)
         return [positions, bias]
 
     def _head_norm(self, x: str, module: torch.nn.Module, name: str, wname: str, head_dim: int) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import ManifestError
-from .manifest import Artifacts, Manifest
+from .manifest import CAPTURABLE_TREE, Artifacts, Manifest
 from .onnx_backend import PROVIDERS, KVSpec, OnnxBackend
 
 
@@ -156,22 +156,25 @@ def open_backend(
 
     ``tree``: the full graph in its tree form (tree.full.onnx: verify passes may hold a token tree,
     tree.py); "paired" then opens it paired with the draft (tree.paired.<draft>.onnx, the CPU
-    default as above). Not capturable yet.
+    default as above), capturable its capturable form (artifacts.capturable["tree.full"]).
     """
     folder = Path(folder)
     section = artifact_section(manifest)
-    roles = ["full"] if draft is None else ["full", draft]
+    if tree and "full" not in section.tree:
+        raise ManifestError(
+            f"{folder} has no tree graph (written since schema 1.4): rebuild it with "
+            "`conflayers-export build`, or open it without tree=True"
+        )
+    full_role = CAPTURABLE_TREE if tree else "full"
+    roles = [full_role] if draft is None else [full_role, draft]
     has_capturable = all(role in section.capturable for role in roles)
-    if tree:
-        _check_tree(folder, section, capturable)
-        capturable = False
     if capturable is None:  # an explicit weights="paired" asks for the If graph, which is not capturable
         capturable = device == "cuda" and has_capturable and weights != "paired"
     if capturable and not has_capturable:
         raise ManifestError(
             f"{folder} has no capturable graphs for {' and '.join(roles)} (written for fp16 and "
-            "int4-fp16 artifacts since schema 1.3): rebuild it with `conflayers-export build`, or "
-            "open it with capturable=False"
+            "int4-fp16 artifacts since schema 1.3, the tree graph's since 1.4): rebuild it with "
+            "`conflayers-export build`, or open it with capturable=False"
         )
     providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
     paired_file = (section.tree if tree else section.paired).get(draft) if draft is not None else None
@@ -202,9 +205,10 @@ def open_backend(
     if draft is not None and draft not in section.drafts:
         known = ", ".join(section.drafts) or "none"
         raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
-    files = section.capturable if capturable else {"full": section.full, **section.drafts}
-    if tree:
-        files = {**files, "full": section.tree["full"]}
+    if capturable:
+        files = {**section.capturable, "full": section.capturable[full_role]}
+    else:
+        files = {**section.drafts, "full": section.tree["full"] if tree else section.full}
     if weights == "paired":
         graphs = {"paired": paired_file}
     else:
@@ -231,16 +235,6 @@ def open_backend(
     draft_session = sessions["paired"] if weights == "paired" else sessions.get("draft")
     cuda_graphs = capturable and device == "cuda"
     return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows, cuda_graphs)
-
-
-def _check_tree(folder: Path, section: Artifacts, capturable: bool | None) -> None:
-    if "full" not in section.tree:
-        raise ManifestError(
-            f"{folder} has no tree graph (written since schema 1.4): rebuild it with "
-            "`conflayers-export build`, or open it without tree=True"
-        )
-    if capturable:
-        raise ManifestError("the tree graph is not capturable yet: open it with capturable=False (or None)")
 
 
 _NUMPY_DTYPES = {

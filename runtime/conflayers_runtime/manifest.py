@@ -36,6 +36,8 @@ from .errors import ManifestError, SkipSetError
 # pruned-vocabulary and quantized drafts built
 SCHEMA_VERSION = "1.4"
 MANIFEST_NAME = "manifest.json"
+# The key of artifacts.capturable that names the tree graph in capturable form.
+CAPTURABLE_TREE = "tree.full"
 WEIGHT_PRECISIONS = ("base", "int8", "int4")  # "base" = the artifact's own precision
 _REBUILD = "rebuild the artifact with `conflayers-export build`"
 _RECALIBRATE = "run `conflayers-export calibrate` again"
@@ -189,8 +191,8 @@ class Artifacts:
     # default). Absent before schema 1.2.
     paired: dict[str, str] = field(default_factory=dict)
     # "full" or a draft name -> the same graph in capturable form (lengths as a seqlens_k input,
-    # fixed shapes per pass: CUDA graphs, docs/gpu/CUDA_GRAPHS.md). Written for fp16-activation
-    # (CUDA) artifacts. Absent before schema 1.3.
+    # fixed shapes per pass: CUDA graphs, docs/gpu/CUDA_GRAPHS.md); "tree.full" (CAPTURABLE_TREE):
+    # the tree graph's. Written for fp16-activation (CUDA) artifacts. Absent before schema 1.3.
     capturable: dict[str, str] = field(default_factory=dict)
     # "full" -> the full graph with position_ids and attention_bias inputs: a verify pass over a
     # token tree (docs/TOKEN_TREES.md); a draft name -> that graph paired with the draft (as in
@@ -237,8 +239,11 @@ class Artifacts:
             if name not in self.drafts:
                 _refuse(f"artifacts.paired names draft {name!r}, which has no graph in artifacts.drafts")
         for name in self.capturable:
-            if name != "full" and name not in self.drafts:
-                _refuse(f"artifacts.capturable names graph {name!r}, which is neither 'full' nor a draft")
+            if name not in ("full", CAPTURABLE_TREE) and name not in self.drafts:
+                _refuse(
+                    f"artifacts.capturable names graph {name!r}, which is neither 'full', "
+                    f"{CAPTURABLE_TREE!r} nor a draft"
+                )
         for name in self.tree:
             if name != "full" and name not in self.drafts:
                 _refuse(f"artifacts.tree names graph {name!r}, which is neither 'full' nor a draft")

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from . import speculative
 from .artifact import artifact_section, open_backend, verify_files
 from .errors import GenerationError, ManifestError
-from .manifest import Manifest, read_manifest
+from .manifest import CAPTURABLE_TREE, Manifest, read_manifest
 from .onnx_backend import OnnxBackend
 from .sampling import SamplingConfig
 from .speculative import DraftConfig, GenerationStats
@@ -230,14 +230,14 @@ def calibrated_tree(
     manifest: Manifest, draft: str | None, device: str, capturable: bool | None
 ) -> TreeConfig | None:
     """The token tree calibrate chose for ``draft`` (Draft.tree_nodes / tree_width), where the
-    artifact has its tree graph and the session would not be captured: tree graphs are not
-    capturable yet, and on CUDA CUDA graphs are worth more than a tree (docs/TOKEN_TREES.md)."""
+    artifact has the tree graph in the form the session takes: captured (CUDA's default where
+    the artifact has capturable graphs) or not."""
     if draft is None:
         return None
-    d = manifest.draft(draft)
-    has_graph = draft in artifact_section(manifest).tree
-    captured = capturable or (capturable is None and device == "cuda")
-    if d.tree_nodes is None or d.tree_width is None or not has_graph or captured:
+    d, section = manifest.draft(draft), artifact_section(manifest)
+    captured = capturable or (capturable is None and device == "cuda" and "full" in section.capturable)
+    has_graph = CAPTURABLE_TREE in section.capturable if captured else draft in section.tree
+    if d.tree_nodes is None or d.tree_width is None or not has_graph:
         return None
     return TreeConfig(d.tree_nodes, d.tree_width)
 

@@ -37,7 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import GenerationError
-from .tree import tree_inputs
+from .tree import TREE_INPUTS, tree_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Passes of at most this many rows keep their buffers (and are captured in CUDA graphs): decode
@@ -191,9 +191,16 @@ class OnnxBackend:
                 raise GenerationError("a draft pass is a chain: token trees are verified by the full graph")
             known = list(range(rows)) if depths is None else list(depths)
             known += range(len(known), rows)
-            positions, bias = tree_inputs(known, start, _NP_DTYPES[self.kv.dtype])
-            binding.bind_cpu_input("position_ids", positions)
-            binding.bind_cpu_input("attention_bias", bias)
+            # A capturable graph's bias spans the whole cache: one shape per row count.
+            width = self.kv.max_seq_len if use_draft in self._seqlens else None
+            arrays = tree_inputs(known, start, _NP_DTYPES[self.kv.dtype], width)
+            for name, values in zip(TREE_INPUTS, arrays, strict=True):
+                if self.cuda_graphs:  # a captured pass reads them where they were at capture
+                    buffer = self._buffer(name, use_draft, rows, self.device)
+                    buffer.update_inplace(values)
+                    binding.bind_ortvalue_input(name, buffer)
+                else:
+                    binding.bind_cpu_input(name, values)
         elif depths is not None:
             raise GenerationError("a token tree needs the artifact's tree graph: open it with tree=True")
         if use_draft in self._seqlens:  # the valid length after the pass, attention padding included
@@ -239,9 +246,11 @@ class OnnxBackend:
         buffer = self._buffers.get(key)
         if buffer is None:
             shape = [1, rows]
-            dtype = np.int64 if name in ("next_token_ids", "input_ids") else np.float32
+            dtype = np.int64 if name in ("next_token_ids", "input_ids", "position_ids") else np.float32
             if name == "logits":
                 shape.append(self.widths[use_draft])
+            if name == "attention_bias":  # a capturable tree graph's: [1, 1, rows, max_seq_len]
+                shape, dtype = [1, 1, rows, self.kv.max_seq_len], _NP_DTYPES[self.kv.dtype]
             buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, 0)
             if rows <= CAPTURED_ROWS:
                 self._buffers[key] = buffer

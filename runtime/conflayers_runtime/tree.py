@@ -33,6 +33,8 @@ import numpy as np
 
 from .errors import GenerationError
 
+TREE_INPUTS = ("position_ids", "attention_bias")  # what a tree-form graph takes beyond the chain's
+
 
 @dataclass(frozen=True)
 class TreeConfig:
@@ -77,14 +79,17 @@ def choose(
     return sorted(best, key=lambda a: (a.depth, -a.score))
 
 
-def tree_inputs(depths: Sequence[int], start: int, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """(position_ids [1, R], attention_bias [1, 1, R, start + R]) of a pass whose row r sits at
-    position start + depths[r]. A chain row has depth r; a row with depth j < r (an alternative of
-    the chain row j) hides the keys of rows j .. r-1 (the chain from j on, earlier alternatives);
-    keys after a row are hidden by the attention's causal mask."""
+def tree_inputs(
+    depths: Sequence[int], start: int, dtype: type, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(position_ids [1, R], attention_bias [1, 1, R, width or start + R]) of a pass whose row r
+    sits at position start + depths[r]. A chain row has depth r; a row with depth j < r (an
+    alternative of the chain row j) hides the keys of rows j .. r-1 (the chain from j on, earlier
+    alternatives); keys after a row are hidden by the attention's causal mask. ``width``: the
+    bias's columns where a graph takes them fixed (capturable: max_seq_len)."""
     rows = len(depths)
     positions = start + np.asarray([depths], dtype=np.int64)
-    bias = np.zeros((1, 1, rows, start + rows), dtype=dtype)
+    bias = np.zeros((1, 1, rows, width or start + rows), dtype=dtype)
     hidden = np.finfo(dtype).min / 2  # exp() of it is 0; half keeps score + bias finite
     for r, depth in enumerate(depths):
         if depth < r:
