@@ -638,6 +638,12 @@ def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -
 @click.option("--draft", default=None, help="Draft name (default: the manifest's default task).")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--tree",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Token trees of N alternative rows (0: a chain; default: as calibrated).",
+)
 @_sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def generate(
@@ -648,6 +654,7 @@ def generate(
     draft: str | None,
     device: str,
     max_new_tokens: int,
+    tree: int | None,
     sampling: SamplingConfig,
     as_json: bool,
 ) -> None:
@@ -663,6 +670,7 @@ def generate(
         draft=draft,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
+        tree=tree,
         as_json=as_json,
     )
 

@@ -250,10 +250,10 @@ def test_a_draft_the_device_cannot_run_is_refused_naming_it(tiny_folder, tmp_pat
         ManifestError, match=r"cannot run the draft 'q' \(int8 weights\).*Choose another draft"
     ):
         load(tmp_path / "a", draft="q", weights="prepacked")
-    with pytest.raises(  # the paired graph (CPU default) holds the same draft
+    with pytest.raises(  # the paired graph holds the same draft
         ManifestError, match=r"cannot run the paired graph of draft 'q' \(int8 weights\).*Choose another"
     ):
-        load(tmp_path / "a", draft="q")
+        load(tmp_path / "a", draft="q", weights="paired")
 
 
 def test_cli_builds_a_manual_cheap_draft(tiny_folder, tmp_path, capsys):

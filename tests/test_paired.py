@@ -21,9 +21,12 @@ from tests.helpers import DRAFT_KINDS, build, write_tiny_folder
 @pytest.mark.parametrize("draft", list(DRAFT_KINDS))
 def test_one_paired_session_decodes_as_two_sessions(draft_kinds_artifact, draft):
     folder, manifest = draft_kinds_artifact
-    paired = open_backend(folder, manifest, draft, "cpu", 1)  # the CPU default
+    paired = open_backend(folder, manifest, draft, "cpu", 1, weights="paired")
     two = open_backend(folder, manifest, draft, "cpu", 1, weights="prepacked")
     assert paired.paired and not two.paired
+    # The CPU default: one session where the draft reads the full graph's weights, two where it
+    # reads its own quantized copies (one session would save nothing and add its If's cost).
+    assert open_backend(folder, manifest, draft, "cpu", 1).paired == (draft == "skip")
     prompt = [int(t) for t in np.random.default_rng(3).integers(3, 200, 9)]
     for sampling in (SamplingConfig(), SamplingConfig(temperature=0.9, top_k=40, seed=5)):
         for config in (DraftConfig(6, 0.3), None):

@@ -7,17 +7,20 @@ the model computes that token at that position (up to rounding)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 
 import numpy as np
 import pytest
 from conflayers_runtime import DraftConfig, GenerationError, ManifestError, SamplingConfig, TreeConfig, load
 from conflayers_runtime.artifact import open_backend
+from conflayers_runtime.cli import main as run_main
 from conflayers_runtime.manifest import read_manifest, write_manifest
 from conflayers_runtime.model import calibrated_tree
 from conflayers_runtime.speculative import generate
 from conflayers_runtime.tree import choose, tree_inputs
 
+from conflayers_export.cli import main as export_main
 from conflayers_export.models import load_model
 from tests.helpers import DRAFT_KINDS, build
 from tests.test_architectures import TESTED_ARCHITECTURES
@@ -170,3 +173,21 @@ def test_load_decodes_with_the_tree_calibrate_chose(draft_kinds_artifact, tmp_pa
     assert calibrated_tree(edited, "int8", "cuda", None) == TreeConfig(3, 1)
     assert calibrated_tree(edited, "int8", "cpu", True) is None  # captured: needs capturable.tree.full
     assert calibrated_tree(edited, "skip", "cpu", None) is None  # calibrated as a chain
+
+
+def test_generate_with_trees_from_both_command_lines(draft_kinds_artifact, capsys):
+    folder, _ = draft_kinds_artifact
+    common = ["--prompt", "abcdefgh", "--no-chat", "--mode", "speculative", "--draft", "skip"]
+    common += ["--max-new-tokens", "24", "--json"]
+    results = {}
+    for name, runner, extra in [
+        ("export tree", export_main, ["--tree", "3"]),
+        ("export chain", export_main, ["--tree", "0"]),
+        ("run tree", run_main, ["--tree", "3"]),
+    ]:
+        argv = (["generate"] if runner is export_main else []) + [str(folder), *common, *extra]
+        assert runner(argv) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["export tree"]["tree"]["nodes"] > 0 and results["run tree"]["tree"]["nodes"] > 0
+    assert results["export chain"]["tree"]["nodes"] == 0
+    assert len({r["text"] for r in results.values()}) == 1  # the same greedy text

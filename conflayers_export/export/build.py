@@ -4,6 +4,7 @@ updated manifest into a folder, atomically (temporary folder, then rename).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -144,29 +145,14 @@ def _build_graphs(
     # CUDA artifacts (fp16 activations) also get each graph in its capturable form (graph.py).
     forms = (False, True) if ARTIFACT_DTYPES[dtype].activations == "fp16" else (False,)
     progress("full graph")
-    for capturable in forms:
-        file_name = capturable_graph_name(FULL_GRAPH) if capturable else FULL_GRAPH
-        built.protos[file_name] = build_graph(
-            model,
-            arch,
-            range(num_layers),
-            dtype,
-            max_seq_len,
-            store,
-            "full",
-            ARTIFACT_DTYPES[dtype].weight_bits,
-            capturable=capturable,
-            read=loaded.array,
-        )
-        if capturable:
-            built.capturable["full"] = file_name
-    # The full graph with position_ids and attention_bias inputs: token-tree verify passes (graph.py),
-    # in capturable form too for CUDA artifacts (manifest key "tree.full" of artifacts.capturable).
-    for capturable in forms:
-        file_name = tree_graph_name(FULL_GRAPH)
-        if capturable:
-            file_name = built.capturable[CAPTURABLE_TREE] = capturable_graph_name(file_name)
-        else:
+    # The full graph, and its tree form (position_ids and attention_bias inputs: token-tree verify
+    # passes, graph.py), each also capturable for CUDA artifacts.
+    for tree, capturable in itertools.product((False, True), forms):
+        file_name = tree_graph_name(FULL_GRAPH) if tree else FULL_GRAPH
+        if capturable:  # artifacts.capturable names the tree graph's capturable form CAPTURABLE_TREE
+            role = CAPTURABLE_TREE if tree else "full"
+            file_name = built.capturable[role] = capturable_graph_name(file_name)
+        elif tree:
             built.tree["full"] = file_name
         built.protos[file_name] = build_graph(
             model,
@@ -175,11 +161,11 @@ def _build_graphs(
             dtype,
             max_seq_len,
             store,
-            "tree.full",
+            "tree.full" if tree else "full",
             ARTIFACT_DTYPES[dtype].weight_bits,
             capturable=capturable,
             read=loaded.array,
-            tree=True,
+            tree=tree,
         )
     built.layers["full"] = list(range(num_layers))
     for draft in manifest.drafts:

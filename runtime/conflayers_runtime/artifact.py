@@ -82,7 +82,8 @@ def row_invariant_rows(section: Artifacts, device: str) -> int:
 
 
 # "paired": one session over the artifact's paired graph (the full model and the draft as If
-# branches): every weight loaded and prepacked once (CPU default where the artifact has one).
+# branches): every weight loaded and prepacked once (CPU default where the artifact has one and
+# the draft reads the full graph's weights).
 # "prepacked": a session per graph, each with its own prepacked copy of the weights it reads (a
 # layer-skip pair takes ~1.8x the memory of the full graph alone). "shared": both sessions read
 # the weights file through one memory map without copies, but ONNX Runtime then repacks every
@@ -145,9 +146,13 @@ def open_backend(
     time (faster plain decoding, which may then differ from speculative output at near-ties).
 
     ``weights`` (WEIGHT_MODES): by default "paired" on CPU where the artifact has a paired graph
-    for the draft, else "prepacked". On CUDA the default is "prepacked": each session holds the
-    weights its graph reads in GPU memory (the draft's a second time, where it reads the full
-    graph's); "paired" holds them once but is not yet measured on a GPU (DESIGN.md).
+    for the draft and the draft reads the full graph's weights (base precision), else
+    "prepacked": a draft of int8/int4 copies reads its own weights, so one session saves nothing
+    (the embeddings, a shared memory map, count once either way) and its If costs 0.15-0.3 ms a
+    call (measured on SmolLM2: a draft pass 5.8 ms paired, 5.5-5.7 ms alone). On CUDA the
+    default is "prepacked": each session holds the weights its graph reads in GPU memory (the
+    draft's a second time, where it reads the full graph's); "paired" holds them once but is not
+    yet measured on a GPU (DESIGN.md).
 
     ``capturable``: run the artifact's capturable graphs (lengths as an input, fixed shapes), which
     on CUDA are captured in CUDA graphs (onnx_backend.py). Default: on CUDA where the artifact has
@@ -160,6 +165,7 @@ def open_backend(
     """
     folder = Path(folder)
     section = artifact_section(manifest)
+    weights_given = weights
     if tree and "full" not in section.tree:
         raise ManifestError(
             f"{folder} has no tree graph (written since schema 1.4): rebuild it with "
@@ -179,6 +185,8 @@ def open_backend(
     providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
     paired_file = (section.tree if tree else section.paired).get(draft) if draft is not None else None
     weights = weights or ("paired" if paired_file and device == "cpu" and not capturable else "prepacked")
+    if weights == "paired" and weights_given is None and _reads_own_weights(manifest, draft):
+        weights = "prepacked"
     if capturable and weights == "paired":
         raise ManifestError(
             'capturable graphs run in two sessions (a CUDA graph cannot hold an If): use weights="prepacked"'
@@ -235,6 +243,12 @@ def open_backend(
     draft_session = sessions["paired"] if weights == "paired" else sessions.get("draft")
     cuda_graphs = capturable and device == "cuda"
     return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows, cuda_graphs)
+
+
+def _reads_own_weights(manifest: Manifest, draft: str | None) -> bool:
+    """Whether ``draft`` reads quantized copies of the weights rather than the full graph's."""
+    known = {d.name: d for d in manifest.drafts}
+    return draft in known and known[draft].weight_precision != "base"
 
 
 _NUMPY_DTYPES = {

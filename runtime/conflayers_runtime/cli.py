@@ -18,6 +18,7 @@ from .manifest import read_manifest
 from .model import DEFAULT_TASK_DRAFT, MODES, default_draft, load
 from .sampling import SamplingConfig
 from .speculative import GenerationStats
+from .tree import TreeConfig
 
 
 def acceptance_text(rate: float, speculative: bool) -> str:
@@ -60,17 +61,20 @@ def generate_and_report(
     sampling: SamplingConfig | None = None,
     threads: int | None = None,
     draft: str | None = None,
+    tree: int | None = None,
     as_json: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> dict[str, object]:
-    """Stream the answer to ``out`` (or print JSON), then the speed and acceptance to ``err``."""
+    """Stream the answer to ``out`` (or print JSON), then the speed and acceptance to ``err``.
+    ``tree``: token trees of that many alternative rows (0: a chain; None: as calibrated)."""
     import time
 
     out, err = out or sys.stdout, err or sys.stderr  # looked up per call (tests replace them)
     if draft is None and mode == "speculative":  # forced: use the default draft even if not recommended
         draft = default_draft(read_manifest(folder))
-    model = load(folder, device=device, threads=threads, draft=draft or DEFAULT_TASK_DRAFT)
+    trees = None if tree is None else (TreeConfig(tree) if tree else False)
+    model = load(folder, device=device, threads=threads, draft=draft or DEFAULT_TASK_DRAFT, tree=trees)
     used = model.resolve_mode(mode)
     start = time.perf_counter()
     pieces = []
@@ -182,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--tree",
+        type=int,
+        default=None,
+        help="token trees of N alternative rows (0: a chain; default: as calibrated)",
+    )
     parser.add_argument("--json", action="store_true", dest="as_json")
     args = parser.parse_args(argv)
     try:
@@ -196,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sampling=sampling,
             threads=args.threads,
             draft=args.draft,
+            tree=args.tree,
             as_json=args.as_json,
         )
     except ConflayersError as exc:
