@@ -191,3 +191,24 @@ def test_generate_with_trees_from_both_command_lines(draft_kinds_artifact, capsy
     assert results["export tree"]["tree"]["nodes"] > 0 and results["run tree"]["tree"]["nodes"] > 0
     assert results["export chain"]["tree"]["nodes"] == 0
     assert len({r["text"] for r in results.values()}) == 1  # the same greedy text
+
+
+def test_alternatives_fill_the_padding_rows_of_a_device_that_pads_passes(draft_kinds_artifact):
+    """CUDA pads every pass after the prompt to one row count (row invariance): a tree must not
+    make a longer pass there; its alternatives take the padding rows' place."""
+    folder, manifest = draft_kinds_artifact
+    backend = open_backend(folder, manifest, "skip", "cpu", 1, tree=True)
+    backend.full_pass_rows = 6  # as on CUDA (16 there)
+    rows = []
+    greedy = backend.greedy
+
+    def counting(token_ids, start, use_draft, depths=None):
+        if not use_draft and start > 0:
+            rows.append(len(token_ids))
+        return greedy(token_ids, start, use_draft, depths)
+
+    backend.greedy = counting
+    prompt = _prompt(1)
+    tokens, stats = generate(backend, prompt, 48, draft_config=DraftConfig(3, 0.0), tree=TreeConfig(4, 2))
+    assert max(rows) <= 6 and stats.tree_nodes > 0
+    assert tokens == generate(backend, prompt, 48, draft_config=None)[0]

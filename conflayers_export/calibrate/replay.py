@@ -48,6 +48,10 @@ class ReplayBackend:
     def verifies_trees(self) -> bool:
         return self.backend.verifies_trees
 
+    @property
+    def full_pass_rows(self) -> int:  # the room a token tree may fill on devices that pad passes
+        return self.backend.full_pass_rows
+
     def greedy(
         self, token_ids: Sequence[int], start: int, use_draft: bool, depths: Sequence[int] | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -193,6 +193,9 @@ def stream(
     if pending in stops:
         return
     carried = _Carried()  # the next cycle's first proposals, from the last tree pass
+    # A device whose verify passes all have one row count (row invariance, artifact.py) must not get
+    # longer ones: there a tree's alternatives take the place of padding rows, at no cost.
+    padded_rows = getattr(backend, "full_pass_rows", 1)
 
     while produced < max_new_tokens:
         # Leave room for the full model's own token: a cycle emits accepted drafts + 1.
@@ -209,7 +212,10 @@ def stream(
         stats.draft_passes += proposal.draft_passes
         alternatives = []
         if tree is not None and drafted:
-            alternatives = trees.choose(proposal.confidences, proposal.offers, tree.nodes)
+            nodes = tree.nodes
+            if padded_rows > 1:  # row invariance pads every pass to that many rows (CUDA): fill them
+                nodes = min(nodes, padded_rows - 1 - len(drafted))
+            alternatives = trees.choose(proposal.confidences, proposal.offers, nodes) if nodes > 0 else []
         rows = [pending, *drafted, *(a.token for a in alternatives)]
         chain = len(drafted) + 1  # the rows that decide the output; alternatives only propose
         depths = [*range(chain), *(a.depth for a in alternatives)] if alternatives else None
