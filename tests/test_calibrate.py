@@ -199,11 +199,10 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
         best.max_draft_tokens,
         best.confidence_threshold,
     )
-    # Token trees were scored on the chosen draft, and the manifest says chain or tree.
-    assert {(c.tree_nodes, c.tree_width) for c in joint.candidates} >= {(0, 0), (1, 1), (2, 2), (4, 2)}
-    assert (draft.tree_nodes, draft.tree_width) == (
-        (best.tree_nodes, best.tree_width) if best.tree_nodes else (None, None)
-    )
+    # The bytes model prices every verify pass as one step whatever its rows: no trees then
+    # (tests/test_costs.py scores them with a cost table).
+    assert {(c.tree_nodes, c.tree_width) for c in joint.candidates} == {(0, 0)}
+    assert (draft.tree_nodes, draft.tree_width) == (None, None)
     assert all(0 < c.bytes_ratio < 1 and c.c_draft == c.bytes_ratio for c in joint.candidates)
     assert set(joint.coverage) == {64} and 0 <= joint.coverage[64] <= 1
     ranked = written.vocabulary.ranked_token_ids

@@ -242,7 +242,8 @@ class DraftSearch:
         drafts = [Draft(f"c{i}", skip, size, precision) for i, (skip, precision, size) in enumerate(combos)]
         policies = [DraftConfig(max_tokens, threshold) for max_tokens, threshold in s.draft_policies]
         first = DraftConfig(s.max_draft_tokens, s.confidence_threshold)
-        steps = 1 + len(drafts) + s.policy_finalists * len(policies) + len(s.tree_shapes) + 1
+        trees = s.tree_shapes if s.cost != "bytes" else ()
+        steps = 1 + len(drafts) + s.policy_finalists * len(policies) + len(trees) + 1
         with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
             with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
                 step()
@@ -253,9 +254,11 @@ class DraftSearch:
                 for index in by_speedup[: s.policy_finalists]:
                     candidates += self._score(graphs, drafts[index], policies, evaluation, step)
                 chosen = max(candidates, key=lambda c: c.expected_speedup)
-                if s.tree_shapes:  # the chosen draft and draft length, with token trees
+                # The chosen draft and draft length with token trees, where passes are priced by
+                # their rows (timed or from a table: the bytes model prices every verify pass as a step).
+                if trees:
                     candidates += self._score(
-                        graphs, _draft_of(drafts, chosen), [chosen.policy], evaluation, step, s.tree_shapes
+                        graphs, _draft_of(drafts, chosen), [chosen.policy], evaluation, step, trees
                     )
                     chosen = max(candidates, key=lambda c: c.expected_speedup)
                 confirmation = self._confirm(graphs, drafts, chosen, evaluation)
