@@ -29,6 +29,13 @@ def test_nothing_heavy_is_installed():
         assert importlib.util.find_spec(name) is None, f"{name} is installed beside the runtime"
 
 
+def test_token_trees_decode_the_plain_text(artifact):
+    model = rt.load(artifact, draft="mid", tree=rt.TreeConfig(nodes=3, width=2))
+    plain = model.generate("abcdefg", 40, chat=False, mode="plain")
+    speculative = model.generate("abcdefg", 40, chat=False, mode="speculative")
+    assert speculative.token_ids == plain.token_ids and speculative.stats.tree_nodes > 0
+
+
 @pytest.mark.parametrize("draft", ["mid", "int8"])
 def test_greedy_speculation_equals_plain_decoding(artifact, draft):
     model = rt.load(artifact, draft=draft)
