@@ -38,13 +38,15 @@ def builder_constants(attention_rows: int, accuracy_level: int) -> Iterator[None
     """Build graphs of an earlier design inside this block: the graph builder's attention padding
     (graph.MIN_ATTENTION_ROWS) and MatMulNBits accuracy level set as given, restored afterwards."""
     saved = graph_module.MIN_ATTENTION_ROWS, graph_module.ACCURACY_LEVEL
+    graph_module.MIN_ATTENTION_ROWS = attention_rows  # graph.min_attention_rows reads it (CPU dtypes)
     for module in (graph_module, build_module):
-        module.MIN_ATTENTION_ROWS, module.ACCURACY_LEVEL = attention_rows, accuracy_level
+        module.ACCURACY_LEVEL = accuracy_level
     try:
         yield
     finally:
+        graph_module.MIN_ATTENTION_ROWS = saved[0]
         for module in (graph_module, build_module):
-            module.MIN_ATTENTION_ROWS, module.ACCURACY_LEVEL = saved
+            module.ACCURACY_LEVEL = saved[1]
 
 
 def main() -> None:

@@ -49,8 +49,8 @@ class ReplayBackend:
         return self.backend.verifies_trees
 
     @property
-    def full_pass_rows(self) -> int:  # the room a token tree may fill on devices that pad passes
-        return self.backend.full_pass_rows
+    def max_exact_rows(self) -> int | None:  # the room a token tree may fill where passes are padded
+        return self.backend.max_exact_rows
 
     def greedy(
         self, token_ids: Sequence[int], start: int, use_draft: bool, depths: Sequence[int] | None = None

@@ -39,7 +39,7 @@ from ..errors import ManifestError
 from ..models import LoadedModel
 from ..models.architectures import KVLayout
 from ..staging import replace_folder
-from .graph import MIN_ATTENTION_ROWS, build_graph, draft_vocab_name
+from .graph import build_graph, draft_vocab_name, min_attention_rows
 from .paired import paired_graph
 from .quantize import ACCURACY_LEVEL, BITS, BLOCK_SIZE
 from .weights import WeightStore, attach_external, weights_file
@@ -106,7 +106,7 @@ GRAPH_INPUTS = {
     "input_ids": "int64 [batch, sequence]",
     "attention_mask": "int64 [batch, total] (ones; total = cached + sequence)",
     "seqlens_k": "int32 [batch], capturable graphs only, instead of attention_mask: the valid cache "
-    "length after the pass minus one (a one-token pass counts 2 rows: kv.min_attention_rows)",
+    "length after the pass minus one (a pass counts at least kv.min_attention_rows rows)",
     "position_ids": "int64 [batch, sequence], tree graphs only: each row's position (RoPE)",
     "attention_bias": "activation dtype [batch, 1, sequence, total], tree graphs only: added to every "
     "head's attention scores (0: attend; a large negative value: hide that key from that row)",
@@ -391,9 +391,9 @@ def _cache_layout(layout: KVLayout, dtype: str) -> CacheLayout:
         num_kv_heads=layout.num_kv_heads,
         head_dim=layout.head_dim,
         sliding_windows=list(layout.sliding_windows),
-        # The graphs run a one-token pass's attention over its row twice (row invariance,
-        # graph.pad_attention_rows): every pass writes at least this many cache positions.
-        min_attention_rows=MIN_ATTENTION_ROWS,
+        # CPU artifacts' graphs run a one-token pass's attention over its row twice (row
+        # invariance, graph.min_attention_rows): every pass writes at least this many positions.
+        min_attention_rows=min_attention_rows(dtype),
     )
 
 

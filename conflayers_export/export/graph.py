@@ -63,8 +63,17 @@ _FLOATS: dict[str, tuple[type, int]] = {
 }
 
 
-# A one-token pass runs its attention over its row repeated (pad_attention_rows).
+# A one-token pass runs its attention over its row repeated (pad_attention_rows), in CPU artifacts.
 MIN_ATTENTION_ROWS = 2
+
+
+def min_attention_rows(dtype: str) -> int:
+    """Rows a pass's attention runs over at least. CPU artifacts (fp32 activations) pad a one-token
+    pass to MIN_ATTENTION_ROWS in the graph, so that every pass computes its rows alike (row
+    invariance, DESIGN.md). CUDA artifacts (fp16) need no such padding in the graph: there the
+    runtime gives every exact pass after the prompt one row count (artifact.row_invariant_rows),
+    and the padding would only add three kernels per layer to every pass."""
+    return MIN_ATTENTION_ROWS if ARTIFACT_DTYPES[dtype].activations == "fp32" else 1
 
 
 def host_array(tensor: torch.Tensor) -> np.ndarray:
@@ -93,6 +102,7 @@ class _GraphBuilder:
         self.arch = architecture
         self.config = model.config
         self.np_dtype, self.onnx_dtype = _FLOATS[ARTIFACT_DTYPES[dtype].activations]
+        self.min_rows = min_attention_rows(dtype)
         self.bits = bits
         self.vocab_ids = vocab_ids
         self.confidence = confidence  # also output top_probability (drafts)
@@ -104,7 +114,7 @@ class _GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.used: set[str] = set()  # weights this graph reads (stored externally)
         self.constants: dict[str, np.ndarray] = {}  # small shape/index constants (stored inline)
-        # Names of [1] int64 tensors set by build(): S, and max(S, MIN_ATTENTION_ROWS).
+        # Names of [1] int64 tensors set by build(): S, and max(S, min_rows).
         self.sequence = self.attention_rows = self.padded_total = ""
         self.tree_inputs: list[str] = []  # set by build() for a tree graph: [position_ids, bias], padded
         self.cached_layers: list[int] = []  # set by build(): the layers whose attention runs
@@ -254,9 +264,10 @@ class _GraphBuilder:
             qkv_inputs = [q, k, v]
         else:
             qkv_inputs = [qkv, "", ""]  # packed QKV: GroupQueryAttention splits it itself
-        qkv_inputs = [
-            self.pad_attention_rows(t, f"{name}/pad{k}") if t else t for k, t in enumerate(qkv_inputs)
-        ]
+        if self.min_rows > 1:
+            qkv_inputs = [
+                self.pad_attention_rows(t, f"{name}/pad{k}") if t else t for k, t in enumerate(qkv_inputs)
+            ]
         window = self.layout.sliding_windows[i]
         cache = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         out = self.op(
@@ -273,11 +284,10 @@ class _GraphBuilder:
             # Same meaning as transformers' sliding_window (checked by the gemma3 parity test).
             local_window_size=-1 if window is None else window,
         )
-        rows = self.op(
-            "Slice",
-            [out[0], self.const("zero", [0]), self.sequence, self.const("axes.1", [1])],
-            f"{name}/Unpad",
-        )[0]
+        rows = out[0]
+        if self.min_rows > 1:
+            unpad = [rows, self.const("zero", [0]), self.sequence, self.const("axes.1", [1])]
+            rows = self.op("Slice", unpad, f"{name}/Unpad")[0]
         return self.linear(rows, attn.o_proj.weight, attn.o_proj.bias, f"{name}/o_proj", f"{wname}.o_proj")
 
     def pad_attention_rows(self, x: str, name: str, axis: int = 1, ends: str | None = None) -> str:
@@ -298,6 +308,8 @@ class _GraphBuilder:
         attention's rows are (a one-token pass: a second row, and a column for it; a capturable
         graph's bias already has max_seq_len columns). The padding row's position and bias are
         copies: its output is dropped and its K/V overwritten later."""
+        if self.min_rows == 1:
+            return ["position_ids", "attention_bias"]
         positions = self.pad_attention_rows("position_ids", "/model/tree/position_ids")
         bias = self.pad_attention_rows("attention_bias", "/model/tree/bias_rows", axis=2)
         if not self.capturable:
@@ -347,7 +359,7 @@ class _GraphBuilder:
         layers = self.arch.decoder_layers(self.model)
         inner = self.model.model
         self.sequence = self.op("Shape", ["input_ids"], "/model/rows/Shape", start=1, end=2)[0]  # [1]: S
-        least = self.const("min_rows", [MIN_ATTENTION_ROWS])
+        least = self.const("min_rows", [self.min_rows])
         self.attention_rows = self.op("Max", [self.sequence, least], "/model/rows/Max")[0]
         seqlens_k, total = self.lengths() if not self.capturable else self.lengths_given()
         if self.tree:

@@ -78,6 +78,9 @@ class OnnxBackend:
         self.kv = kv
         self.cuda_graphs = cuda_graphs
         self.full_pass_rows = full_pass_rows
+        # The longest full pass that keeps rows bitwise alike: on CUDA every exact pass has one row
+        # count (artifact.row_invariant_rows); on the CPU any pass of >= 2 rows does (None).
+        self.max_exact_rows = full_pass_rows if device_type(device) == "cuda" and full_pass_rows > 1 else None
         self.draft_token_ids = draft_token_ids
         self.device = device_type(device)
         shape = [1, kv.num_kv_heads, kv.max_seq_len, kv.head_dim]

@@ -193,9 +193,9 @@ def stream(
     if pending in stops:
         return
     carried = _Carried()  # the next cycle's first proposals, from the last tree pass
-    # A device whose verify passes all have one row count (row invariance, artifact.py) must not get
+    # A device whose exact passes all have one row count (row invariance, artifact.py) must not get
     # longer ones: there a tree's alternatives take the place of padding rows, at no cost.
-    padded_rows = getattr(backend, "full_pass_rows", 1)
+    max_rows = getattr(backend, "max_exact_rows", None)
 
     while produced < max_new_tokens:
         # Leave room for the full model's own token: a cycle emits accepted drafts + 1.
@@ -213,8 +213,8 @@ def stream(
         alternatives = []
         if tree is not None and drafted:
             nodes = tree.nodes
-            if padded_rows > 1:  # row invariance pads every pass to that many rows (CUDA): fill them
-                nodes = min(nodes, padded_rows - 1 - len(drafted))
+            if max_rows is not None:  # every pass has that many rows (CUDA): fill the padding rows
+                nodes = min(nodes, max_rows - 1 - len(drafted))
             alternatives = trees.choose(proposal.confidences, proposal.offers, nodes) if nodes > 0 else []
         rows = [pending, *drafted, *(a.token for a in alternatives)]
         chain = len(drafted) + 1  # the rows that decide the output; alternatives only propose
