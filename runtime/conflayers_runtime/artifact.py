@@ -146,7 +146,8 @@ def open_backend(
     time (faster plain decoding, which may then differ from speculative output at near-ties).
 
     ``weights`` (WEIGHT_MODES): by default "paired" on CPU where the artifact has a paired graph
-    for the draft and the draft reads the full graph's weights (base precision), else
+    for the draft and the draft reads the full graph's weights (base precision; fp32 artifacts,
+    see _pairs_by_default), else
     "prepacked": a draft of int8/int4 copies reads its own weights, so one session saves nothing
     (the embeddings, a shared memory map, count once either way) and its If costs 0.15-0.3 ms a
     call (measured on SmolLM2: a draft pass 5.8 ms paired, 5.5-5.7 ms alone). On CUDA the
@@ -185,7 +186,7 @@ def open_backend(
     providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
     paired_file = (section.tree if tree else section.paired).get(draft) if draft is not None else None
     weights = weights or ("paired" if paired_file and device == "cpu" and not capturable else "prepacked")
-    if weights == "paired" and weights_given is None and _reads_own_weights(manifest, draft):
+    if weights == "paired" and weights_given is None and not _pairs_by_default(manifest, draft):
         weights = "prepacked"
     if capturable and weights == "paired":
         raise ManifestError(
@@ -245,10 +246,15 @@ def open_backend(
     return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows, cuda_graphs)
 
 
-def _reads_own_weights(manifest: Manifest, draft: str | None) -> bool:
-    """Whether ``draft`` reads quantized copies of the weights rather than the full graph's."""
+def _pairs_by_default(manifest: Manifest, draft: str | None) -> bool:
+    """Whether the CPU default for ``draft`` is the paired session: where the draft reads the full
+    graph's weights (base precision; a draft of int8/int4 copies reads its own), and the artifact
+    is a CPU one (fp32 activations). An fp16 artifact's If branch computes the full model otherwise
+    than full.onnx alone on the CPU (measured on SmolLM2: greedy output parts at the third token),
+    while fp32 branches are bitwise the graph alone (tests/test_paired.py)."""
     known = {d.name: d for d in manifest.drafts}
-    return draft in known and known[draft].weight_precision != "base"
+    base = draft in known and known[draft].weight_precision == "base"
+    return base and artifact_section(manifest).kv.dtype == "fp32"
 
 
 _NUMPY_DTYPES = {
