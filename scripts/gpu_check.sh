@@ -63,7 +63,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from conflayers_export.models.architectures import registered
 from conflayers_export.export.validate import check_parity
 from conflayers_export.models import load_model
-from conflayers_runtime import DraftConfig, load
+from conflayers_runtime import DraftConfig, TreeConfig, load
 from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.manifest import Draft, read_manifest
 from conflayers_runtime.speculative import generate, measure_pass_costs
@@ -111,7 +111,9 @@ for name, arch in registered().items():
             paired = {d: load(art, device=device, draft=d, weights="paired").generate("abcdefg", 24, chat=False, mode="speculative").token_ids == plain for d in drafts}
             # the mask graphs, uncaptured (CUDA default for fp16 artifacts: capturable graphs in CUDA graphs)
             uncaptured = {d: load(art, device=device, draft=d, capturable=False).generate("abcdefg", 24, chat=False, mode="speculative").token_ids == plain for d in drafts}
-            parity[key] = {"worst_max_abs_diff": worst, "speculative_equals_plain": exact, "paired_equals_plain": paired, "uncaptured_equals_plain": uncaptured}
+            # token trees (the capturable tree graph, captured, on CUDA for fp16 artifacts)
+            tree = {d: load(art, device=device, draft=d, tree=TreeConfig(4, 2)).generate("abcdefg", 24, chat=False, mode="speculative").token_ids == plain for d in drafts}
+            parity[key] = {"worst_max_abs_diff": worst, "speculative_equals_plain": exact, "paired_equals_plain": paired, "uncaptured_equals_plain": uncaptured, "tree_equals_plain": tree}
         except Exception as exc:  # report every combination, not only the first failure
             parity[key] = {"error": f"{type(exc).__name__}: {str(exc)[:600]}"}
         print(key, parity[key], flush=True)
