@@ -18,6 +18,10 @@ count): its input ids and lengths live in fixed device buffers updated in place,
 in a fixed device buffer, so that each replay finds the addresses it was captured with. Longer
 passes (prompts) run uncaptured.
 
+Tree-form graphs (tree.full.onnx, its paired and capturable forms) also take each row's position
+and an attention bias: every pass gets them (a chain's by default), a verify pass over a token
+tree its own (``depths``, tree.py); captured passes read them from device buffers per row count.
+
 A draft with a pruned vocabulary returns logits over its own columns only; ``draft_token_ids``
 maps each column to its token id (the decoding loop applies it).
 
