@@ -166,7 +166,6 @@ def open_backend(
     """
     folder = Path(folder)
     section = artifact_section(manifest)
-    weights_given = weights
     if tree and "full" not in section.tree:
         raise ManifestError(
             f"{folder} has no tree graph (written since schema 1.4): rebuild it with "
@@ -185,9 +184,8 @@ def open_backend(
         )
     providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
     paired_file = (section.tree if tree else section.paired).get(draft) if draft is not None else None
-    weights = weights or ("paired" if paired_file and device == "cpu" and not capturable else "prepacked")
-    if weights == "paired" and weights_given is None and not _pairs_by_default(manifest, draft):
-        weights = "prepacked"
+    pairs = paired_file and device == "cpu" and not capturable and _pairs_by_default(manifest, draft)
+    weights = weights or ("paired" if pairs else "prepacked")
     if capturable and weights == "paired":
         raise ManifestError(
             'capturable graphs run in two sessions (a CUDA graph cannot hold an If): use weights="prepacked"'

@@ -229,7 +229,7 @@ def stream(
             if hit is not None:
                 carried = _Carried([int(targets[hit])])
         else:
-            verify_logits = _verify_logits(backend, rows, cached, depths)  # [rows, V]
+            verify_logits = backend.forward(rows, cached, use_draft=False, **_tree_arguments(depths))
             p = sampling.warp(verify_logits[:chain], sampling_config)
             q = proposal.distributions(getattr(backend, "draft_token_ids", None), p.shape[-1])
             accepted, next_token = sampling.accept_sampled(p, q, drafted, rng)
@@ -403,10 +403,10 @@ def _hit(alternatives: list[trees.Alternative], chain: int, accepted: int, token
     return None
 
 
-def _verify_logits(backend: Backend, rows: list[int], start: int, depths: list[int] | None) -> np.ndarray:
-    if depths is None:
-        return backend.forward(rows, start, use_draft=False)
-    return backend.forward(rows, start, use_draft=False, depths=depths)  # type: ignore[call-arg]
+def _tree_arguments(depths: list[int] | None) -> dict[str, list[int]]:
+    """A full pass's keyword arguments: a token tree's ``depths`` where there is one (backends that
+    do not verify trees take none)."""
+    return {} if depths is None else {"depths": depths}
 
 
 def greedy_tokens(
@@ -417,7 +417,7 @@ def greedy_tokens(
     else from the logits here. Both paths pick the first of equal maxima; the probability only
     decides where a draft stops (the device computes it in float32), never which token is emitted.
     ``depths``: a token tree's rows (tree.py), for a backend that ``verifies_trees``."""
-    tree = {} if depths is None else {"depths": depths}
+    tree = _tree_arguments(depths)
     if getattr(backend, "chooses_on_device", False):
         ids, probabilities = backend.greedy(token_ids, start, use_draft, **tree)  # type: ignore[attr-defined]
         return ids, probabilities
