@@ -99,7 +99,7 @@ def run_bench(
     drafts = list(artifact_section(manifest).drafts)
     spec_models = {d: load(artifact, device=device, draft=d, threads=threads, verify=False) for d in drafts}
     engines = _our_engines(manifest, plain_model, spec_models, max_new_tokens) | baselines
-    if tree is not None:  # the tree graph in a session of its own, beside each draft's
+    if tree is not None:  # each draft again, through the artifact's tree graphs (tree.py)
         for d in drafts:
             model = load(artifact, device=device, draft=d, threads=threads, verify=False, tree=tree)
             name = f"ours speculative, tree {tree.nodes}x{tree.width} ({d})"

@@ -119,9 +119,8 @@ class CandidateGraphs:
         for prompt in evaluation.prompts:
             for mode, draft in (("plain", None), ("speculative", config)):
                 started = time.perf_counter()
-                shape = tree if draft is not None else None
-                _, stats = generate(
-                    backend, prompt, evaluation.max_new_tokens, GREEDY, draft, self.stop_token_ids, shape
+                _, stats = generate(  # plain decoding drafts nothing, so its tree stays empty
+                    backend, prompt, evaluation.max_new_tokens, GREEDY, draft, self.stop_token_ids, tree
                 )
                 seconds[mode] += time.perf_counter() - started
                 tokens[mode] += stats.new_tokens

@@ -49,6 +49,7 @@ import numpy as np
 import onnx
 import torch
 from conflayers_runtime.manifest import ARTIFACT_DTYPES
+from conflayers_runtime.tree import TREE_INPUTS
 from onnx import TensorProto, helper, numpy_helper
 
 from ..models.architectures import Architecture
@@ -308,10 +309,11 @@ class _GraphBuilder:
         attention's rows are (a one-token pass: a second row, and a column for it; a capturable
         graph's bias already has max_seq_len columns). The padding row's position and bias are
         copies: its output is dropped and its K/V overwritten later."""
+        position_ids, attention_bias = TREE_INPUTS
         if self.min_rows == 1:
-            return ["position_ids", "attention_bias"]
-        positions = self.pad_attention_rows("position_ids", "/model/tree/position_ids")
-        bias = self.pad_attention_rows("attention_bias", "/model/tree/bias_rows", axis=2)
+            return [position_ids, attention_bias]
+        positions = self.pad_attention_rows(position_ids, "/model/tree/position_ids")
+        bias = self.pad_attention_rows(attention_bias, "/model/tree/bias_rows", axis=2)
         if not self.capturable:
             bias = self.pad_attention_rows(bias, "/model/tree/bias_columns", axis=3, ends=self.padded_total)
         return [positions, bias]
@@ -492,10 +494,11 @@ class _GraphBuilder:
         ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])
         inputs = [ids, lengths]
         if self.tree:
+            position_ids, attention_bias = TREE_INPUTS
             inputs += [
-                helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"]),
+                helper.make_tensor_value_info(position_ids, TensorProto.INT64, ["batch", "sequence"]),
                 helper.make_tensor_value_info(
-                    "attention_bias", self.onnx_dtype, ["batch", 1, "sequence", "total"]
+                    attention_bias, self.onnx_dtype, ["batch", 1, "sequence", "total"]
                 ),
             ]
         choice = [("next_token_ids", TensorProto.INT64)]

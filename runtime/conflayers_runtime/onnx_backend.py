@@ -126,7 +126,7 @@ class OnnxBackend:
         # Graphs in tree form (tree.full.onnx, or paired with the draft): each pass gets positions
         # and an attention bias, and verify passes may hold a token tree.
         self._tree_form = {
-            role: "position_ids" in {i.name for i in s.get_inputs()} for role, s in self.sessions.items() if s
+            role: TREE_INPUTS[0] in {i.name for i in s.get_inputs()} for role, s in self.sessions.items() if s
         }
         self.verifies_trees = self._tree_form[False]
         self._buffers: dict[tuple[str, bool, int, str], ort.OrtValue] = {}
