@@ -46,6 +46,21 @@ def test_a_guard_switching_drafting_on_and_off_keeps_plain_output(artifact):
     assert load(artifact, draft="mid").generate(prompt, 60, mode="auto").token_ids == plain
 
 
+def test_auto_mode_keeps_one_speed_guard_across_generations(artifact):
+    """A draft measured slower stays measured slower for the next prompt: the guard's state (its
+    waits between probes) carries over instead of starting again at every call."""
+    model = load(artifact, draft="mid")
+    model.speed_guard = guard = Alternating()
+    model.generate([5, 17, 3, 9, 10], 20, mode="auto")
+    first = guard.calls
+    model.generate([7, 1, 4], 20, mode="auto")
+    second = guard.calls
+    assert first > 0 and second > first
+    model.generate([7, 1, 4], 20, mode="speculative")  # forced speculation bypasses the guard
+    model.generate([7, 1, 4], 20, mode="auto", guard=False)
+    assert guard.calls == second
+
+
 @pytest.mark.real_model
 def test_text_streams_whole_characters_across_byte_tokens(smollm2):
     """A byte-level BPE splits an emoji over several tokens; no piece may end mid-character."""

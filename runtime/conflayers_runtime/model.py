@@ -61,6 +61,10 @@ class Model:
         self.draft = draft
         self.last_stats = GenerationStats()
         self.last_token_ids: list[int] = []
+        # Auto mode's speed guard, kept across generations: whether speculation wins on this
+        # device with this draft holds for the next prompt too, so a losing draft's probes grow
+        # ever rarer instead of starting over with every call.
+        self.speed_guard = speculative.SpeedGuard()
         tok = artifact_section(manifest).tokenizer
         self.chat_prefix: str | None = tok.chat_prefix
         self.chat_suffix: str | None = tok.chat_suffix
@@ -130,7 +134,7 @@ class Model:
                 "--max-seq-len"
             )
         used = self.resolve_mode(mode)
-        policy = speculative.SpeedGuard() if guard and used == "speculative" and mode == "auto" else None
+        policy = self.speed_guard if guard and used == "speculative" and mode == "auto" else None
         self.last_stats = GenerationStats()
         self.last_token_ids = []
         text = _Detokenizer(self.tokenizer, self.last_token_ids)
