@@ -139,8 +139,10 @@ class CacheLayout:
     sliding_windows: list[int | None]  # per layer; None = full attention
     shape: list[str] = field(default_factory=lambda: list(KV_SHAPE))
     past_is_present: bool = True
-    # Cache positions every pass writes: graphs that run a one-token pass's attention over its
-    # row twice (row invariance) say 2; absent (graphs built before that) means 1.
+    # Cache positions every full-graph pass writes: full graphs that run a one-token pass's
+    # attention over its row twice (row invariance) say 2; absent (graphs built before that) means
+    # 1. Draft graphs built since session 7 pad nothing (their rows need not be invariant), so a
+    # draft pass writes at most this many.
     min_attention_rows: int = 1
 
 

@@ -57,7 +57,7 @@ class KVSpec:
     head_dim: int
     max_seq_len: int
     dtype: str  # "fp32" or "fp16"
-    min_rows: int = 1  # cache positions a pass writes at least (the graph's attention padding)
+    min_rows: int = 1  # cache positions a full-graph pass writes at least (its attention padding)
 
 
 def device_type(device: str) -> str:
