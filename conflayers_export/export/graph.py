@@ -336,8 +336,9 @@ class _GraphBuilder:
         positions = self.pad_attention_rows(position_ids, "/model/tree/position_ids")
         bias = self.pad_attention_rows(attention_bias, "/model/tree/bias_rows", axis=2)
         if not self.capturable:
-            columns = (self.mask_total, self.padded_total)
-            bias = self.pad_attention_rows(bias, "/model/tree/bias_columns", 3, *columns)
+            bias = self.pad_attention_rows(
+                bias, "/model/tree/bias_columns", axis=3, length=self.mask_total, rows=self.padded_total
+            )
         return [positions, bias]
 
     def _head_norm(self, x: str, module: torch.nn.Module, name: str, wname: str, head_dim: int) -> str:
