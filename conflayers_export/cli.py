@@ -595,9 +595,18 @@ def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -
     results = check_parity(artifact_dir, loaded, device)
     invariance = check_row_invariance(artifact_dir, loaded.model.config.vocab_size, device)
     if as_json:
-        report = {"parity": [asdict(r) for r in results], "row_invariance": [asdict(r) for r in invariance]}
+        report = {
+            "parity": [asdict(r) for r in results],
+            "row_invariance": [asdict(r) for r in invariance],
+            "unknown_manifest_keys": manifest.unknown_keys,
+        }
         click.echo(json.dumps(report, indent=2))
         return
+    if manifest.unknown_keys:
+        click.echo(
+            f"note: the manifest (schema {manifest.schema_version}) has fields this version does not read, "
+            f"ignored: {', '.join(manifest.unknown_keys)} (a newer conflayers-export uses them)"
+        )
     worst = _worst_per_graph(results)
     diffs = ", ".join(
         f"{graph} {r.max_abs_diff:.2e} (tolerance {r.tolerance:.2e})" for graph, r in worst.items()

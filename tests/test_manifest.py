@@ -57,7 +57,7 @@ def test_newer_minor_version_is_read_and_other_major_refused(tmp_path):
         (lambda d: d["drafts"][0].update(skip_layers=[3, 3]), "repeats an entry"),
         (lambda d: d["drafts"][1].update(weight_precision="fp8"), "weight_precision 'fp8'"),
         (lambda d: d["tasks"]["default"].update(draft="nope"), "unknown draft 'nope'"),
-        (lambda d: d.pop("model"), "malformed manifest"),
+        (lambda d: d.pop("model"), "model section is missing.*calibrate"),
         (lambda d: d.pop("schema_version"), "no valid schema_version"),
     ],
 )
@@ -197,7 +197,7 @@ def _set(path: str, value: object):
     def mutate(data: dict) -> None:
         *parents, key = path.split("/")
         for parent in parents:
-            data = data[parent]
+            data = data[int(parent)] if isinstance(data, list) else data[parent]
         if value is None:
             del data[key]
         else:
@@ -264,3 +264,70 @@ def test_the_ranking_goes_in_its_field_not_in_the_free_form_calibration(tmp_path
     manifest.calibration["vocabulary"] = {"ranked_token_ids": [1]}
     with pytest.raises(ManifestError, match="set Manifest.vocabulary instead"):
         write_manifest(manifest, tmp_path)
+
+
+# --- reading forward: a newer minor version's keys, and mistyped fields -------------------------
+
+
+def _with_a_key_in_every_section(data: dict) -> list[str]:
+    """Add a key no reader of today knows to every object of a built manifest; returns their paths."""
+    added = []
+
+    def add(obj: dict, path: str) -> None:
+        obj["from_the_future"] = {"nested": [1, 2]}
+        added.append(f"{path}.from_the_future" if path else "from_the_future")
+
+    add(data, "")
+    add(data["model"], "model")
+    add(data["drafts"][0], "drafts[0]")
+    add(data["tasks"]["code"], "tasks.code")
+    add(data["calibration"]["vocabulary"], "calibration.vocabulary")
+    artifacts = data["artifacts"]
+    add(artifacts, "artifacts")
+    for section in ("kv", "quantization", "tokenizer"):
+        add(artifacts[section], f"artifacts.{section}")
+    add(artifacts["files"]["weights.bin"], "artifacts.files.weights.bin")
+    return added
+
+
+def test_a_newer_minor_version_with_a_new_key_in_every_section_loads(tmp_path):
+    data = _built()
+    data["schema_version"] = SCHEMA_VERSION.split(".")[0] + ".99"
+    added = _with_a_key_in_every_section(data)
+    manifest = _read(tmp_path, data)
+    assert sorted(manifest.unknown_keys) == sorted(added)
+    assert manifest.draft("d1").skip_layers == [14, 15, 16] and manifest.tasks["code"].draft is None
+    assert "from_the_future" not in json.dumps(manifest.to_dict())  # read past, never written back
+    assert _read(tmp_path, _built()).unknown_keys == []
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            _set("drafts/0/recommended", "false"),
+            r"drafts\[0\]\.recommended must be true or false, got \"false\"",
+        ),
+        (_set("drafts/0/max_draft_tokens", "4"), r"drafts\[0\]\.max_draft_tokens must be an integer"),
+        (_set("drafts/0/confidence_threshold", "0.8"), r"drafts\[0\]\.confidence_threshold must be a number"),
+        (_set("drafts/0/skip_layers", "14,15"), r"drafts\[0\]\.skip_layers must be a list"),
+        (
+            _set("drafts/0/skip_layers", [14, True]),
+            r"drafts\[0\]\.skip_layers\[1\] must be a string, got true",
+        ),
+        (_set("drafts/0/metrics", [0.7]), r"drafts\[0\]\.metrics must be an object"),
+        (_set("drafts/0/name", None), r"drafts\[0\]\.name is missing"),
+        (_set("drafts", {"d1": {}}), r"drafts must be a list"),
+        (_set("tasks/default", "d1"), r"tasks\.default must be an object, got \"d1\""),
+        (_set("tasks/default/note", 3), r"tasks\.default\.note must be a string, got 3"),
+        (_set("model/num_layers", 30.0), r"model\.num_layers must be an integer, got 30\.0"),
+        (_set("model/fingerprint", None), r"model\.fingerprint is missing"),
+        (_set("calibration", []), r"calibration must be an object"),
+        (_set("tool", {"version": 1}), r"tool\.version must be a string"),
+    ],
+)
+def test_a_mistyped_field_names_itself_and_the_fix(tmp_path, mutate, message):
+    data = _built()
+    mutate(data)
+    with pytest.raises(ManifestError, match=rf"the manifest's {message}.*: (run|rebuild)"):
+        _read(tmp_path, data)

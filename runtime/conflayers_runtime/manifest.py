@@ -215,9 +215,21 @@ class Artifacts:
     @classmethod
     def from_dict(cls, data: object) -> Artifacts:
         """The section as read from JSON, type-checked; ManifestError names a bad field."""
+        section = cls.read(data, _Reader())
+        if section is None:
+            raise ManifestError(f"the manifest's artifacts section is empty: {_REBUILD}")
+        return section
+
+    @classmethod
+    def read(cls, data: object, reader: _Reader) -> Artifacts | None:
+        """The section through ``reader`` (which collects unknown keys); None where it is absent or
+        empty (not built yet)."""
+        if not data:
+            return None
         if isinstance(data, dict) and isinstance(data.get("kv"), dict) and "dtype" not in data["kv"]:
             data = {**data, "kv": {**data["kv"], "dtype": data.get("dtype")}}  # schema 1.0
-        return _parse(cls, data, "artifacts", _REBUILD)
+        reader.fix = _REBUILD
+        return reader.typed(cls, data, "artifacts")
 
     def check(self, draft_names: list[str], num_layers: int) -> None:
         """What types cannot say: known dtypes, and names that point at drafts, layers, tensors
@@ -284,6 +296,11 @@ class Manifest:
     artifacts: Artifacts | None = None  # files, I/O contract; None: not built yet ({} in the JSON)
     tool: dict[str, str] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
+    # Keys the file holds that this reader does not know (a newer minor version's fields), as paths
+    # like "drafts[0].source": read past, never written back; `conflayers-export validate` lists them.
+    unknown_keys: list[str] = field(
+        default_factory=list, compare=False, repr=False, metadata={"derived": True}
+    )
 
     def draft(self, name: str) -> Draft:
         for d in self.drafts:
@@ -303,25 +320,25 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        """The manifest as read from JSON: every section type-checked field by field (a bad field
+        is a ManifestError naming it and the fix); keys of a newer minor version that this reader
+        does not know are ignored and listed in ``unknown_keys``."""
         _check_version(data.get("schema_version"))
-        try:
-            calibration = dict(data.get("calibration", {}))
-            vocabulary = calibration.pop("vocabulary", None)
-            artifacts = data.get("artifacts")
-            manifest = cls(
-                model=ModelIdentity(**data["model"]),
-                drafts=[Draft(**d) for d in data.get("drafts", [])],
-                tasks={k: Task(**v) for k, v in data.get("tasks", {}).items()},
-                calibration=calibration,
-                vocabulary=None
-                if vocabulary is None
-                else _parse(VocabularyRanking, vocabulary, "calibration.vocabulary", _RECALIBRATE),
-                artifacts=Artifacts.from_dict(artifacts) if artifacts else None,
-                tool=dict(data.get("tool", {})),
-                schema_version=data["schema_version"],
-            )
-        except (KeyError, TypeError) as exc:
-            raise ManifestError(f"malformed manifest ({exc}); rebuild it with conflayers-export") from exc
+        reader = _Reader()
+        calibration = reader.section(data, "calibration", dict[str, Any], {})
+        vocabulary = calibration.pop("vocabulary", None)
+        manifest = cls(
+            model=reader.section(data, "model", ModelIdentity),
+            drafts=reader.section(data, "drafts", list[Draft], []),
+            tasks=reader.section(data, "tasks", dict[str, Task], {}),
+            calibration=calibration,
+            vocabulary=reader.typed(VocabularyRanking | None, vocabulary, "calibration.vocabulary"),
+            artifacts=Artifacts.read(data.get("artifacts"), reader),
+            tool=reader.section(data, "tool", dict[str, str], {}),
+            schema_version=data["schema_version"],
+        )
+        reader.unknown += [key for key in data if key not in _TOP_LEVEL_KEYS]
+        manifest.unknown_keys = reader.unknown
         manifest.validate()
         return manifest
 
@@ -430,16 +447,21 @@ def _refuse(problem: str) -> None:
     raise ManifestError(f"the manifest's {problem}: {_REBUILD}")
 
 
+_ABSENT = object()  # a top-level section the file leaves out
+# The top-level keys of manifest.json (Manifest's fields but the vocabulary, which the JSON keeps
+# under calibration, and the reader's own unknown_keys).
+_TOP_LEVEL_KEYS = ("schema_version", "model", "drafts", "tasks", "calibration", "artifacts", "tool")
+
+
 class _Invalid(Exception):
-    """A field that does not match its type; _parse turns it into a ManifestError with the fix."""
+    """A field that does not match its type; _Reader turns it into a ManifestError with the fix."""
 
 
 def _parse(cls: type[Any], data: object, where: str, fix: str) -> Any:
     """``data`` (parsed JSON) as a ``cls``, checked field by field against the type hints."""
-    try:
-        return _typed(cls, data, where)
-    except _Invalid as exc:
-        raise ManifestError(f"{exc}: {fix}") from None
+    reader = _Reader()
+    reader.fix = fix
+    return reader.typed(cls, data, where)
 
 
 @functools.cache
@@ -447,39 +469,87 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
     return get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
 
 
-def _typed(hint: Any, value: object, where: str) -> Any:
-    """``value`` checked against ``hint`` (JSON scalars, lists, string-keyed maps, ``X | None``,
-    dataclasses from objects, named tuples from lists), with dataclasses and named tuples built."""
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):  # ``X | None``, or alternatives tried in order
-        if value is None and type(None) in args:
-            return None
-        arms = [a for a in args if a is not type(None)]
-        for arm in arms[:-1]:
-            try:
-                return _typed(arm, value, where)
-            except _Invalid:
-                pass
-        return _typed(arms[-1], value, where)
-    if dataclasses.is_dataclass(hint):
-        return _record(hint, value, where)
-    if isinstance(hint, type) and issubclass(hint, tuple):  # a NamedTuple, stored as a JSON list
-        hints = _hints(hint)
-        if not isinstance(value, list) or len(value) != len(hints):
-            raise _Invalid(f"the manifest's {where} must be a list [{', '.join(hints)}], got {_show(value)}")
-        items = zip(hints.items(), value, strict=True)
-        return hint(*(_typed(h, v, f"{where}.{name}") for (name, h), v in items))
-    if origin is list:
-        if not isinstance(value, list):
-            raise _Invalid(f"the manifest's {where} must be a list, got {_show(value)}")
-        return [_typed(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+class _Reader:
+    """The one parser of every manifest section: JSON values checked against the dataclasses' type
+    hints (JSON scalars, lists, string-keyed maps, ``X | None``, dataclasses from objects, named
+    tuples from lists), with dataclasses and named tuples built. Keys that are no field are skipped
+    and recorded in ``unknown`` (a newer minor version's optional fields); a value of the wrong type
+    or a missing required field is a ManifestError naming the field and ``fix``."""
+
+    def __init__(self) -> None:
+        self.unknown: list[str] = []
+        self.fix = _REBUILD
+
+    def section(self, data: dict[str, Any], name: str, hint: Any, default: Any = _ABSENT) -> Any:
+        """``data[name]`` as a ``hint`` (a top-level section); ``default`` where the file leaves it
+        out (required without one). Calibrate writes every section but ``artifacts`` and ``tool``."""
+        self.fix = _RECALIBRATE
+        if name not in data:
+            if default is _ABSENT:
+                raise ManifestError(f"the manifest's {name} section is missing: {self.fix}")
+            return default
+        return self.typed(hint, data[name], name)
+
+    def typed(self, hint: Any, value: object, where: str) -> Any:
+        try:
+            return self._typed(hint, value, where)
+        except _Invalid as exc:
+            raise ManifestError(f"{exc}: {self.fix}") from None
+
+    def _typed(self, hint: Any, value: object, where: str) -> Any:
+        origin, args = get_origin(hint), get_args(hint)
+        if hint is Any:
+            return value
+        if origin in (Union, types.UnionType):  # ``X | None``, or alternatives tried in order
+            if value is None and type(None) in args:
+                return None
+            arms = [a for a in args if a is not type(None)]
+            for arm in arms[:-1]:
+                try:
+                    return self._typed(arm, value, where)
+                except _Invalid:
+                    pass
+            return self._typed(arms[-1], value, where)
+        if dataclasses.is_dataclass(hint):
+            return self._record(hint, value, where)
+        if isinstance(hint, type) and issubclass(hint, tuple):  # a NamedTuple, stored as a JSON list
+            hints = _hints(hint)
+            if not isinstance(value, list) or len(value) != len(hints):
+                raise _Invalid(
+                    f"the manifest's {where} must be a list [{', '.join(hints)}], got {_show(value)}"
+                )
+            items = zip(hints.items(), value, strict=True)
+            return hint(*(self._typed(h, v, f"{where}.{name}") for (name, h), v in items))
+        if origin is list:
+            if not isinstance(value, list):
+                raise _Invalid(f"the manifest's {where} must be a list, got {_show(value)}")
+            return [self._typed(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise _Invalid(f"the manifest's {where} must be an object, got {_show(value)}")
+            return {k: self._typed(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return _scalar(hint, value, where)
+
+    def _record(self, cls: type[Any], value: object, where: str) -> Any:
+        """A dataclass from a JSON object: required fields present, each field of its type; keys that
+        are no field are recorded as unknown."""
         if not isinstance(value, dict):
             raise _Invalid(f"the manifest's {where} must be an object, got {_show(value)}")
-        return {k: _typed(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    # JSON scalars. bool is an int in Python, not in JSON; a JSON float may be written as 3.
+        fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]
+        for f in fields:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in value:
+                raise _Invalid(f"the manifest's {where}.{f.name} is missing")
+        names = {f.name for f in fields}
+        self.unknown += [f"{where}.{key}" for key in value if key not in names]
+        hints = _hints(cls)
+        given = [f.name for f in fields if f.name in value]
+        return cls(**{name: self._typed(hints[name], value[name], f"{where}.{name}") for name in given})
+
+
+def _scalar(hint: type, value: object, where: str) -> object:
+    """A JSON scalar of type ``hint``. bool is an int in Python, not in JSON; a JSON float may be
+    written as 3."""
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
@@ -487,21 +557,6 @@ def _typed(hint: Any, value: object, where: str) -> Any:
     if not ok:
         raise _Invalid(f"the manifest's {where} must be {_JSON_NAMES[hint]}, got {_show(value)}")
     return value
-
-
-def _record(cls: type[Any], value: object, where: str) -> Any:
-    """A dataclass from a JSON object: required fields present, each field of its type. Keys that
-    are no field are ignored: a newer minor version's optional fields."""
-    if not isinstance(value, dict):
-        raise _Invalid(f"the manifest's {where} must be an object, got {_show(value)}")
-    fields = dataclasses.fields(cls)
-    for f in fields:
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if required and f.name not in value:
-            raise _Invalid(f"the manifest's {where}.{f.name} is missing")
-    hints = _hints(cls)
-    given = [f.name for f in fields if f.name in value]
-    return cls(**{name: _typed(hints[name], value[name], f"{where}.{name}") for name in given})
 
 
 _JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -518,7 +573,8 @@ def _plain(value: Any) -> Any:
         return {
             f.name: _plain(getattr(value, f.name))
             for f in dataclasses.fields(value)
-            if not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)
+            if not f.metadata.get("derived")
+            and not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)
         }
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
