@@ -12,11 +12,13 @@ except ModuleNotFoundError as exc:
     ) from exc
 
 from .errors import ConflayersError, GenerationError, ManifestError, SkipSetError
+from .lookup import LookupConfig
 from .manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     Artifacts,
     Draft,
+    Lookup,
     Manifest,
     ModelIdentity,
     Task,
@@ -44,6 +46,8 @@ __all__ = [
     "GenerationError",
     "GenerationResult",
     "GenerationStats",
+    "Lookup",
+    "LookupConfig",
     "Model",
     "SpeedGuard",
     "Manifest",

@@ -32,9 +32,9 @@ from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import ManifestError, SkipSetError
 
-# 1.4: tree graphs; 1.3: capturable graphs; 1.2: paired graphs; 1.1: draft length policy,
-# pruned-vocabulary and quantized drafts built
-SCHEMA_VERSION = "1.4"
+# 1.5: lookup drafting per task; 1.4: tree graphs; 1.3: capturable graphs; 1.2: paired graphs;
+# 1.1: draft length policy, pruned-vocabulary and quantized drafts built
+SCHEMA_VERSION = "1.5"
 MANIFEST_NAME = "manifest.json"
 # The key of artifacts.capturable that names the tree graph in capturable form.
 CAPTURABLE_TREE = "tree.full"
@@ -97,9 +97,40 @@ class Draft:
 
 
 @dataclass
+class Lookup:
+    """Lookup drafting as calibrated for a task (the runtime's LookupConfig, lookup.py): proposals
+    read from the text itself, continuing the latest earlier match of its last n tokens."""
+
+    min_ngram: int
+    max_ngram: int
+    max_draft_tokens: int
+
+
+# What proposes in a task's speculative cycles (Task.source).
+SOURCES = ("model", "lookup", "both", "none")
+
+
+@dataclass
 class Task:
-    draft: str | None  # name of a Draft, or None when speculation is not recommended
+    # The model draft: name of a Draft, or None (no model draft: speculation is not recommended,
+    # or proposals come from the lookup alone).
+    draft: str | None
     note: str = ""
+    # Proposals read from the text, alone (draft None) or with the model draft ("both": the lookup
+    # proposes where the text has a match, the draft elsewhere, in one verify pass). Absent before
+    # schema 1.5 (readers before it decode such a task with its draft, or plainly).
+    lookup: Lookup | None = _omitted_when_none()
+    # What calibrate measured for the task's sources together, where a lookup is part of them:
+    # acceptance_rate, mean_tokens_per_cycle, expected_speedup... (a model draft alone keeps its
+    # measurements in Draft.metrics). Absent before schema 1.5.
+    metrics: dict[str, Any] | None = _omitted_when_none()
+
+    @property
+    def source(self) -> str:
+        """One of SOURCES: the model draft, the lookup, both, or none (plain decoding)."""
+        if self.lookup is None:
+            return "none" if self.draft is None else "model"
+        return "lookup" if self.draft is None else "both"
 
 
 @dataclass
@@ -370,6 +401,14 @@ class Manifest:
         for task_name, task in self.tasks.items():
             if task.draft is not None and task.draft not in names:
                 raise ManifestError(f"task {task_name!r} names an unknown draft {task.draft!r}")
+            lookup = task.lookup
+            if lookup is not None and not (
+                1 <= lookup.min_ngram <= lookup.max_ngram and lookup.max_draft_tokens >= 1
+            ):
+                raise ManifestError(
+                    f"task {task_name!r}: lookup needs 1 <= min_ngram <= max_ngram and "
+                    f"max_draft_tokens >= 1, got {lookup}"
+                )
         if "vocabulary" in self.calibration:  # to_dict would write two rankings into one key
             raise ManifestError("calibration['vocabulary'] is set: set Manifest.vocabulary instead")
         if self.artifacts is not None:

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from . import speculative
 from .artifact import artifact_section, open_backend, verify_files
 from .errors import GenerationError, ManifestError
+from .lookup import LookupConfig
 from .manifest import CAPTURABLE_TREE, Manifest, read_manifest
 from .onnx_backend import OnnxBackend
 from .sampling import SamplingConfig
@@ -52,9 +53,11 @@ class Model:
         tokenizer: Tokenizer,
         draft: str | None,
         tree: TreeConfig | None = None,
+        lookup: LookupConfig | None = None,
     ):
         self.folder = folder
         self.tree = tree  # token trees in speculative cycles (tree.py), None: a chain
+        self.lookup = lookup  # proposals read from the text (lookup.py), alone or with the draft
         self.manifest = manifest
         self.backend = backend
         self.tokenizer = tokenizer
@@ -99,14 +102,17 @@ class Model:
         )
 
     def resolve_mode(self, mode: str) -> str:
-        """'auto' follows the manifest: plain unless the chosen draft is recommended."""
+        """'auto' follows the manifest: speculative where the chosen draft is recommended or a
+        lookup is configured (calibrate ships one only where it pays), else plain."""
         if mode not in MODES:
             raise GenerationError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
-        if mode == "speculative" and self.draft is None:
-            raise GenerationError("speculative mode needs a draft: this artifact was loaded without one")
+        if mode == "speculative" and self.draft is None and self.lookup is None:
+            raise GenerationError(
+                "speculative mode needs a draft or a lookup: this artifact was loaded with neither"
+            )
         if mode == "auto":
             recommended = self.draft is not None and self.manifest.draft(self.draft).recommended
-            return "speculative" if recommended else "plain"
+            return "speculative" if recommended or self.lookup is not None else "plain"
         return mode
 
     def stream(
@@ -145,11 +151,12 @@ class Model:
             ids,
             max_new_tokens,
             sampling,
-            (draft_config or self.draft_config()) if used == "speculative" else None,
+            (draft_config or self.draft_config()) if used == "speculative" and self.draft else None,
             self.stop_token_ids,
             self.last_stats,
             policy,
             self.tree if used == "speculative" else None,
+            self.lookup if used == "speculative" else None,
         ):
             piece = text.add(chunk)
             if piece is None:  # an incomplete UTF-8 sequence: wait for its next bytes
@@ -225,9 +232,22 @@ def default_draft(manifest: Manifest) -> str | None:
 def loaded_by_default(manifest: Manifest) -> str | None:
     """The draft ``load()`` opens when none is named: :func:`default_draft`, unless calibration did
     not recommend it (auto would decode plainly anyway; a lone session also decodes faster, its
-    threads may spin between runs, and takes half the memory). Name the draft to force it."""
+    threads may spin between runs, and takes half the memory) and the default task does not use
+    it beside a lookup. Name the draft to force it."""
     draft = default_draft(manifest)
-    return draft if draft is not None and manifest.draft(draft).recommended else None
+    task = manifest.tasks.get("default")
+    if draft is None or (task is not None and task.source == "lookup"):  # the lookup alone won
+        return None
+    with_lookup = task is not None and task.source == "both" and task.draft == draft
+    return draft if manifest.draft(draft).recommended or with_lookup else None
+
+
+def calibrated_lookup(manifest: Manifest) -> LookupConfig | None:
+    """The lookup calibrate shipped for the ``default`` task (Task.lookup), if any."""
+    task = manifest.tasks.get("default")
+    if task is None or task.lookup is None:
+        return None
+    return LookupConfig(task.lookup.min_ngram, task.lookup.max_ngram, task.lookup.max_draft_tokens)
 
 
 def calibrated_tree(
@@ -256,6 +276,7 @@ def load(
     exact: bool = True,
     capturable: bool | None = None,
     tree: bool | TreeConfig | None = None,
+    lookup: bool | LookupConfig | None = None,
 ) -> Model:
     """Open an artifact built by ``conflayers-export build``.
 
@@ -270,7 +291,9 @@ def load(
     graphs on CUDA (the default there, where the artifact has them; artifact.open_backend).
     ``tree``: verify passes hold a token tree (True: TreeConfig's defaults; tree.py: the same
     output, more proposals accepted per full pass), through the artifact's tree graphs; None: as
-    calibrated for the draft (:func:`calibrated_tree`), False: a chain.
+    calibrated for the draft (:func:`calibrated_tree`), False: a chain. ``lookup``: proposals read
+    from the text (lookup.py), alone or beside the draft (True: LookupConfig's defaults); None: as
+    calibrated for the default task (:func:`calibrated_lookup`), False: none.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -290,4 +313,7 @@ def load(
             f"cannot read the tokenizer {tokenizer_file} ({exc}); rebuild the artifact"
         ) from exc
     tree_config = TreeConfig() if tree is True else (tree or None)
-    return Model(folder, manifest, backend, tokenizer, draft, tree_config)
+    if lookup is None:
+        lookup = calibrated_lookup(manifest)
+    lookup_config = LookupConfig() if lookup is True else (lookup or None)
+    return Model(folder, manifest, backend, tokenizer, draft, tree_config, lookup_config)

@@ -27,6 +27,7 @@ import numpy as np
 from . import sampling
 from . import tree as trees
 from .errors import GenerationError
+from .lookup import LookupConfig, TextLookup
 from .sampling import SamplingConfig
 from .tree import TreeConfig
 
@@ -86,6 +87,9 @@ class GenerationStats:
     accepted_histogram: list[int] = field(default_factory=list)
     tree_nodes: int = 0  # alternative rows verified (token trees, tree.py)
     tree_hits: int = 0  # cycles whose first proposal came from an alternative's row
+    verify_rows: int = 0  # rows of the full passes after prefill: what their cost grows with
+    looked_up_tokens: int = 0  # proposals read from the text (lookup.py), part of drafted_tokens
+    looked_up_accepted: int = 0  # ... and accepted, part of accepted_tokens
 
     @property
     def acceptance_rate(self) -> float:
@@ -101,6 +105,25 @@ class GenerationStats:
         """Tokens emitted per full-model pass after prefill (1.0 for plain decoding)."""
         after_prefill = self.new_tokens - self.prefill_passes  # each prefill emits one token
         return after_prefill / self.verify_passes if self.verify_passes else 0.0
+
+    @property
+    def rows_per_full_pass(self) -> float:
+        """Mean rows of a full pass after prefill (1.0 for plain decoding)."""
+        return self.verify_rows / self.verify_passes if self.verify_passes else 0.0
+
+    def record_pass(
+        self, proposal: _Proposal, alternatives: list[trees.Alternative], accepted: int, tree_hit: bool
+    ) -> None:
+        """Count one full pass after prefill, its proposals and how many it accepted."""
+        self.verify_passes += 1
+        self.verify_rows += 1 + len(proposal.tokens) + len(alternatives)
+        self.draft_passes += proposal.draft_passes
+        self.tree_nodes += len(alternatives)
+        self.tree_hits += tree_hit
+        if proposal.tokens:
+            self.record_cycle(len(proposal.tokens), accepted)
+            self.looked_up_tokens += proposal.looked_up
+            self.looked_up_accepted += max(0, accepted - (len(proposal.tokens) - proposal.looked_up))
 
     def record_cycle(self, drafted: int, accepted: int) -> None:
         self.cycles += 1
@@ -125,6 +148,9 @@ class GenerationStats:
             "verify_passes",
             "tree_nodes",
             "tree_hits",
+            "verify_rows",
+            "looked_up_tokens",
+            "looked_up_accepted",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for accepted, cycles in enumerate(other.accepted_histogram):
@@ -145,6 +171,8 @@ class GenerationStats:
                 "verify": self.verify_passes,
             },
             "tree": {"nodes": self.tree_nodes, "hits": self.tree_hits},
+            "rows_per_full_pass": self.rows_per_full_pass,
+            "lookup": {"proposed": self.looked_up_tokens, "accepted": self.looked_up_accepted},
         }
 
 
@@ -158,15 +186,20 @@ def stream(
     stats: GenerationStats | None = None,
     guard: SpeedGuard | None = None,
     tree: TreeConfig | None = None,
+    lookup: LookupConfig | None = None,
 ) -> Iterator[list[int]]:
     """Yield the new tokens in chunks as they are decided (one chunk per cycle).
 
-    ``draft_config=None`` decodes plainly with the full model. Greedy output is identical either way;
-    sampled output is distributed exactly as plain sampling. A ``guard`` may turn drafting off
-    for some cycles (when speculation is measured slower than plain decoding); that changes
-    speed only, never the output distribution. ``tree``: verify passes also run the full model at
-    the draft's likely alternatives, whose rows propose the next cycle's first token (tree.py;
-    the backend needs ``verifies_trees``); the output is the same.
+    Proposals come from the model draft (``draft_config``), from the text itself (``lookup``,
+    lookup.py), or both: then a lookup match proposes first (it costs nothing), the draft
+    proposes where the text offers none, and a match found after the draft's tokens extends the
+    same chain, so one full pass verifies both. Neither: plain decoding with the full model.
+    Greedy output is identical either way; sampled output is distributed exactly as plain
+    sampling. A ``guard`` may turn proposing off for some cycles (when speculation is measured
+    slower than plain decoding); that changes speed only, never the output distribution.
+    ``tree``: verify passes also run the full model at the draft's likely alternatives, whose rows
+    propose the next cycle's first token (tree.py; the backend needs ``verifies_trees``); the
+    output is the same.
     """
     if tree is not None and not getattr(backend, "verifies_trees", False):
         raise GenerationError("token trees need the artifact's tree graph: load it with tree=True")
@@ -177,73 +210,36 @@ def stream(
     stats = stats if stats is not None else GenerationStats()
     rng = np.random.default_rng(sampling_config.seed)
     stops = set(stop_token_ids)
-
-    greedy = sampling_config.greedy
     prompt = list(prompt_ids)
-    if greedy:  # prefill
-        pending = int(greedy_tokens(backend, prompt, 0, use_draft=False)[0][-1])
-    else:
-        last = backend.forward(prompt, 0, use_draft=False)[-1]
-        pending = sampling.sample(sampling.warp(last, sampling_config), rng)
+    pending = _prefill(backend, prompt, sampling_config, rng)
     stats.prefill_passes += 1
-    cached = len(prompt)  # valid KV positions; `pending` is not in the cache yet
-    produced = 1
-    stats.new_tokens = 1
+    stats.new_tokens = produced = 1
     yield [pending]
     if pending in stops:
         return
+    cached = len(prompt)  # valid KV positions; `pending` is not in the cache yet
+    text = TextLookup(lookup, [*prompt, pending]) if lookup is not None else None
     carried = _Carried()  # the next cycle's first proposals, from the last tree pass
     # A device whose exact passes all have one row count (row invariance, artifact.py) must not get
     # longer ones: there a tree's alternatives take the place of padding rows, at no cost.
     max_rows = getattr(backend, "max_exact_rows", None)
+    sources = _Sources(draft_config, text, max_rows)
 
     while produced < max_new_tokens:
-        # Leave room for the full model's own token: a cycle emits accepted drafts + 1.
-        budget = (
-            0 if draft_config is None else min(draft_config.max_draft_tokens, max_new_tokens - produced - 1)
-        )
+        started = time.perf_counter()
+        # Leave room for the full model's own token: a cycle emits accepted proposals + 1.
+        budget = sources.budget(max_new_tokens - produced - 1)
         if guard is not None and not guard.allow_draft():
             budget = 0
-        started = time.perf_counter()
-        proposal = _propose(
-            backend, pending, cached, budget, draft_config, sampling_config, rng, tree, carried
+        proposal = _propose(backend, pending, cached, budget, sources, sampling_config, rng, tree, carried)
+        alternatives = _alternatives(proposal, tree, max_rows)
+        accepted, next_token, carried = _verify(
+            backend, pending, cached, proposal, alternatives, sampling_config, rng
         )
-        drafted = proposal.tokens
-        stats.draft_passes += proposal.draft_passes
-        alternatives = []
-        if tree is not None and drafted:
-            nodes = tree.nodes
-            if max_rows is not None:  # every pass has that many rows (CUDA): fill the padding rows
-                nodes = min(nodes, max_rows - 1 - len(drafted))
-            alternatives = trees.choose(proposal.confidences, proposal.offers, nodes) if nodes > 0 else []
-        rows = [pending, *drafted, *(a.token for a in alternatives)]
-        chain = len(drafted) + 1  # the rows that decide the output; alternatives only propose
-        depths = [*range(chain), *(a.depth for a in alternatives)] if alternatives else None
-        stats.verify_passes += 1
-        stats.tree_nodes += len(alternatives)
-        carried = _Carried()
-        if greedy:
-            targets, _ = greedy_tokens(backend, rows, cached, use_draft=False, depths=depths)
-            accepted, next_token = sampling.accept_greedy(targets[:chain], drafted)
-            hit = _hit(alternatives, chain, accepted, next_token)
-            if hit is not None:
-                carried = _Carried([int(targets[hit])])
-        else:
-            verify_logits = backend.forward(rows, cached, use_draft=False, **_tree_arguments(depths))
-            p = sampling.warp(verify_logits[:chain], sampling_config)
-            q = proposal.distributions(getattr(backend, "draft_token_ids", None), p.shape[-1])
-            accepted, next_token = sampling.accept_sampled(p, q, drafted, rng)
-            hit = _hit(alternatives, chain, accepted, next_token)
-            if hit is not None:  # any proposal distribution keeps the rule exact: the full model's here
-                row = sampling.warp(verify_logits[hit], sampling_config)
-                carried = _Carried([sampling.sample(row, rng)], [row])
-        stats.tree_hits += hit is not None
-        if drafted:
-            stats.record_cycle(len(drafted), accepted)
-
-        chunk = [*drafted[:accepted], next_token]
+        stats.record_pass(proposal, alternatives, accepted, carried.tokens != [])
+        chunk = [*proposal.tokens[:accepted], next_token]
         if guard is not None:
-            guard.record(bool(drafted), 1 + accepted, time.perf_counter() - started)
+            guard.record(bool(proposal.tokens), 1 + accepted, time.perf_counter() - started)
         stop_at = next((i for i, t in enumerate(chunk) if t in stops), None)
         if stop_at is not None:
             chunk = chunk[: stop_at + 1]
@@ -251,9 +247,82 @@ def stream(
         pending = next_token
         produced += len(chunk)
         stats.new_tokens = produced
+        if text is not None:
+            text.extend(chunk)
         yield chunk
         if stop_at is not None:
             return
+
+
+def _prefill(
+    backend: Backend, prompt: list[int], sampling_config: SamplingConfig, rng: np.random.Generator
+) -> int:
+    """The full model over the prompt; returns the first new token."""
+    if sampling_config.greedy:
+        return int(greedy_tokens(backend, prompt, 0, use_draft=False)[0][-1])
+    last = backend.forward(prompt, 0, use_draft=False)[-1]
+    return sampling.sample(sampling.warp(last, sampling_config), rng)
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """Where a cycle's proposals come from: the model draft (``draft``), the text (``text``), or both."""
+
+    draft: DraftConfig | None
+    text: TextLookup | None
+    max_rows: int | None  # every full pass has this many rows (CUDA), so a chain fits in them
+
+    def budget(self, room: int) -> int:
+        """The most proposals a cycle may make, with ``room`` tokens left to generate."""
+        caps = [self.draft.max_draft_tokens if self.draft else 0]
+        caps.append(self.text.config.max_draft_tokens if self.text else 0)
+        if self.max_rows is not None:
+            room = min(room, self.max_rows - 1)
+        return max(0, min(room, max(caps)))
+
+
+def _alternatives(
+    proposal: _Proposal, tree: TreeConfig | None, max_rows: int | None
+) -> list[trees.Alternative]:
+    """The token tree's alternative rows for this proposal (none without a tree or proposals)."""
+    if tree is None or not proposal.tokens:
+        return []
+    nodes = tree.nodes
+    if max_rows is not None:  # every pass has that many rows (CUDA): fill the padding rows
+        nodes = min(nodes, max_rows - 1 - len(proposal.tokens))
+    return trees.choose(proposal.confidences, proposal.offers, nodes) if nodes > 0 else []
+
+
+def _verify(
+    backend: Backend,
+    pending: int,
+    cached: int,
+    proposal: _Proposal,
+    alternatives: list[trees.Alternative],
+    sampling_config: SamplingConfig,
+    rng: np.random.Generator,
+) -> tuple[int, int, _Carried]:
+    """One full pass over [pending, proposals, alternatives]: (proposals accepted, the full model's
+    next token, the next cycle's carried proposals from a tree hit)."""
+    drafted = proposal.tokens
+    rows = [pending, *drafted, *(a.token for a in alternatives)]
+    chain = len(drafted) + 1  # the rows that decide the output; alternatives only propose
+    depths = [*range(chain), *(a.depth for a in alternatives)] if alternatives else None
+    if sampling_config.greedy:
+        targets, _ = greedy_tokens(backend, rows, cached, use_draft=False, depths=depths)
+        accepted, next_token = sampling.accept_greedy(targets[:chain], drafted)
+        hit = _hit(alternatives, chain, accepted, next_token)
+        return accepted, next_token, _Carried() if hit is None else _Carried([int(targets[hit])])
+    verify_logits = backend.forward(rows, cached, use_draft=False, **_tree_arguments(depths))
+    p = sampling.warp(verify_logits[:chain], sampling_config)
+    q = proposal.distributions(getattr(backend, "draft_token_ids", None), p.shape[-1])
+    accepted, next_token = sampling.accept_sampled(p, q, drafted, rng)
+    hit = _hit(alternatives, chain, accepted, next_token)
+    if hit is None:
+        return accepted, next_token, _Carried()
+    # Any proposal distribution keeps the rule exact: the full model's (its alternative's row) here.
+    row = sampling.warp(verify_logits[hit], sampling_config)
+    return accepted, next_token, _Carried([sampling.sample(row, rng)], [row])
 
 
 class SpeedGuard:
@@ -329,21 +398,32 @@ class _Carried:
 
 @dataclass
 class _Proposal:
-    """One cycle's proposals: carried ones first, then the draft's, with what acceptance and a token
-    tree need of each (``confidences``: the probability of the chosen token, 1.0 for carried ones;
-    ``offers``: its runners-up as (token id, probability), in tree mode)."""
+    """One cycle's proposals in order: carried ones, the draft's, then the text's (lookup), with
+    what acceptance and a token tree need of each (``confidences``: the probability of the chosen
+    token, 1.0 for carried and looked-up ones; ``offers``: its runners-up as (token id,
+    probability), in tree mode)."""
 
     tokens: list[int] = field(default_factory=list)
     carried: list[np.ndarray] = field(default_factory=list)  # full-vocabulary rows of carried tokens
     drafted: list[np.ndarray] = field(default_factory=list)  # the draft's rows, over its own columns
+    looked_up: int = 0  # the last proposals, read from the text
     confidences: list[float] = field(default_factory=list)
     offers: list[list[tuple[int, float]]] = field(default_factory=list)
     draft_passes: int = 0
 
+    def add_looked_up(self, tokens: list[int]) -> None:
+        self.tokens += tokens
+        self.looked_up += len(tokens)
+        self.confidences += [1.0] * len(tokens)
+        self.offers += [[] for _ in tokens]
+
     def distributions(self, token_ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
-        """Every proposal's draft distribution over the full vocabulary [k, vocab] (sampling)."""
+        """Every proposal's draft distribution over the full vocabulary [k, vocab] (sampling): a
+        looked-up token is a deterministic proposal, one-hot."""
         drafted = _over_vocabulary(self.drafted, token_ids, vocab_size)
-        return np.concatenate([np.array(self.carried).reshape(-1, vocab_size), drafted])
+        looked_up = np.zeros((self.looked_up, vocab_size))
+        looked_up[np.arange(self.looked_up), self.tokens[len(self.tokens) - self.looked_up :]] = 1.0
+        return np.concatenate([np.array(self.carried).reshape(-1, vocab_size), drafted, looked_up])
 
 
 def _propose(
@@ -351,24 +431,28 @@ def _propose(
     pending: int,
     cached: int,
     budget: int,
-    draft_config: DraftConfig | None,
+    sources: _Sources,
     sampling_config: SamplingConfig,
     rng: np.random.Generator,
     tree: TreeConfig | None = None,
     carried: _Carried | None = None,
 ) -> _Proposal:
-    """Propose up to ``budget`` tokens: the carried ones, then the draft's. The draft's first pass
-    reads ``pending`` and the carried tokens together, then one token per pass."""
+    """Propose up to ``budget`` tokens: the carried ones, then a match in the text, else the
+    draft's, which a match found after them extends. The draft's first pass reads ``pending`` and
+    the carried tokens together, then one token per pass."""
     proposal = _Proposal()
     if carried is not None and budget:
         proposal.tokens = carried.tokens[:budget]
         proposal.carried = carried.distributions[:budget]
         proposal.confidences = [1.0] * len(proposal.tokens)
         proposal.offers = [[] for _ in proposal.tokens]
+    if _look_up(sources.text, proposal, budget) or sources.draft is None:
+        return proposal
     token_ids = getattr(backend, "draft_token_ids", None)  # test doubles may leave it out
     greedy = sampling_config.greedy
     feed, position = [pending, *proposal.tokens], cached
-    while len(proposal.tokens) < budget:
+    draft_budget = min(budget, len(proposal.tokens) + sources.draft.max_draft_tokens)
+    while len(proposal.tokens) < draft_budget:
         if greedy and tree is None:  # the token chosen on the device where the backend can
             ids, probabilities = greedy_tokens(backend, feed, position, use_draft=True)
             token, confidence, offered = int(ids[-1]), float(probabilities[-1]), []
@@ -386,9 +470,20 @@ def _propose(
         proposal.confidences.append(confidence)
         proposal.offers.append(offered)
         position, feed = position + len(feed), [token]
-        if draft_config is not None and confidence < draft_config.confidence_threshold:
+        if _look_up(sources.text, proposal, budget):
+            break
+        if confidence < sources.draft.confidence_threshold:
             break
     return proposal
+
+
+def _look_up(text: TextLookup | None, proposal: _Proposal, budget: int) -> bool:
+    """Extend ``proposal`` by the text's continuation of the decided text (which ends with the
+    pending token) and the proposals so far; whether it found one."""
+    room = budget - len(proposal.tokens)
+    found = text.propose(proposal.tokens, room) if text is not None and room > 0 else []
+    proposal.add_looked_up(found)
+    return bool(found)
 
 
 def _token_id(column: int, token_ids: np.ndarray | None) -> int:
@@ -447,12 +542,21 @@ def generate(
     draft_config: DraftConfig | None = DEFAULT_DRAFT_CONFIG,
     stop_token_ids: Sequence[int] = (),
     tree: TreeConfig | None = None,
+    lookup: LookupConfig | None = None,
 ) -> tuple[list[int], GenerationStats]:
     """Run :func:`stream` to the end. Returns (new token ids, stats)."""
     stats = GenerationStats()
     tokens: list[int] = []
     for chunk in stream(
-        backend, prompt_ids, max_new_tokens, sampling_config, draft_config, stop_token_ids, stats, tree=tree
+        backend,
+        prompt_ids,
+        max_new_tokens,
+        sampling_config,
+        draft_config,
+        stop_token_ids,
+        stats,
+        tree=tree,
+        lookup=lookup,
     ):
         tokens.extend(chunk)
     return tokens, stats

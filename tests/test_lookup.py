@@ -1,0 +1,208 @@
+"""Lookup drafting (runtime lookup.py): proposals read from the text itself, alone or with the
+model draft in one verify pass. Exact like every draft: greedy output is plain decoding's token
+for token; sampled output is distributed as the full model's (a looked-up proposal is a one-hot
+draft distribution)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conflayers_runtime import (
+    DraftConfig,
+    GenerationError,
+    Lookup,
+    LookupConfig,
+    ManifestError,
+    SamplingConfig,
+    Task,
+    TreeConfig,
+    load,
+    speculative,
+)
+from conflayers_runtime.artifact import open_backend
+from conflayers_runtime.lookup import TextLookup
+from conflayers_runtime.manifest import read_manifest, write_manifest
+from conflayers_runtime.speculative import generate
+
+from tests.test_reference import chi_square_p_value
+from tests.test_sampling_cycles import PROMPT, SAMPLES, VOCAB, MarkovBackend, exact_joint
+
+# --- the lookup itself ---------------------------------------------------------------------------
+
+
+def test_the_latest_earlier_match_of_the_longest_ngram_proposes_what_followed_it():
+    text = TextLookup(LookupConfig(min_ngram=1, max_ngram=3, max_draft_tokens=4), [5, 6, 7, 8, 1, 6, 7, 9, 2])
+    assert text.propose([6, 7], 4) == [9, 2]  # "6 7" last followed by 9 (at 5..7), not by 8
+    assert text.propose([5, 6, 7], 2) == [8, 1]  # the 3-gram "5 6 7" wins over the later "6 7"
+    assert text.propose([], 3) == []  # "...7 9 2": 2 never occurred before
+    assert text.propose([3], 4) == []
+    assert text.propose([6], 1) == [7]
+
+
+def test_a_short_continuation_chains_into_the_next_match():
+    text = TextLookup(LookupConfig(min_ngram=1, max_ngram=1, max_draft_tokens=8), [1, 2, 3, 1])
+    # "1" was followed by 2 (chaining: then "2" by 3, "3" by 1, "1" by 2...): a repeated cycle.
+    assert text.propose([], 7) == [2, 3, 1, 2, 3, 1, 2]
+
+
+def test_only_decided_tokens_are_matched_and_min_ngram_is_respected():
+    text = TextLookup(LookupConfig(min_ngram=2, max_ngram=2, max_draft_tokens=4), [4, 5, 6])
+    assert text.propose([9, 4, 5], 2) == [6]  # proposals extend the key, never the continuation
+    assert text.propose([5], 2) == []  # "6 5" never occurred
+    text.extend([4, 5])
+    assert text.propose([], 3) == [6, 4, 5]  # "4 5" followed by 6, then "5 6" by 4, "6 4" by 5
+
+
+@pytest.mark.parametrize(
+    "config", [dict(min_ngram=0), dict(min_ngram=3, max_ngram=2), dict(max_draft_tokens=0)]
+)
+def test_a_bad_lookup_config_is_refused(config):
+    with pytest.raises(GenerationError, match="lookup needs"):
+        LookupConfig(**config)
+
+
+# --- greedy: the same tokens as plain decoding, on every architecture ----------------------------
+
+
+def _looping_prompt(seed: int) -> list[int]:
+    """A prompt that repeats a span, so that lookups match in the prompt as well as in the text."""
+    span = [int(t) for t in np.random.default_rng(seed).integers(3, 200, 7)]
+    return [*span, 9, 12, *span[:4]]
+
+
+@pytest.mark.parametrize("draft", [None, "skip", "int8", "pruned"])
+def test_greedy_lookup_alone_and_with_each_draft_equals_plain_decoding(draft_kinds_artifact, draft):
+    folder, manifest = draft_kinds_artifact
+    plain_backend = open_backend(folder, manifest, None, "cpu", 1)
+    backend = open_backend(folder, manifest, draft, "cpu", 1)
+    config = DraftConfig(4, 0.0) if draft else None
+    looked_up = 0
+    for seed in range(3):
+        prompt = _looping_prompt(seed)
+        plain, _ = generate(plain_backend, prompt, 48, draft_config=None)
+        tokens, stats = generate(backend, prompt, 48, draft_config=config, lookup=LookupConfig(1, 3, 6))
+        assert tokens == plain, f"seed {seed}"
+        looked_up += stats.looked_up_accepted
+        assert stats.draft_passes == 0 if draft is None else stats.draft_passes > 0
+    assert looked_up > 0  # the text's proposals were accepted, not only drafted
+
+
+def test_greedy_lookup_with_trees_equals_plain_decoding(draft_kinds_artifact):
+    folder, manifest = draft_kinds_artifact
+    plain_backend = open_backend(folder, manifest, None, "cpu", 1)
+    backend = open_backend(folder, manifest, "skip", "cpu", 1, tree=True)
+    prompt = _looping_prompt(7)
+    plain, _ = generate(plain_backend, prompt, 48, draft_config=None)
+    tokens, stats = generate(
+        backend, prompt, 48, draft_config=DraftConfig(4, 0.0), tree=TreeConfig(2, 2), lookup=LookupConfig()
+    )
+    assert tokens == plain and stats.tree_nodes > 0
+
+
+# --- sampling: distributed as the full model over whole cycles ----------------------------------
+
+NEW_TOKENS = 5
+
+
+def sampled_joint(backend, draft: DraftConfig | None, lookup: LookupConfig) -> tuple[np.ndarray, int]:
+    counts = np.zeros((VOCAB,) * NEW_TOKENS)
+    looked_up = 0
+    for seed in range(SAMPLES):
+        config = SamplingConfig(temperature=1.0, seed=seed)
+        tokens, stats = generate(backend, PROMPT, NEW_TOKENS, config, draft, lookup=lookup)
+        counts[tuple(tokens)] += 1
+        looked_up += stats.looked_up_tokens
+    return counts, looked_up
+
+
+LOOKUP = LookupConfig(min_ngram=1, max_ngram=2, max_draft_tokens=3)
+SOURCES = {"lookup": None, "both": DraftConfig(max_draft_tokens=3, confidence_threshold=0.5)}
+
+
+@pytest.fixture(scope="module")
+def chain():
+    backend = MarkovBackend()
+    return backend, exact_joint(backend)
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_sampled_lookup_cycles_are_distributed_as_the_full_model(chain, source):
+    backend, expected = chain
+    counts, looked_up = sampled_joint(backend, SOURCES[source], LOOKUP)
+    assert looked_up > SAMPLES  # the lookup proposed in most generations
+    assert chi_square_p_value(counts, expected) > 1e-3
+
+
+def test_a_looked_up_token_checked_as_if_drawn_from_the_draft_fails(chain, monkeypatch):
+    """Wrong: a looked-up proposal is deterministic, but is verified against a spread distribution
+    (uniform) instead of its one-hot one: the acceptance rule then keeps it too often."""
+    backend, expected = chain
+    one_hot = speculative._Proposal.distributions
+
+    def spread(self, token_ids, vocab_size):
+        q = one_hot(self, token_ids, vocab_size)
+        if self.looked_up:
+            q[len(q) - self.looked_up :] = 1.0 / vocab_size
+        return q
+
+    monkeypatch.setattr(speculative._Proposal, "distributions", spread)
+    counts, _ = sampled_joint(backend, None, LOOKUP)
+    assert chi_square_p_value(counts, expected) < 1e-6
+
+
+# --- the manifest and load() ---------------------------------------------------------------------
+
+
+def test_a_task_records_its_source_and_load_decodes_with_the_calibrated_lookup(
+    draft_kinds_artifact, tmp_path
+):
+    folder, manifest = draft_kinds_artifact
+    prompt = _looping_prompt(3)
+    plain = load(folder, draft=None).generate(prompt, 40, mode="plain").token_ids
+    assert Task(None).source == "none" and Task("skip").source == "model"
+    manifest.tasks["default"] = Task(None, "", Lookup(1, 3, 6), {"expected_speedup": 1.4})
+    assert manifest.tasks["default"].source == "lookup"
+    write_manifest(manifest, folder)
+    try:
+        model = load(folder)
+        assert model.draft is None and model.lookup == LookupConfig(1, 3, 6)
+        result = model.generate(prompt, 40, guard=False)
+        assert result.mode == "speculative" and result.token_ids == plain
+        assert model.last_stats.looked_up_tokens > 0 and model.last_stats.draft_passes == 0
+        assert load(folder, lookup=False).generate(prompt, 40).mode == "plain"
+        # Both: the default task's draft opens beside its lookup.
+        manifest.tasks["default"] = Task("skip", "", Lookup(2, 3, 8))
+        assert manifest.tasks["default"].source == "both"
+        write_manifest(manifest, folder)
+        model = load(folder)
+        assert model.draft == "skip" and model.generate(prompt, 40, guard=False).token_ids == plain
+        assert model.last_stats.draft_passes > 0
+    finally:
+        manifest.tasks.pop("default", None)
+        write_manifest(manifest, folder)
+
+
+def test_a_lookup_task_round_trips_and_a_bad_one_is_refused(draft_kinds_artifact, tmp_path):
+    _, manifest = draft_kinds_artifact
+    manifest.tasks["summaries"] = Task(None, "lookup", Lookup(2, 4, 8), {"acceptance_rate": 0.5})
+    write_manifest(manifest, tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["tasks"]["summaries"]["lookup"] == {"min_ngram": 2, "max_ngram": 4, "max_draft_tokens": 8}
+    assert "lookup" not in data["tasks"].get("default", {})  # absent where there is none, as in 1.4
+    assert read_manifest(tmp_path).tasks["summaries"] == manifest.tasks["summaries"]
+    data["tasks"]["summaries"]["lookup"]["min_ngram"] = 5
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="task 'summaries': lookup needs 1 <= min_ngram <= max_ngram"):
+        read_manifest(tmp_path)
+    manifest.tasks.pop("summaries")
+
+
+def test_speculative_mode_needs_a_draft_or_a_lookup(draft_kinds_artifact):
+    folder, _ = draft_kinds_artifact
+    with pytest.raises(GenerationError, match="needs a draft or a lookup"):
+        load(folder, draft=None, lookup=False).generate([5, 6], 4, mode="speculative")
+    assert (
+        load(folder, draft=None, lookup=True).generate([5, 6, 5], 4, mode="speculative").mode == "speculative"
+    )
