@@ -653,6 +653,13 @@ def validate(artifact_dir: str, model: str | None, device: str, as_json: bool) -
     type=click.IntRange(min=0),
     help="Token trees of N alternative rows (0: a chain; default: as calibrated).",
 )
+@click.option(
+    "--lookup",
+    default="calibrated",
+    show_default=True,
+    type=click.Choice(["calibrated", "on", "off"]),
+    help="Proposals read from the text (prompt lookup): as calibrated, on, or off.",
+)
 @_sampling_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def generate(
@@ -664,6 +671,7 @@ def generate(
     device: str,
     max_new_tokens: int,
     tree: int | None,
+    lookup: str,
     sampling: SamplingConfig,
     as_json: bool,
 ) -> None:
@@ -680,6 +688,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         tree=tree,
+        lookup=lookup,
         as_json=as_json,
     )
 

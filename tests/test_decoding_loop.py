@@ -74,3 +74,17 @@ def test_text_streams_whole_characters_across_byte_tokens(smollm2):
     assert None in pieces  # some token ended mid-character and was held back
     assert "".join(p for p in pieces if p is not None) == text
     assert not any("\ufffd" in p for p in pieces if p is not None)
+
+
+def test_a_chunk_of_special_tokens_keeps_the_next_chunks_leading_space():
+    """A chunk that decodes to nothing (a special token) is no left context: the next chunk,
+    decoded after it alone, would lose the space that joins it to the text before."""
+    from tokenizers import AddedToken, models
+
+    tokenizer = Tokenizer(models.WordLevel({"one": 0, "two": 1, "<unk>": 2}, unk_token="<unk>"))
+    tokenizer.add_special_tokens([AddedToken("<sep>", special=True)])  # id 3
+    whole = tokenizer.decode([0, 3, 1], skip_special_tokens=True)
+    assert whole == "one two"  # the test needs a decoder that joins words with spaces
+    for chunks in ([[0], [3], [1]], [[0, 3], [1]], [[0], [3, 1]]):
+        detokenizer = _Detokenizer(tokenizer, [])
+        assert "".join(detokenizer.add(chunk) for chunk in chunks) == whole, chunks

@@ -206,3 +206,29 @@ def test_speculative_mode_needs_a_draft_or_a_lookup(draft_kinds_artifact):
     assert (
         load(folder, draft=None, lookup=True).generate([5, 6, 5], 4, mode="speculative").mode == "speculative"
     )
+
+
+def test_generate_with_a_lookup_from_both_command_lines(draft_kinds_artifact, capsys):
+    from conflayers_runtime.cli import main as run_main
+
+    from conflayers_export.cli import main as export_main
+
+    folder, _ = draft_kinds_artifact
+    common = [str(folder), "--prompt", "a b c d e f a b c d", "--no-chat", "--max-new-tokens", "24", "--json"]
+    results = {}
+    for name, argv in [
+        ("plain", ["generate", *common, "--mode", "plain"]),
+        (
+            "export lookup",
+            ["generate", *common, "--mode", "speculative", "--lookup", "on", "--draft", "skip"],
+        ),
+        ("run lookup", [*common, "--mode", "speculative", "--lookup", "on", "--draft", "int8"]),
+        ("run off", [*common, "--mode", "speculative", "--lookup", "off", "--draft", "int8"]),
+    ]:
+        runner = export_main if argv[0] == "generate" else run_main
+        assert runner(argv) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["export lookup"]["lookup"] and results["run lookup"]["lookup"]
+    assert results["run off"]["looked_up"]["proposed"] == 0
+    assert not results["run off"]["lookup"] and not results["plain"]["lookup"]
+    assert len({r["text"] for r in results.values()}) == 1  # the same greedy text

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from .costs import CostTable, profile, write_cost_table
-from .errors import ConflayersError
+from .errors import ConflayersError, GenerationError
 from .manifest import read_manifest
-from .model import DEFAULT_TASK_DRAFT, MODES, default_draft, load
+from .model import DEFAULT_TASK_DRAFT, MODES, Model, default_draft, load
 from .sampling import SamplingConfig
 from .speculative import GenerationStats
 from .tree import TreeConfig
@@ -40,12 +40,23 @@ def token_sources(stats: GenerationStats) -> tuple[int, int]:
     return speculative, stats.new_tokens - speculative
 
 
-def _label(used: str, requested: str, draft: str | None, speculative: int, plain: int) -> str:
-    """The summary line's label: which tokens came from the draft's cycles and which from plain steps."""
+# --lookup: load()'s lookup argument for each choice.
+LOOKUP_CHOICES: dict[str, bool | None] = {"calibrated": None, "on": True, "off": False}
+
+
+def _sources(model: Model) -> str:
+    """What proposes in the model's speculative cycles, in words."""
+    draft = f"draft {model.draft}" if model.draft is not None else ""
+    lookup = "lookup" if model.lookup is not None else ""
+    return " + ".join(part for part in (draft, lookup) if part)
+
+
+def _label(used: str, requested: str, sources: str, speculative: int, plain: int) -> str:
+    """The summary line's label: which tokens came from speculative cycles and which from plain steps."""
     if used != "speculative":
         return "[plain]"
     return (
-        f"[{requested}: {speculative} tokens from speculative cycles with draft {draft}, "
+        f"[{requested}: {speculative} tokens from speculative cycles with {sources}, "
         f"{plain} from plain steps]"
     )
 
@@ -62,19 +73,31 @@ def generate_and_report(
     threads: int | None = None,
     draft: str | None = None,
     tree: int | None = None,
+    lookup: str = "calibrated",
     as_json: bool = False,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> dict[str, object]:
     """Stream the answer to ``out`` (or print JSON), then the speed and acceptance to ``err``.
-    ``tree``: token trees of that many alternative rows (0: a chain; None: as calibrated)."""
+    ``tree``: token trees of that many alternative rows (0: a chain; None: as calibrated).
+    ``lookup`` (LOOKUP_CHOICES): proposals read from the text as calibrated, with the runtime's
+    defaults ("on"), or none ("off")."""
     import time
 
     out, err = out or sys.stdout, err or sys.stderr  # looked up per call (tests replace them)
     if draft is None and mode == "speculative":  # forced: use the default draft even if not recommended
         draft = default_draft(read_manifest(folder))
     trees = None if tree is None else (TreeConfig(tree) if tree else False)
-    model = load(folder, device=device, threads=threads, draft=draft or DEFAULT_TASK_DRAFT, tree=trees)
+    if lookup not in LOOKUP_CHOICES:
+        raise GenerationError(f"unknown lookup {lookup!r}: use one of {', '.join(LOOKUP_CHOICES)}")
+    model = load(
+        folder,
+        device=device,
+        threads=threads,
+        draft=draft or DEFAULT_TASK_DRAFT,
+        tree=trees,
+        lookup=LOOKUP_CHOICES[lookup],
+    )
     used = model.resolve_mode(mode)
     start = time.perf_counter()
     pieces = []
@@ -91,6 +114,7 @@ def generate_and_report(
         "text": "".join(pieces),
         "mode": used,
         "draft": model.draft if used == "speculative" else None,
+        "lookup": used == "speculative" and model.lookup is not None,
         "device": device,
         "seconds": seconds,
         "tokens_per_second": stats.new_tokens / seconds,
@@ -103,7 +127,7 @@ def generate_and_report(
     else:
         out.write("\n")
         err.write(
-            f"{_label(used, mode, model.draft, speculative_tokens, plain_tokens)} "
+            f"{_label(used, mode, _sources(model), speculative_tokens, plain_tokens)} "
             f"{stats.new_tokens} tokens in {seconds:.2f} s ({result['tokens_per_second']:.1f} tok/s); "
             f"acceptance {acceptance_text(stats.acceptance_rate, used == 'speculative')}, "
             f"{stats.mean_tokens_per_cycle:.2f} tokens per full-model pass\n"
@@ -192,6 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="token trees of N alternative rows (0: a chain; default: as calibrated)",
     )
+    parser.add_argument(
+        "--lookup",
+        choices=list(LOOKUP_CHOICES),
+        default="calibrated",
+        help="proposals read from the text: as calibrated (default), on, or off",
+    )
     parser.add_argument("--json", action="store_true", dest="as_json")
     args = parser.parse_args(argv)
     try:
@@ -207,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             draft=args.draft,
             tree=args.tree,
+            lookup=args.lookup,
             as_json=args.as_json,
         )
     except ConflayersError as exc:

@@ -198,8 +198,13 @@ class _Detokenizer:
         after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
         if after.endswith("\ufffd"):
             return None
-        self.prefix, self.read = self.read, len(self.tokens)
-        return after[len(before) :]
+        piece = after[len(before) :]
+        # A chunk that decodes to nothing (special tokens) is no context: the next chunk's leading
+        # space would be lost, so the context keeps the text before it.
+        if piece:
+            self.prefix = self.read
+        self.read = len(self.tokens)
+        return piece
 
 
 def _first_stop(text: str, stop_strings: Sequence[str], search_from: int) -> int | None:

@@ -172,7 +172,7 @@ class GenerationStats:
             },
             "tree": {"nodes": self.tree_nodes, "hits": self.tree_hits},
             "rows_per_full_pass": self.rows_per_full_pass,
-            "lookup": {"proposed": self.looked_up_tokens, "accepted": self.looked_up_accepted},
+            "looked_up": {"proposed": self.looked_up_tokens, "accepted": self.looked_up_accepted},
         }
 
 
