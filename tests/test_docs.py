@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # A numbered work period or work item ("Session" or "Issue" followed by a number, "#" allowed),
-# or a sentence about when a machine was lent. Dates, versions, schema numbers and machine names
+# or a remark about lending machines. Dates, versions, schema numbers and machine names
 # are fine.
 NARRATIVE = re.compile(r"\b(?:session|issue)s?\s*#?\d|\b(?:was|were|next) lent\b", re.IGNORECASE)
 
@@ -39,8 +39,10 @@ def narrative_lines(path: Path) -> list[str]:
 
 
 def test_the_pattern_catches_narrative_and_spares_facts():
-    caught = ["measured in Session 7", "see issue 11", "(issue #14, item 4)", "sessions 2 and 3",
-              "no GPU was lent"]
+    # Built from pieces, so that this file does not match its own pattern.
+    number = "7"
+    caught = [f"measured in Session {number}", f"see issue {number}", f"(issue #{number}, item 4)",
+              f"sessions {number} and 8", "no GPU was" + " lent"]
     spared = ["two sessions over one memory map", "schema 1.4", "measured 2026-11-30 on an H200",
               "onnxruntime 1.32", "one session per graph", "issues are filed on GitHub"]
     assert all(NARRATIVE.search(text) for text in caught)
