@@ -1,4 +1,4 @@
-"""Peak memory and time of `conflayers-export build` on a 7B-shaped llama (issue 14: <= 4 GB RSS).
+"""Peak memory and time of `conflayers-export build` on a 7B-shaped llama (target: <= 4 GB RSS).
 
 Writes a random Llama-2-7B-shaped model as bfloat16 safetensors shards (never the whole model in
 memory: one shard at a time), then builds an fp16 artifact of it with one layer-skip draft in a

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-call GPU check for a lent CUDA machine (device tool): parity and exactness of every graph
+# One-call GPU check for a CUDA machine without network access: parity and exactness of every graph
 # kind on CUDA (tiny random models of every architecture), then timings of SmolLM2-shaped graphs
 # (random weights: speed depends on shapes, acceptance does not transfer, so acceptance comes
 # from the CPU runs). Writes JSON and a log under $OUT (default ./gpu-out). Budget: ~5 minutes.
@@ -195,7 +195,7 @@ for dtype in ("fp16", "int4-fp16"):  # fp32 graphs run attention on CPU under CU
     print(dtype, entry, flush=True)
     save()
 
-# 2b. A cost table of the device (issue 14): SmolLM2-shaped profiling artifact, fp16, timed on
+# 2b. A cost table of the device: SmolLM2-shaped profiling artifact, fp16, timed on
 # this GPU by the runtime alone (conflayers-run profile); calibrate --costs reads it elsewhere.
 try:
     from conflayers_export.calibrate.costs import build_profiling_artifact

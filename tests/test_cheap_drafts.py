@@ -1,4 +1,4 @@
-"""Cheaper drafts (issue 6): int8/int4 draft weights, pruned draft vocabularies, int4 artifacts.
+"""Cheaper drafts: int8/int4 draft weights, pruned draft vocabularies, int4 artifacts.
 
 The claims: quantized graphs compute what the same dequantized weights compute in PyTorch; every
 kind of draft leaves greedy output identical and sampled output distributed exactly as plain

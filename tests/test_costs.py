@@ -1,4 +1,4 @@
-"""Drafts priced by costs measured on the target device (issue 14, item 4): the cost model's fit,
+"""Drafts priced by costs measured on the target device: the cost model's fit,
 `conflayers-run profile` on a profiling artifact, and `calibrate --costs`."""
 
 from __future__ import annotations

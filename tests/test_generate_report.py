@@ -1,4 +1,4 @@
-"""What `conflayers-run` / `generate` tells a user (issue 13): which tokens came from speculative
+"""What `conflayers-run` / `generate` tells a user: which tokens came from speculative
 cycles and which from plain steps, in the JSON result and in the summary line."""
 
 from __future__ import annotations

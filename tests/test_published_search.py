@@ -1,5 +1,5 @@
 """`calibrate --search published|both`: the reference's outer-loop rules on hand-worked inputs,
-then both searches side by side; and the small CLI fixes of issue 13 (build without a manifest,
+then both searches side by side; and the small CLI fixes (build without a manifest,
 "acceptance n/a" for plain decoding, validate's per-graph tolerance)."""
 
 from __future__ import annotations

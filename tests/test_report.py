@@ -1,5 +1,5 @@
-"""calibration/report.md and confidence.png say in words whether the layer search's set ships
-(issue 13), built from hand-made results rather than a calibration run."""
+"""calibration/report.md and confidence.png say in words whether the layer search's set ships,
+built from hand-made results rather than a calibration run."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def _layer_search_fate(r: TaskResult) -> list[str]:
     return [sentence, ""]
 
 
-# Item 2 of issue 13: where our selection's numerics differ from the reference's, and why.
+# Where our selection's numerics differ from the reference's, and why.
 NUMERICS = (
     "Numerics: we compute the selection (z-normalisation, gradients, windows, thresholds) in float64; "
     "the reference computes it in float16. On flat or near-tied profiles the two can pick different "

@@ -172,7 +172,7 @@ class CacheLayout:
     past_is_present: bool = True
     # Cache positions every full-graph pass writes: full graphs that run a one-token pass's
     # attention over its row twice (row invariance) say 2; absent (graphs built before that) means
-    # 1. Draft graphs built since session 7 pad nothing (their rows need not be invariant), so a
+    # 1. Draft graphs pad nothing (their rows need not be invariant), so a
     # draft pass writes at most this many.
     min_attention_rows: int = 1
 
