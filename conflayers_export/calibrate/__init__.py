@@ -22,6 +22,7 @@ from conflayers_runtime.manifest import (
     MANIFEST_NAME,
     WEIGHT_PRECISIONS,
     Draft,
+    Lookup,
     Manifest,
     Task,
     VocabularyRanking,
@@ -200,7 +201,7 @@ def select_drafts(
     manifest = Manifest(
         model=loaded.identity,
         drafts=[_manifest_draft(r) for r in results],
-        tasks={r.task: Task(r.task, "" if _recommended(r) else _not_recommended(r)) for r in results},
+        tasks={r.task: _manifest_task(r) for r in results},
         calibration={
             "settings": dataclasses.asdict(settings),
             "tasks": {t: len(p) for t, p in tasks.items()},
@@ -291,7 +292,8 @@ def _manifest_draft(result: TaskResult) -> Draft:
         **c.metrics(),
         "bytes_ratio": c.bytes_ratio,
         "cost_source": c.cost_source,
-        "wall_clock_speedup": result.drafts.wall_clock_speedup,
+        # the confirming run's, where it ran this draft alone (not a lookup beside it)
+        "wall_clock_speedup": result.drafts.wall_clock_speedup if result.drafts.source is None else None,
         "layer_search": {
             "skip_layers": result.chosen.skip,
             "expected_speedup_bytes_model": result.chosen.expected_speedup,
@@ -312,6 +314,20 @@ def _manifest_draft(result: TaskResult) -> Draft:
         metrics=metrics,
         recommended=_recommended(result),
     )
+
+
+def _manifest_task(result: TaskResult) -> Task:
+    """The task's sources: its model draft where recommended; a lookup, alone or beside the draft,
+    where one was expected faster (select.py, sources.py)."""
+    source = result.drafts.source if result.drafts else None
+    if source is None:
+        return Task(result.task, "" if _recommended(result) else _not_recommended(result))
+    assert result.drafts is not None
+    metrics = {**source.metrics(), "wall_clock_speedup": result.drafts.wall_clock_speedup}
+    lookup = Lookup(source.min_ngram, source.max_ngram, source.max_draft_tokens)
+    draft = result.task if source.source == "both" else None  # the draft entry keeps the task's name
+    note = f"{source.label}: expected {source.expected_speedup:.2f}x"
+    return Task(draft, note, lookup, metrics)
 
 
 def _not_recommended(result: TaskResult) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig
+from conflayers_runtime import DraftConfig, GenerationStats, LookupConfig, TreeConfig
 from conflayers_runtime.onnx_backend import OnnxBackend
 from conflayers_runtime.speculative import GREEDY, generate
 
@@ -109,14 +109,18 @@ def replay_generation(
     prompts: Sequence[Sequence[int]],
     texts: Sequence[Sequence[int]],
     max_new_tokens: int,
-    draft_config: DraftConfig,
+    draft_config: DraftConfig | None,
     stop_token_ids: Sequence[int],
     tree: TreeConfig | None = None,
+    lookup: LookupConfig | None = None,
 ) -> GenerationStats:
-    """Greedy speculative decoding statistics of every prompt, replayed along its text."""
+    """Greedy speculative decoding statistics of every prompt, replayed along its text
+    (``draft_config`` None: proposals from the ``lookup`` alone)."""
     total = GenerationStats()
     for prompt, text in zip(prompts, texts, strict=True):
         replay = ReplayBackend(backend, prompt, text[:max_new_tokens])
-        _, stats = generate(replay, prompt, max_new_tokens, GREEDY, draft_config, stop_token_ids, tree)
+        _, stats = generate(
+            replay, prompt, max_new_tokens, GREEDY, draft_config, stop_token_ids, tree, lookup
+        )
         total.merge(stats)
     return total

@@ -193,6 +193,7 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
             for x in d.candidates
         ),
         "",
+        *_sources_table(d),
         *(
             [
                 f"Flagged timings (c_draft more than {TIMING_MARGIN}x away from the bytes ratio, twice):",
@@ -203,6 +204,34 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
             if flagged
             else []
         ),
+    ]
+
+
+def _sources_table(d: DraftSearchResult) -> list[str]:
+    """Lookup drafting alone and beside the chosen draft (sources.py), and which one ships."""
+    if not d.sources:
+        return []
+    ships = (
+        f"the task ships **{d.source.label}** (expected {d.source.expected_speedup:.3f}x)"
+        if d.source
+        else "none is expected faster than the draft alone and than plain decoding: none ships"
+    )
+    return [
+        "Proposals read from the text (lookup), alone and beside the draft above, replayed along the "
+        "same texts; a lookup makes the rows of a full pass vary, so c_verify is the mean cost of the "
+        f"passes by their rows: {ships}.",
+        "",
+        "| source | n-gram | proposals | acceptance | tokens / full pass | from the text | drafts / cycle "
+        "| rows / pass | c_verify | expected speedup |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(
+            f"| {x.source} | {x.min_ngram}-{x.max_ngram} | {x.max_draft_tokens} | {x.acceptance_rate:.3f} | "
+            f"{x.mean_tokens_per_cycle:.2f} | {x.lookup_share:.0%} | {x.draft_passes_per_cycle:.2f} | "
+            f"{x.rows_per_full_pass:.2f} | {x.c_verify:.3f} | "
+            f"{x.expected_speedup:.3f}{' **(ships)**' if x is d.source else ''} |"
+            for x in d.sources
+        ),
+        "",
     ]
 
 

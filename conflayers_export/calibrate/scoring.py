@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
-from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig
+from conflayers_runtime import DraftConfig, GenerationStats, LookupConfig, TreeConfig
 from conflayers_runtime.artifact import artifact_section, open_backend
 from conflayers_runtime.manifest import Draft, Manifest, VocabularyRanking, read_manifest, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
@@ -96,20 +96,29 @@ class CandidateGraphs:
         self,
         backend: OnnxBackend,
         evaluation: EvaluationTexts,
-        config: DraftConfig,
+        config: DraftConfig | None,
         tree: TreeConfig | None = None,
+        lookup: LookupConfig | None = None,
     ) -> GenerationStats:
         texts = self.texts(evaluation)
         return replay_generation(
-            backend, evaluation.prompts, texts, evaluation.max_new_tokens, config, self.stop_token_ids, tree
+            backend,
+            evaluation.prompts,
+            texts,
+            evaluation.max_new_tokens,
+            config,
+            self.stop_token_ids,
+            tree,
+            lookup,
         )
 
     def confirm(
         self,
         backend: OnnxBackend,
         evaluation: EvaluationTexts,
-        config: DraftConfig,
+        config: DraftConfig | None,
         tree: TreeConfig | None = None,
+        lookup: LookupConfig | None = None,
     ) -> tuple[GenerationStats, float]:
         """A real speculative run of every prompt (with stop tokens), timed against plain decoding of
         the same prompt right before it. Returns (its stats, wall-clock speedup over plain)."""
@@ -117,14 +126,22 @@ class CandidateGraphs:
         seconds = {"plain": 0.0, "speculative": 0.0}
         tokens = {"plain": 0, "speculative": 0}
         for prompt in evaluation.prompts:
-            for mode, draft in (("plain", None), ("speculative", config)):
+            for mode in ("plain", "speculative"):
+                speculative = mode == "speculative"
                 started = time.perf_counter()
-                _, stats = generate(  # plain decoding drafts nothing, so its tree stays empty
-                    backend, prompt, evaluation.max_new_tokens, GREEDY, draft, self.stop_token_ids, tree
+                _, stats = generate(  # plain decoding proposes nothing, so its tree stays empty
+                    backend,
+                    prompt,
+                    evaluation.max_new_tokens,
+                    GREEDY,
+                    config if speculative else None,
+                    self.stop_token_ids,
+                    tree,
+                    lookup if speculative else None,
                 )
                 seconds[mode] += time.perf_counter() - started
                 tokens[mode] += stats.new_tokens
-                if draft is not None:
+                if speculative:
                     total.merge(stats)
         speedup = (tokens["speculative"] / seconds["speculative"]) / (tokens["plain"] / seconds["plain"])
         return total, speedup

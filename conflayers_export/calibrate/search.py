@@ -108,6 +108,9 @@ class CalibrationSettings:
     # Token trees tried on the chosen draft (alternative rows, runners-up per drafted token): the
     # draft ships with the tree where one is expected faster than its chain (docs/TOKEN_TREES.md).
     tree_shapes: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 2))
+    # Lookup drafting tried alone and beside the chosen draft (min n-gram, max n-gram, proposals per
+    # pass; sources.py): a task ships one where it is expected faster than the draft alone.
+    lookups: tuple[tuple[int, int, int], ...] = ((1, 3, 8), (2, 3, 8), (3, 4, 8))
 
 
 @dataclass(kw_only=True)

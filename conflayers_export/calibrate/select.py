@@ -36,6 +36,7 @@ from ..models import LoadedModel
 from ..progress import Progress
 from .scoring import CandidateGraphs, EvaluationTexts, candidate_graphs, timed_costs
 from .search import CalibrationSettings
+from .sources import RowCosts, SourceCandidate, score_sources
 
 
 @dataclass(kw_only=True)
@@ -86,6 +87,10 @@ class DraftSearchResult:
     coverage: dict[int, float] = field(default_factory=dict)  # held-out token share per vocab size
     seconds: float = 0.0
     confirmation: Confirmation | None = None
+    sources: list[SourceCandidate] = field(default_factory=list)  # lookup settings, alone and with `chosen`
+    # The best of ``sources`` where it is expected faster than ``chosen`` alone and than plain
+    # decoding: the task ships it (Task.lookup); None: the model draft alone, or nothing.
+    source: SourceCandidate | None = None
 
     @property
     def recommended(self) -> bool:
@@ -243,7 +248,8 @@ class DraftSearch:
         policies = [DraftConfig(max_tokens, threshold) for max_tokens, threshold in s.draft_policies]
         first = DraftConfig(s.max_draft_tokens, s.confidence_threshold)
         trees = s.tree_shapes if s.cost != "bytes" else ()
-        steps = 1 + len(drafts) + s.policy_finalists * len(policies) + len(trees) + 1
+        lookups = s.lookups if s.cost != "bytes" else ()  # both price passes by their rows
+        steps = 1 + len(drafts) + s.policy_finalists * len(policies) + len(trees) + len(lookups) + 1
         with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
             with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
                 step()
@@ -261,7 +267,10 @@ class DraftSearch:
                         graphs, _draft_of(drafts, chosen), [chosen.policy], evaluation, step, trees
                     )
                     chosen = max(candidates, key=lambda c: c.expected_speedup)
-                confirmation = self._confirm(graphs, drafts, chosen, evaluation)
+                sources = self._score_sources(graphs, _draft_of(drafts, chosen), chosen, evaluation, step)
+                best = max(sources, key=lambda c: c.expected_speedup, default=None)
+                source = best if best and best.expected_speedup > max(1.0, chosen.expected_speedup) else None
+                confirmation = self._confirm(graphs, drafts, chosen, evaluation, source)
                 step()
         sizes = sorted({d.vocab_size for d in drafts if d.vocab_size})
         return DraftSearchResult(
@@ -271,6 +280,8 @@ class DraftSearch:
             coverage=coverage(ranked, evaluation.replies(self.loaded.stop_token_ids), sizes),  # held-out text
             seconds=time.perf_counter() - started,
             confirmation=confirmation,
+            sources=sources,
+            source=source,
         )
 
     def _score(
@@ -334,22 +345,56 @@ class DraftSearch:
             return c_draft, self.costs.verify_cost(verify_tokens), ""
         return bytes_ratio, 1.0, ""
 
+    def _score_sources(
+        self,
+        graphs: CandidateGraphs,
+        draft: Draft,
+        chosen: DraftCandidate,
+        evaluation: EvaluationTexts,
+        step: Callable[[], None],
+    ) -> list[SourceCandidate]:
+        """The lookup settings, alone and beside the chosen draft (sources.py); none under the bytes
+        model, which cannot price passes by their rows."""
+        if self.settings.cost == "bytes" or not self.settings.lookups:
+            return []
+        row_costs = RowCosts(self.costs if self.settings.cost == "table" else None)
+        return score_sources(
+            graphs,
+            evaluation,
+            self.settings.lookups,
+            draft.name,
+            chosen,
+            chosen.policy,
+            chosen.tree,
+            row_costs,
+            self.progress,
+            step,
+        )
+
     def _confirm(
         self,
         graphs: CandidateGraphs,
         drafts: Sequence[Draft],
         chosen: DraftCandidate,
         evaluation: EvaluationTexts,
+        source: SourceCandidate | None = None,
     ) -> Confirmation:
-        draft = _draft_of(drafts, chosen)
-        backend = graphs.open(draft.name, tree=chosen.tree is not None)
-        stats, speedup = graphs.confirm(backend, evaluation, chosen.policy, chosen.tree)
+        """A real run of what ships: the chosen draft, or the chosen ``source`` (a lookup alone or
+        beside the draft), timed against plain decoding."""
+        lookup_alone = source is not None and source.source == "lookup"
+        draft = None if lookup_alone else _draft_of(drafts, chosen).name
+        backend = graphs.open(draft, tree=chosen.tree is not None and not lookup_alone)
+        policy = None if lookup_alone else chosen.policy
+        tree = None if lookup_alone else chosen.tree
+        lookup = source.config if source is not None else None
+        stats, speedup = graphs.confirm(backend, evaluation, policy, tree, lookup)
+        expected: DraftScore = source if source is not None else chosen
         confirmation = Confirmation(
             wall_clock_speedup=speedup,
             acceptance_rate=stats.acceptance_rate,
             mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
-            matches_replay=stats.acceptance_rate == chosen.acceptance_rate
-            and stats.mean_tokens_per_cycle == chosen.mean_tokens_per_cycle,
+            matches_replay=stats.acceptance_rate == expected.acceptance_rate
+            and stats.mean_tokens_per_cycle == expected.mean_tokens_per_cycle,
         )
         self.progress.log(
             f"  confirmed by a real run: {speedup:.2f}x plain decoding on the wall clock, acceptance "

@@ -88,6 +88,7 @@ class GenerationStats:
     tree_nodes: int = 0  # alternative rows verified (token trees, tree.py)
     tree_hits: int = 0  # cycles whose first proposal came from an alternative's row
     verify_rows: int = 0  # rows of the full passes after prefill: what their cost grows with
+    rows_histogram: list[int] = field(default_factory=list)  # [r]: full passes after prefill of r rows
     looked_up_tokens: int = 0  # proposals read from the text (lookup.py), part of drafted_tokens
     looked_up_accepted: int = 0  # ... and accepted, part of accepted_tokens
 
@@ -115,8 +116,10 @@ class GenerationStats:
         self, proposal: _Proposal, alternatives: list[trees.Alternative], accepted: int, tree_hit: bool
     ) -> None:
         """Count one full pass after prefill, its proposals and how many it accepted."""
+        rows = 1 + len(proposal.tokens) + len(alternatives)
         self.verify_passes += 1
-        self.verify_rows += 1 + len(proposal.tokens) + len(alternatives)
+        self.verify_rows += rows
+        _count(self.rows_histogram, rows, 1)
         self.draft_passes += proposal.draft_passes
         self.tree_nodes += len(alternatives)
         self.tree_hits += tree_hit
@@ -129,12 +132,7 @@ class GenerationStats:
         self.cycles += 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
-        self._count(accepted, 1)
-
-    def _count(self, accepted: int, cycles: int) -> None:
-        while len(self.accepted_histogram) <= accepted:
-            self.accepted_histogram.append(0)
-        self.accepted_histogram[accepted] += cycles
+        _count(self.accepted_histogram, accepted, 1)
 
     def merge(self, other: GenerationStats) -> None:
         """Add another generation's counts to these (to report a prompt set as a whole)."""
@@ -154,7 +152,9 @@ class GenerationStats:
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for accepted, cycles in enumerate(other.accepted_histogram):
-            self._count(accepted, cycles)
+            _count(self.accepted_histogram, accepted, cycles)
+        for rows, passes in enumerate(other.rows_histogram):
+            _count(self.rows_histogram, rows, passes)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -172,8 +172,15 @@ class GenerationStats:
             },
             "tree": {"nodes": self.tree_nodes, "hits": self.tree_hits},
             "rows_per_full_pass": self.rows_per_full_pass,
+            "rows_histogram": list(self.rows_histogram),
             "looked_up": {"proposed": self.looked_up_tokens, "accepted": self.looked_up_accepted},
         }
+
+
+def _count(histogram: list[int], value: int, times: int) -> None:
+    while len(histogram) <= value:
+        histogram.append(0)
+    histogram[value] += times
 
 
 def stream(
