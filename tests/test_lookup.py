@@ -168,7 +168,121 @@ def test_a_task_records_its_source_and_load_decodes_with_the_calibrated_lookup(
     write_manifest(manifest, folder)
     try:
         model = load(folder)
-        assert model.draft is None and model.lookup == best.config
+        assert model.draft is None and model.lookup == LookupConfig(1, 3, 6)
+        result = model.generate(prompt, 40, guard=False)
+        assert result.mode == "speculative" and result.token_ids == plain
+        assert model.last_stats.looked_up_tokens > 0 and model.last_stats.draft_passes == 0
+        assert load(folder, lookup=False).generate(prompt, 40).mode == "plain"
+        # Both: the default task's draft opens beside its lookup.
+        manifest.tasks["default"] = Task("skip", "", Lookup(2, 3, 8))
+        assert manifest.tasks["default"].source == "both"
+        write_manifest(manifest, folder)
+        model = load(folder)
+        assert model.draft == "skip" and model.generate(prompt, 40, guard=False).token_ids == plain
+        assert model.last_stats.draft_passes > 0
+    finally:
+        manifest.tasks.pop("default", None)
+        write_manifest(manifest, folder)
+
+
+def test_a_lookup_task_round_trips_and_a_bad_one_is_refused(draft_kinds_artifact, tmp_path):
+    _, manifest = draft_kinds_artifact
+    manifest.tasks["summaries"] = Task(None, "lookup", Lookup(2, 4, 8), {"acceptance_rate": 0.5})
+    write_manifest(manifest, tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["tasks"]["summaries"]["lookup"] == {"min_ngram": 2, "max_ngram": 4, "max_draft_tokens": 8}
+    assert "lookup" not in data["tasks"].get("default", {})  # absent where there is none, as in 1.4
+    assert read_manifest(tmp_path).tasks["summaries"] == manifest.tasks["summaries"]
+    data["tasks"]["summaries"]["lookup"]["min_ngram"] = 5
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="task 'summaries': lookup needs 1 <= min_ngram <= max_ngram"):
+        read_manifest(tmp_path)
+    manifest.tasks.pop("summaries")
+
+
+def test_speculative_mode_needs_a_draft_or_a_lookup(draft_kinds_artifact):
+    folder, _ = draft_kinds_artifact
+    with pytest.raises(GenerationError, match="needs a draft or a lookup"):
+        load(folder, draft=None, lookup=False).generate([5, 6], 4, mode="speculative")
+    assert (
+        load(folder, draft=None, lookup=True).generate([5, 6, 5], 4, mode="speculative").mode == "speculative"
+    )
+
+
+def test_generate_with_a_lookup_from_both_command_lines(draft_kinds_artifact, capsys):
+    from conflayers_runtime.cli import main as run_main
+
+    from conflayers_export.cli import main as export_main
+
+    folder, _ = draft_kinds_artifact
+    common = [str(folder), "--prompt", "a b c d e f a b c d", "--no-chat", "--max-new-tokens", "24", "--json"]
+    results = {}
+    for name, argv in [
+        ("plain", ["generate", *common, "--mode", "plain"]),
+        (
+            "export lookup",
+            ["generate", *common, "--mode", "speculative", "--lookup", "on", "--draft", "skip"],
+        ),
+        ("run lookup", [*common, "--mode", "speculative", "--lookup", "on", "--draft", "int8"]),
+        ("run off", [*common, "--mode", "speculative", "--lookup", "off", "--draft", "int8"]),
+    ]:
+        runner = export_main if argv[0] == "generate" else run_main
+        assert runner(argv) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    assert results["export lookup"]["lookup"] and results["run lookup"]["lookup"]
+    assert results["run off"]["looked_up"]["proposed"] == 0
+    assert not results["run off"]["lookup"] and not results["plain"]["lookup"]
+    assert len({r["text"] for r in results.values()}) == 1  # the same greedy text
+
+
+# --- calibrate scores the lookup alone and beside the draft, and ships the best -----------------
+
+
+def _lookup_table(loaded, extra_row_cost: float):
+    """A cost table (tests/test_costs.py) where a draft pass costs 3 steps (no model draft pays) and
+    a verify pass 1 + extra_row_cost per row beyond the first."""
+    from conflayers_runtime.costs import LinearCost
+
+    from tests.test_costs import _table
+
+    table = _table(
+        {p: LinearCost(3.0, 0.0, 0.0) for p in ("base", "int8", "int4")}, loaded.identity.fingerprint
+    )
+    return dataclasses.replace(table, verify={r: 1 + extra_row_cost * (r - 1) for r in range(2, 17)})
+
+
+def test_calibrate_scores_lookups_and_ships_one_only_where_it_wins(tiny_folder, tmp_path):
+    from conflayers_export.calibrate import search_layers, select_drafts
+    from conflayers_export.export.build import build_artifact, manifest_for_build
+    from conflayers_export.models import load_model
+    from tests.test_calibrate import SMALL
+
+    loaded = load_model(str(tiny_folder("llama")))
+    prompts = ["a b c d e f g a b c d e", "h i j h i j h i", "k l m n k l", "o p q r s o p"]
+    settings = dataclasses.replace(SMALL, cost="table", max_new_tokens=48, lookups=((1, 3, 6), (2, 3, 8)))
+    search_layers(tmp_path / "c", loaded, {"default": prompts}, settings)
+    # Rows cost nothing: any accepted lookup token pays, and the draft, 3 steps a pass, does not.
+    manifest, results = select_drafts(tmp_path / "c", loaded, settings, costs=_lookup_table(loaded, 0.0))
+    joint = results[0].drafts
+    assert {(c.source, c.min_ngram, c.max_draft_tokens) for c in joint.sources} == {
+        (source, n, k) for source in ("lookup", "both") for n, k in ((1, 6), (2, 8))
+    }
+    for c in joint.sources:
+        assert c.rows_per_full_pass > 1 and c.c_verify == 1.0
+        assert (c.c_draft == 0) == (c.source == "lookup") == (c.draft_passes_per_cycle == 0)
+    best = max(joint.sources, key=lambda c: c.expected_speedup)
+    assert best.source == "lookup" and best.lookup_share == 1.0 and best.mean_tokens_per_cycle > 1
+    assert joint.chosen.expected_speedup < 1 < best.expected_speedup
+    assert joint.source is best and joint.confirmation.matches_replay  # the real run counted the replay's
+    task = manifest.tasks["default"]
+    assert task.lookup == Lookup(best.min_ngram, best.max_ngram, best.max_draft_tokens)
+    assert task.source == "lookup" and task.metrics["expected_speedup"] == best.expected_speedup
+    assert "**(ships)**" in (tmp_path / "c" / "calibration" / "report.md").read_text()
+
+    # Built and loaded, the artifact decodes with the shipped lookup alone, as plain decoding does.
+    build_artifact(tmp_path / "c", loaded, manifest_for_build(tmp_path / "c", loaded), max_seq_len=96)
+    model = load(tmp_path / "c")
+    assert model.draft is None and model.lookup == best.config
     ids = loaded.encode(prompts[0])
     plain = load(tmp_path / "c", lookup=False).generate(ids, 40, mode="plain").token_ids
     assert model.generate(ids, 40, guard=False).token_ids == plain
