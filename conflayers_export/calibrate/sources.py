@@ -2,17 +2,19 @@
 
 A lookup (conflayers_runtime.lookup) proposes from the text itself at no model cost, so where a
 task's text repeats its prompt or itself (summaries, code explanations, translations) it can pay
-where no model draft does, and beside the model draft ("both": the lookup proposes where the text
-has a match, the draft elsewhere, one verify pass for both) it can add to it. Each lookup setting
-is replayed alone and with the chosen model draft along the same greedy texts as the drafts
-(replay.py), and priced like them:
+where no model draft does. Beside the model draft ("both") it makes the draft cheaper: each draft
+pass also reads the text's guess of the next tokens and keeps those the draft would choose
+itself, so one pass drafts a repeated span. Each lookup setting is replayed alone and with the
+chosen model draft along the same greedy texts as the drafts (replay.py), and priced like them:
 
     S = tokens per full pass / (draft passes per full pass * c_draft + E[c_verify(rows)])
 
 where a lookup makes its full passes' row counts vary (one row without a match, up to
 1 + max_draft_tokens with one), so the verify cost is the mean over the replay's passes of the
 cost of a pass of that many rows (timed on the graphs, or from the cost table; a plain step
-costs 1). Under ``--cost bytes`` rows are not priced, so sources are not scored.
+costs 1); beside a draft, each draft pass also reads the text's guess, so c_draft is the chosen
+draft's one-row cost grown to the mean rows of its passes. Under ``--cost bytes`` rows are not
+priced, so sources are not scored.
 """
 
 from __future__ import annotations
@@ -73,6 +75,24 @@ class RowCosts:
         cost = self._costs(backend, rows)
         return sum(histogram[r] * cost[r] for r in rows) / passes
 
+    def draft_factor(self, backend: OnnxBackend, mean_rows: float) -> float:
+        """How much more a draft pass of ``mean_rows`` rows (guesses it confirms beside its token)
+        costs than a one-row draft pass: timed at the two row counts around the mean and
+        interpolated; from a cost table, the full model's growth with rows stands in."""
+        low = max(1, int(mean_rows))
+        high = low + 1
+        weight = mean_rows - low
+        if self.table is not None:
+            cost = {r: 1.0 if r == 1 else self.table.verify_cost(r) for r in (low, high)}
+            return (1 - weight) * cost[low] + weight * cost[high]
+        key = (id(backend), -low)  # negative rows: draft passes
+        if key not in self.timed:
+            passes = {f"{r}": (list(range(101, 101 + r)), True) for r in {1, low, high}}
+            fastest = fastest_passes(backend, passes, self.repeats)
+            for r in (low, high):
+                self.timed[id(backend), -r] = fastest[f"{r}"] / fastest["1"]
+        return (1 - weight) * self.timed[id(backend), -low] + weight * self.timed[id(backend), -high]
+
     def _costs(self, backend: OnnxBackend, rows: list[int]) -> dict[int, float]:
         if self.table is not None:
             return {r: 1.0 if r == 1 else self.table.verify_cost(r) for r in rows}
@@ -111,7 +131,9 @@ def score_sources(
                 c_draft, c_verify = 0.0, row_costs.mean(plain, stats.rows_histogram)
             else:
                 stats = graphs.replay(paired, evaluation, policy, tree, lookup)
-                c_draft, c_verify = chosen.c_draft, row_costs.mean(paired, stats.rows_histogram)
+                rows = stats.draft_rows / stats.draft_passes if stats.draft_passes else 1.0
+                c_draft = chosen.c_draft * row_costs.draft_factor(paired, rows)
+                c_verify = row_costs.mean(paired, stats.rows_histogram)
             candidate = _candidate(source, lookup, stats, c_draft, c_verify)
             progress.log(
                 f"  {candidate.label}: acceptance {candidate.acceptance_rate:.2f}, "

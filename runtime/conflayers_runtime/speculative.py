@@ -84,13 +84,16 @@ class GenerationStats:
     prefill_passes: int = 0
     draft_passes: int = 0
     verify_passes: int = 0  # full-model passes after prefill (speculative verify or plain steps)
+    draft_rows: int = 0  # tokens the draft passes read (more than one a pass where it confirms a guess)
     accepted_histogram: list[int] = field(default_factory=list)
     tree_nodes: int = 0  # alternative rows verified (token trees, tree.py)
     tree_hits: int = 0  # cycles whose first proposal came from an alternative's row
     verify_rows: int = 0  # rows of the full passes after prefill: what their cost grows with
     rows_histogram: list[int] = field(default_factory=list)  # [r]: full passes after prefill of r rows
-    looked_up_tokens: int = 0  # proposals read from the text (lookup.py), part of drafted_tokens
-    looked_up_accepted: int = 0  # ... and accepted, part of accepted_tokens
+    # Proposals read from the text (lookup.py; beside a draft: the guesses it confirmed), part of
+    # drafted_tokens, and how many of them were accepted, part of accepted_tokens
+    looked_up_tokens: int = 0
+    looked_up_accepted: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -123,10 +126,11 @@ class GenerationStats:
         self.draft_passes += proposal.draft_passes
         self.tree_nodes += len(alternatives)
         self.tree_hits += tree_hit
+        self.draft_rows += proposal.draft_rows
         if proposal.tokens:
             self.record_cycle(len(proposal.tokens), accepted)
-            self.looked_up_tokens += proposal.looked_up
-            self.looked_up_accepted += max(0, accepted - (len(proposal.tokens) - proposal.looked_up))
+            self.looked_up_tokens += sum(proposal.from_text)
+            self.looked_up_accepted += sum(proposal.from_text[:accepted])
 
     def record_cycle(self, drafted: int, accepted: int) -> None:
         self.cycles += 1
@@ -143,6 +147,7 @@ class GenerationStats:
             "accepted_tokens",
             "prefill_passes",
             "draft_passes",
+            "draft_rows",
             "verify_passes",
             "tree_nodes",
             "tree_hits",
@@ -405,24 +410,37 @@ class _Carried:
 
 @dataclass
 class _Proposal:
-    """One cycle's proposals in order: carried ones, the draft's, then the text's (lookup), with
-    what acceptance and a token tree need of each (``confidences``: the probability of the chosen
-    token, 1.0 for carried and looked-up ones; ``offers``: its runners-up as (token id,
-    probability), in tree mode)."""
+    """One cycle's proposals in order: carried ones, then the draft's (some confirming the text's
+    guess) or the text's alone (a lookup without a draft), with what acceptance and a token tree
+    need of each (``confidences``: the probability of the chosen token, 1.0 for carried and
+    looked-up ones; ``offers``: its runners-up as (token id, probability), in tree mode)."""
 
     tokens: list[int] = field(default_factory=list)
     carried: list[np.ndarray] = field(default_factory=list)  # full-vocabulary rows of carried tokens
     drafted: list[np.ndarray] = field(default_factory=list)  # the draft's rows, over its own columns
-    looked_up: int = 0  # the last proposals, read from the text
+    looked_up: int = 0  # the last proposals, read from the text by a lookup alone (one-hot)
+    from_text: list[bool] = field(default_factory=list)  # per proposal: the text's guess
     confidences: list[float] = field(default_factory=list)
     offers: list[list[tuple[int, float]]] = field(default_factory=list)
     draft_passes: int = 0
+    draft_rows: int = 0
 
     def add_looked_up(self, tokens: list[int]) -> None:
+        """The text's proposals, taken as they are (a lookup alone)."""
         self.tokens += tokens
         self.looked_up += len(tokens)
+        self.from_text += [True] * len(tokens)
         self.confidences += [1.0] * len(tokens)
         self.offers += [[] for _ in tokens]
+
+    def add_drafted(self, row: _DraftRow, from_text: bool) -> None:
+        """The draft's choice (``from_text``: it equals the text's guess at that position)."""
+        self.tokens.append(row.token)
+        self.from_text.append(from_text)
+        self.confidences.append(row.confidence)
+        self.offers.append(row.offered)
+        if row.q is not None:
+            self.drafted.append(row.q)
 
     def distributions(self, token_ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
         """Every proposal's draft distribution over the full vocabulary [k, vocab] (sampling): a
@@ -444,53 +462,77 @@ def _propose(
     tree: TreeConfig | None = None,
     carried: _Carried | None = None,
 ) -> _Proposal:
-    """Propose up to ``budget`` tokens: the carried ones, then a match in the text, else the
-    draft's, which a match found after them extends. The draft's first pass reads ``pending`` and
-    the carried tokens together, then one token per pass."""
+    """Propose up to ``budget`` tokens: the carried ones, then the text's continuation (a lookup
+    alone), or the draft's. With both, each draft pass also reads the text's guess of the next
+    tokens and keeps them while the draft chooses them itself: one pass confirms a span the text
+    repeats, which one-token passes would draft a token at a time. The first pass reads
+    ``pending`` and the carried tokens together."""
     proposal = _Proposal()
     if carried is not None and budget:
         proposal.tokens = carried.tokens[:budget]
         proposal.carried = carried.distributions[:budget]
         proposal.confidences = [1.0] * len(proposal.tokens)
         proposal.offers = [[] for _ in proposal.tokens]
-    if _look_up(sources.text, proposal, budget) or sources.draft is None:
+        proposal.from_text = [False] * len(proposal.tokens)
+    if sources.draft is None:
+        if sources.text is not None and budget > len(proposal.tokens):
+            proposal.add_looked_up(sources.text.propose(proposal.tokens, budget - len(proposal.tokens)))
         return proposal
-    token_ids = getattr(backend, "draft_token_ids", None)  # test doubles may leave it out
-    greedy = sampling_config.greedy
     feed, position = [pending, *proposal.tokens], cached
     draft_budget = min(budget, len(proposal.tokens) + sources.draft.max_draft_tokens)
     while len(proposal.tokens) < draft_budget:
-        if greedy and tree is None:  # the token chosen on the device where the backend can
-            ids, probabilities = greedy_tokens(backend, feed, position, use_draft=True)
-            token, confidence, offered = int(ids[-1]), float(probabilities[-1]), []
-        else:
-            row = backend.forward(feed, position, use_draft=True)[-1]
-            q = sampling.warp(row, sampling_config)
-            column = int(row.argmax()) if greedy else sampling.sample(q, rng)
-            token, confidence = _token_id(column, token_ids), float(q.max())
-            offered = [] if tree is None else trees.runners_up(q, column, tree.width)
-            offered = [(_token_id(c, token_ids), p) for c, p in offered]
-            if not greedy:
-                proposal.drafted.append(q)
+        room = draft_budget - len(proposal.tokens) - 1  # the draft's own token after the guess
+        guess = sources.text.propose(proposal.tokens, room) if sources.text is not None and room else []
+        rows = _draft_rows(backend, [*feed, *guess], position, len(guess) + 1, sampling_config, rng, tree)
         proposal.draft_passes += 1
-        proposal.tokens.append(token)
-        proposal.confidences.append(confidence)
-        proposal.offers.append(offered)
-        position, feed = position + len(feed), [token]
-        if _look_up(sources.text, proposal, budget):
-            break
-        if confidence < sources.draft.confidence_threshold:
+        proposal.draft_rows += len(feed) + len(guess)
+        used = 0
+        for i, row in enumerate(rows):
+            proposal.add_drafted(row, from_text=i < len(guess) and row.token == guess[i])
+            used += 1
+            if not proposal.from_text[-1]:  # the draft chose otherwise: later rows read a wrong token
+                break
+        # The guesses it confirmed are in the draft's cache now; its last token is not yet.
+        position, feed = position + len(feed) + used - 1, [proposal.tokens[-1]]
+        if proposal.confidences[-1] < sources.draft.confidence_threshold:
             break
     return proposal
 
 
-def _look_up(text: TextLookup | None, proposal: _Proposal, budget: int) -> bool:
-    """Extend ``proposal`` by the text's continuation of the decided text (which ends with the
-    pending token) and the proposals so far; whether it found one."""
-    room = budget - len(proposal.tokens)
-    found = text.propose(proposal.tokens, room) if text is not None and room > 0 else []
-    proposal.add_looked_up(found)
-    return bool(found)
+@dataclass(frozen=True)
+class _DraftRow:
+    token: int  # the draft's choice (argmax, or a sample of ``q`` when sampling)
+    confidence: float  # its probability
+    offered: list[tuple[int, float]]  # runners-up (token trees)
+    q: np.ndarray | None  # the distribution it was sampled from (sampling), over the draft's columns
+
+
+def _draft_rows(
+    backend: Backend,
+    feed: list[int],
+    position: int,
+    count: int,
+    sampling_config: SamplingConfig,
+    rng: np.random.Generator,
+    tree: TreeConfig | None,
+) -> list[_DraftRow]:
+    """One draft pass over ``feed`` at ``position``: the draft's choice after each of its last
+    ``count`` tokens (the choice after a token is valid only where the tokens before it were the
+    draft's own choices: _propose keeps rows while they are)."""
+    greedy = sampling_config.greedy
+    if greedy and tree is None:  # the token chosen on the device where the backend can
+        ids, probabilities = greedy_tokens(backend, feed, position, use_draft=True)
+        chosen = zip(ids[-count:], probabilities[-count:], strict=True)
+        return [_DraftRow(int(t), float(p), [], None) for t, p in chosen]
+    token_ids = getattr(backend, "draft_token_ids", None)  # test doubles may leave it out
+    rows = []
+    for row in backend.forward(feed, position, use_draft=True)[-count:]:
+        q = sampling.warp(row, sampling_config)
+        column = int(row.argmax()) if greedy else sampling.sample(q, rng)
+        offered = [] if tree is None else trees.runners_up(q, column, tree.width)
+        offered = [(_token_id(c, token_ids), p) for c, p in offered]
+        rows.append(_DraftRow(_token_id(column, token_ids), float(q.max()), offered, None if greedy else q))
+    return rows
 
 
 def _token_id(column: int, token_ids: np.ndarray | None) -> int:
