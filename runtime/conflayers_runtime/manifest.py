@@ -116,9 +116,10 @@ class Task:
     # or proposals come from the lookup alone).
     draft: str | None
     note: str = ""
-    # Proposals read from the text, alone (draft None) or with the model draft ("both": the lookup
-    # proposes where the text has a match, the draft elsewhere, in one verify pass). Absent before
-    # schema 1.5 (readers before it decode such a task with its draft, or plainly).
+    # Proposals read from the text, alone (draft None: the text's continuation is proposed as it
+    # is) or beside the model draft ("both": each draft pass also reads the text's guess and keeps
+    # what the draft itself chooses). Absent before schema 1.5 (readers before it decode such a
+    # task with its draft, or plainly).
     lookup: Lookup | None = _omitted_when_none()
     # What calibrate measured for the task's sources together, where a lookup is part of them:
     # acceptance_rate, mean_tokens_per_cycle, expected_speedup... (a model draft alone keeps its

@@ -203,9 +203,9 @@ def stream(
     """Yield the new tokens in chunks as they are decided (one chunk per cycle).
 
     Proposals come from the model draft (``draft_config``), from the text itself (``lookup``,
-    lookup.py), or both: then a lookup match proposes first (it costs nothing), the draft
-    proposes where the text offers none, and a match found after the draft's tokens extends the
-    same chain, so one full pass verifies both. Neither: plain decoding with the full model.
+    lookup.py: its continuation of the text, at no model cost), or both: then each draft pass
+    also reads the text's guess of the next tokens and keeps those the draft chooses itself, so
+    a repeated span is drafted in one pass (_propose). Neither: plain decoding with the full model.
     Greedy output is identical either way; sampled output is distributed exactly as plain
     sampling. A ``guard`` may turn proposing off for some cycles (when speculation is measured
     slower than plain decoding); that changes speed only, never the output distribution.
