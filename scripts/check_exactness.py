@@ -7,7 +7,8 @@ invariance (padded passes, as the runtime runs them, and one-token steps), then 
 NEW_TOKENS tokens for each prompt of examples/prompts/exactness.txt (stop tokens ignored, so every
 generation is full length) plainly and with every draft. With --reference it also decodes the fp32
 PyTorch model greedily and reports where plain and speculative output first leave it. With
---tree N every draft also runs with token trees of N alternative rows.
+--tree N every draft also runs with token trees of N alternative rows; with --lookup MIN,MAX,K
+the lookup runs alone and beside every draft.
 
     python scripts/check_exactness.py --model smollm2-135m --dtypes fp32,int4 --prompts 16 \
         --new-tokens 256 --reference --json exactness.json
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from bench_pass_rows import builder_constants  # scripts/, beside this file
-from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig, generate, read_manifest
+from conflayers_runtime import DraftConfig, GenerationStats, LookupConfig, TreeConfig, generate, read_manifest
 from conflayers_runtime.artifact import artifact_section, open_backend, row_invariant_rows
 from conflayers_runtime.manifest import Draft, VocabularyRanking
 from conflayers_runtime.row_invariance import measure
@@ -69,7 +70,7 @@ def vocabulary_ranking(loaded, folder: Path, device: str) -> list[int]:
 
 
 def check_dtype(
-    loaded, dtype, prompts, new_tokens, device, ranking, reference, folder, only=None, tree=None
+    loaded, dtype, prompts, new_tokens, device, ranking, reference, folder, only=None, tree=None, lookup=None
 ) -> dict:
     drafts = drafts_for(dtype, loaded.identity.num_layers, loaded.model.config.vocab_size)
     drafts = [d for d in drafts if only is None or d.name in only]
@@ -99,30 +100,37 @@ def check_dtype(
         result["row_invariance"].append(vars(measure(backend, sample, len(prompts[0]))))
     if reference is not None:
         result["plain_vs_reference"] = [first_difference(p, r) for p, r in zip(plain, reference, strict=True)]
+    # name -> (backend, draft length or None, tree, lookup)
+    runs = {"lookup": (plain_backend, None, None, lookup)} if lookup is not None else {}
     for draft in drafts:
-        runs = {draft.name: (open_backend(folder, manifest, draft.name, device), None)}
+        backend = open_backend(folder, manifest, draft.name, device)
+        runs[draft.name] = (backend, DraftConfig(), None, None)
         if tree is not None:  # the same draft with token trees (the tree graph's own session)
-            runs[f"{draft.name} tree"] = (open_backend(folder, manifest, draft.name, device, tree=True), tree)
-        for name, (backend, shape) in runs.items():
-            outputs, total = [], GenerationStats()
-            for ids in prompts:
-                tokens, stats = generate(backend, ids, new_tokens, draft_config=DraftConfig(), tree=shape)
-                outputs.append(tokens)
-                total.merge(stats)
-            differences = [first_difference(s, p) for s, p in zip(outputs, plain, strict=True)]
-            entry = {
-                "prompts_equal_to_plain": sum(d is None for d in differences),
-                "first_differences": differences,
-                "acceptance_rate": total.acceptance_rate,
-                "tokens_per_full_pass": total.mean_tokens_per_cycle,
-                "tree_nodes": total.tree_nodes,
-                "tree_hits": total.tree_hits,
-                "verify_passes": total.verify_passes,
-            }
-            if reference is not None:
-                pairs = zip(outputs, reference, strict=True)
-                entry["vs_reference"] = [first_difference(s, r) for s, r in pairs]
-            result[name] = entry
+            tree_backend = open_backend(folder, manifest, draft.name, device, tree=True)
+            runs[f"{draft.name} tree"] = (tree_backend, DraftConfig(), tree, None)
+        if lookup is not None:
+            runs[f"{draft.name} + lookup"] = (backend, DraftConfig(), None, lookup)
+    for name, (backend, config, shape, text) in runs.items():
+        outputs, total = [], GenerationStats()
+        for ids in prompts:
+            tokens, stats = generate(backend, ids, new_tokens, draft_config=config, tree=shape, lookup=text)
+            outputs.append(tokens)
+            total.merge(stats)
+        differences = [first_difference(s, p) for s, p in zip(outputs, plain, strict=True)]
+        entry = {
+            "prompts_equal_to_plain": sum(d is None for d in differences),
+            "first_differences": differences,
+            "acceptance_rate": total.acceptance_rate,
+            "tokens_per_full_pass": total.mean_tokens_per_cycle,
+            "tree_nodes": total.tree_nodes,
+            "tree_hits": total.tree_hits,
+            "verify_passes": total.verify_passes,
+            "looked_up_accepted": total.looked_up_accepted,
+        }
+        if reference is not None:
+            pairs = zip(outputs, reference, strict=True)
+            entry["vs_reference"] = [first_difference(s, r) for s, r in pairs]
+        result[name] = entry
     return result
 
 
@@ -142,6 +150,10 @@ def main() -> None:
         help="MatMulNBits accuracy_level of the int4 graphs (0: float math, as full graphs had before)",
     )
     parser.add_argument("--tree", type=int, default=0, help="also run every draft with trees of N nodes")
+    parser.add_argument(
+        "--lookup",
+        help="MIN,MAX,K: also the lookup (n-grams MIN..MAX, K proposals) alone and beside every draft",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     loaded = load_model(args.model)
@@ -173,6 +185,7 @@ def main() -> None:
                     Path(tmp) / dtype,
                     args.drafts.split(",") if args.drafts else None,
                     TreeConfig(args.tree) if args.tree else None,
+                    LookupConfig(*map(int, args.lookup.split(","))) if args.lookup else None,
                 )
                 print(json.dumps({dtype: report[dtype]}), flush=True)
     if args.json:
