@@ -38,8 +38,9 @@ from ..staging import replace_folder
 from .data import Prompt
 from .report import write_reports
 from .scoring import EvaluationTexts, generate_texts, score_layer_sets
-from .search import COST_MODELS, SEARCHES, CalibrationSettings, Calibrator, Candidate, TaskResult
+from .search import Calibrator
 from .select import DraftSearch, check_cost_table, rank_vocabulary
+from .settings import COST_MODELS, SEARCHES, CalibrationSettings, Candidate, TaskResult
 
 __all__ = ["CalibrationSettings", "TaskResult", "calibrate", "search_layers", "select_drafts"]
 

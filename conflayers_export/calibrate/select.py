@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,77 +27,13 @@ from conflayers_runtime import DraftConfig, TreeConfig
 from conflayers_runtime.costs import CostTable
 from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draft, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
-from conflayers_runtime.speculative import DraftScore
 
 from ..errors import CalibrationError
 from ..export.quantize import BITS
 from ..models import LoadedModel
 from ..progress import Progress
 from .scoring import CandidateGraphs, EvaluationTexts, candidate_graphs, timed_costs
-from .search import CalibrationSettings
-
-
-@dataclass(kw_only=True)
-class DraftCandidate(DraftScore):
-    """A combination of the joint choice, scored (costs: timed on its graphs, or the bytes ratio)."""
-
-    skip: list[int | str]
-    weight_precision: str
-    vocab_size: int | None  # None: the whole vocabulary
-    max_draft_tokens: int
-    confidence_threshold: float
-    bytes_ratio: float = 0.0  # weight bytes the draft reads per token / the full graph's
-    timing_flag: str = ""  # set when the timed c_draft disagrees with the bytes ratio (scoring.timed_costs)
-    cost_source: str = ""  # where c_draft and c_verify come from (DraftSearch.cost_source)
-    tree_nodes: int = 0  # token trees: alternative rows per verify pass (0: a chain)
-    tree_width: int = 0
-
-    @property
-    def label(self) -> str:
-        vocab = f"vocab {self.vocab_size}" if self.vocab_size else "full vocab"
-        tree = f", tree {self.tree_nodes}x{self.tree_width}" if self.tree_nodes else ""
-        return f"skip {self.skip or '-'}, {self.weight_precision}, {vocab}{tree}"
-
-    @property
-    def policy(self) -> DraftConfig:
-        return DraftConfig(self.max_draft_tokens, self.confidence_threshold)
-
-    @property
-    def tree(self) -> TreeConfig | None:
-        return TreeConfig(self.tree_nodes, self.tree_width) if self.tree_nodes else None
-
-
-@dataclass
-class Confirmation:
-    """The chosen draft's real speculative run on the evaluation prompts."""
-
-    wall_clock_speedup: float  # against plain decoding of each prompt, timed right before it
-    acceptance_rate: float
-    mean_tokens_per_cycle: float
-    matches_replay: bool  # the same statistics as the replay that scored it (replay.py)
-
-
-@dataclass
-class DraftSearchResult:
-    candidates: list[DraftCandidate]
-    chosen: DraftCandidate
-    plain_tokens_per_second: float
-    coverage: dict[int, float] = field(default_factory=dict)  # held-out token share per vocab size
-    seconds: float = 0.0
-    confirmation: Confirmation | None = None
-
-    @property
-    def recommended(self) -> bool:
-        """Speculation pays with the chosen draft (its expected speedup is above 1)."""
-        return self.chosen.expected_speedup > 1.0
-
-    @property
-    def wall_clock_speedup(self) -> float | None:
-        """The confirming real run's speedup over plain decoding (None: not confirmed)."""
-        return self.confirmation.wall_clock_speedup if self.confirmation else None
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+from .settings import CalibrationSettings, Confirmation, DraftCandidate, DraftSearchResult
 
 
 def rank_vocabulary(scores: np.ndarray, stop_token_ids: Sequence[int]) -> list[int]:
