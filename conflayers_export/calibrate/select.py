@@ -28,7 +28,7 @@ from conflayers_runtime.costs import CostTable
 from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draft, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, CostTableError
 from ..export.quantize import BITS
 from ..models import LoadedModel
 from ..progress import Progress
@@ -86,7 +86,8 @@ def draft_combinations(
 def check_cost_table(costs: CostTable | None, loaded: LoadedModel, settings: CalibrationSettings) -> None:
     """A cost table goes with ``settings.cost`` "table", and prices every draft the joint choice
     may score: measured for this model, this artifact dtype, each precision tried and verify
-    passes of the longest cycle. Raises CalibrationError naming the fix."""
+    passes of the longest cycle. Raises CalibrationError (options) or CostTableError (a table
+    that does not fit), naming the fix."""
     if costs is not None and settings.cost != "table":
         raise CalibrationError(
             f"a cost table (--costs) prices the drafts itself: drop --cost {settings.cost}, or the table"
@@ -99,12 +100,12 @@ def check_cost_table(costs: CostTable | None, loaded: LoadedModel, settings: Cal
         return
     profile = f"`conflayers-run profile` on a profiling artifact of --dtype {settings.dtype} for this model"
     if costs.fingerprint != loaded.identity.fingerprint:
-        raise CalibrationError(
+        raise CostTableError(
             f"the cost table {costs.path} was measured for another model ({costs.model_source}, "
             f"{costs.fingerprint[:19]}...) than {loaded.identity.source}: measure one with {profile}"
         )
     if costs.artifact_dtype != settings.dtype:
-        raise CalibrationError(
+        raise CostTableError(
             f"the cost table {costs.path} was measured on a {costs.artifact_dtype} artifact, not "
             f"{settings.dtype}: pass --dtype {costs.artifact_dtype}, or measure one with {profile}"
         )
@@ -112,13 +113,13 @@ def check_cost_table(costs: CostTable | None, loaded: LoadedModel, settings: Cal
         p for p in draft_precisions(settings.dtype, settings.precisions) if p not in costs.coefficients
     ]
     if missing:
-        raise CalibrationError(
+        raise CostTableError(
             f"the cost table {costs.path} has no cost model for {', '.join(missing)} drafts: leave them "
             f"out of --precisions, or measure one with {profile}"
         )
     rows = 1 + max(settings.max_draft_tokens, *(tokens for tokens, _ in settings.draft_policies))
     if rows > max(costs.verify):
-        raise CalibrationError(
+        raise CostTableError(
             f"the cost table {costs.path} times verify passes of up to {max(costs.verify)} rows; cycles "
             f"of {rows - 1} drafts need {rows}: measure one with {profile}"
         )
