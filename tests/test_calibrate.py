@@ -589,3 +589,11 @@ def test_the_layer_search_runs_its_reference_where_and_in_what_precision_asked(t
         search_layers(
             tmp_path / "t", loaded, {"default": PROMPTS}, dataclasses.replace(SMALL, reference_dtype="int8")
         )
+
+
+def test_every_calibration_setting_is_documented_for_the_config_file():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "CALIBRATE_CONFIG.md").read_text()
+    missing = [f.name for f in dataclasses.fields(CalibrationSettings) if f"| `{f.name}` |" not in doc]
+    assert not missing, f"docs/CALIBRATE_CONFIG.md lacks {missing}"
