@@ -24,37 +24,11 @@ from .progress import ConsoleProgress
 if TYPE_CHECKING:
     from conflayers_runtime import SamplingConfig
 
-    from .calibrate import TaskResult
+    from .calibrate import CalibrationSettings, TaskResult
     from .export.validate import StepResult
     from .models import LoadedModel
 
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def _parse_trees(text: str) -> tuple[tuple[int, int], ...]:
-    """--trees "1x1,2x2" -> ((1, 1), (2, 2))."""
-    shapes = []
-    for item in (t.strip() for t in text.split(",")):
-        nodes, sep, width = item.partition("x")
-        if item and (
-            not sep or not nodes.isdigit() or not width.isdigit() or min(int(nodes), int(width)) < 1
-        ):
-            raise click.BadParameter(
-                f"{item!r} is not NODESxWIDTH with both >= 1, e.g. 2x2", param_hint="--trees"
-            )
-        if item:
-            shapes.append((int(nodes), int(width)))
-    return tuple(shapes)
-
-
-def _parse_ints(value: str, option: str) -> list[int]:
-    """Comma-separated integers (vocabulary sizes)."""
-    if not value.strip():
-        return []
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise SkipSetError(f"{option} takes comma-separated integers; got {value!r}") from None
 
 
 def _parse_skip(value: str) -> list[int | str]:
@@ -200,15 +174,25 @@ def reference(
     "--task", "task_files", multiple=True, metavar="NAME=FILE", help="One skip set per task (repeatable)."
 )
 @click.option(
-    "--skip-ratio", default=0.4, show_default=True, type=float, help="Target share of layers skipped."
+    "--config",
+    "config_file",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="TOML file of further settings (docs/CALIBRATE_CONFIG.md); the options here override it.",
 )
-@click.option("--context-window", default=32, show_default=True, type=int, help="Tokens scored per profile.")
 @click.option(
-    "--search-interval", default=25, show_default=True, type=int, help="Verify cycles per iteration."
+    "--skip-ratio", default=0.4, show_default=True, type=float, help="Target share of layers skipped."
 )
 @click.option("--max-iter", default=20, show_default=True, type=int, help="Search iterations per task.")
 @click.option(
     "--max-new-tokens", default=48, show_default=True, type=int, help="Tokens generated per prompt."
+)
+@click.option(
+    "--search",
+    default="cost-aware",
+    show_default=True,
+    type=click.Choice(["cost-aware", "published", "both"]),
+    help="Layer search: ours, the reference's outer loop, or both side by side (ours ships).",
 )
 @click.option(
     "--cost",
@@ -233,46 +217,6 @@ def reference(
     help="Where the layer search's PyTorch reference runs (default: --device).",
 )
 @click.option(
-    "--reference-dtype",
-    default=None,
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    help="Its precision (default: float16 on cuda, float32 on cpu).",
-)
-@click.option(
-    "--device-map",
-    default=None,
-    help="Spread the reference over several GPUs with accelerate (e.g. auto).",
-)
-@click.option(
-    "--precisions",
-    default="base,int8,int4",
-    show_default=True,
-    help="Draft weight precisions tried (base: the artifact's).",
-)
-@click.option(
-    "--vocab-sizes",
-    default="8192,32768",
-    show_default=True,
-    help="Pruned draft vocabularies tried (comma-separated; empty: none).",
-)
-@click.option(
-    "--trees",
-    default="1x1,2x2,4x2",
-    show_default=True,
-    help="Token trees tried on the chosen draft, NODESxWIDTH (comma-separated; empty: chains only).",
-)
-@click.option(
-    "--eval-prompts", default=8, show_default=True, type=int, help="Prompts every candidate is scored on."
-)
-@click.option(
-    "--search",
-    default="cost-aware",
-    show_default=True,
-    type=click.Choice(["cost-aware", "published", "both"]),
-    help="Layer search: ours, the reference's outer loop, or both side by side (ours ships).",
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random baselines.")
-@click.option(
     "--stage",
     default="all",
     show_default=True,
@@ -284,78 +228,39 @@ def reference(
 @click.option("--force", is_flag=True, help="Replace a folder that holds another model's manifest.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines (errors still print).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
 def calibrate(
+    ctx: click.Context,
     model: str,
     out_dir: str,
     data: str | None,
     task_files: tuple[str, ...],
-    skip_ratio: float,
-    context_window: int,
-    search_interval: int,
-    max_iter: int,
-    max_new_tokens: int,
-    cost: str | None,
+    config_file: str | None,
     costs_file: str | None,
-    dtype: str,
-    device: str,
-    reference_device: str | None,
-    reference_dtype: str | None,
-    device_map: str | None,
-    precisions: str,
-    vocab_sizes: str,
-    trees: str,
-    eval_prompts: int,
-    seed: int,
-    search: str,
     stage: str,
     force: bool,
     quiet: bool,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Search the layers to skip (ConfLayers), then the cheapest draft (skip set x weight precision
-    x vocabulary x draft length) on the target graphs; write the manifest and a report into --out."""
+    x vocabulary x draft length) on the target graphs; write the manifest and a report into --out.
+    The remaining settings (search interval, precisions and vocabularies tried, token trees...) are
+    read from --config."""
     from conflayers_runtime.costs import read_cost_table
 
-    from .calibrate import CalibrationSettings, check_settings, search_layers, select_drafts
     from .calibrate import calibrate as run_calibration
-    from .calibrate.data import default_prompts, load_prompts
-    from .errors import CalibrationError
+    from .calibrate import check_settings, search_layers, select_drafts
     from .models import load_model
 
-    settings = CalibrationSettings(
-        skip_ratio=skip_ratio,
-        context_window=context_window,
-        search_interval=search_interval,
-        max_iter=max_iter,
-        max_new_tokens=max_new_tokens,
-        cost=cost or ("table" if costs_file else "measured"),
-        eval_prompts=eval_prompts,
-        seed=seed,
-        search=search,
-        dtype=dtype,
-        device=device,
-        reference_device=reference_device or device,
-        reference_dtype=reference_dtype
-        or ("float16" if (reference_device or device) == "cuda" else "float32"),
-        device_map=device_map,
-        precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-        vocab_sizes=tuple(_parse_ints(vocab_sizes, "--vocab-sizes")),
-        tree_shapes=_parse_trees(trees),
-    )
-    check_settings(settings)  # before the data and the model load: bad flags fail fast
+    settings = _calibration_settings(ctx, config_file, costs_file)
+    check_settings(settings)  # before the data and the model load: bad settings fail fast
     costs = read_cost_table(costs_file) if costs_file else None
-    tasks = {}
-    for spec in task_files:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise CalibrationError(f"--task takes NAME=FILE, got {spec!r}")
-        tasks[name] = load_prompts(path)
-    if not tasks:
-        tasks["default"] = load_prompts(data) if data else default_prompts()
+    tasks = _calibration_tasks(task_files, data)
     # The float32 model is needed in memory only where it is the PyTorch reference itself; graphs
     # are built from the weight files either way (a 7B model calibrates with its reference on a GPU
     # without 28 GB of host memory for a float32 copy).
-    reference_in_memory = (settings.reference_device, settings.reference_dtype, device_map) == (
+    reference_in_memory = (settings.reference_device, settings.reference_dtype, settings.device_map) == (
         "cpu",
         "float32",
         None,
@@ -363,28 +268,70 @@ def calibrate(
     loaded = load_model(model, streamed=stage == "profile-artifact" or not reference_in_memory)
     progress = ConsoleProgress(quiet)
     if stage == "profile-artifact":
-        _profiling_artifact(out_dir, loaded, dtype, force, progress)
-        return
-    if stage == "search":
-        results = search_layers(out_dir, loaded, tasks, settings, force, progress)
-        found = [
-            {"task": r.task, "skip_layers": r.chosen.skip, "expected_speedup": r.chosen.expected_speedup}
-            for r in results
-        ]
-        if as_json:
-            click.echo(json.dumps({"out": out_dir, "tasks": found}, indent=2))
-            return
-        for row in found:
-            click.echo(
-                f"{row['task']}: the layer search chose {row['skip_layers']} (expected speedup "
-                f"{row['expected_speedup']:.2f}x with the bytes model)"
-            )
-        click.echo(f"wrote {out_dir}/calibration/search.json; next: calibrate --stage select --out {out_dir}")
-        return
-    if stage == "select":
-        _, results = select_drafts(out_dir, loaded, settings, progress, costs=costs)
+        _profiling_artifact(out_dir, loaded, settings.dtype, force, progress)
+    elif stage == "search":
+        _report_search(out_dir, search_layers(out_dir, loaded, tasks, settings, force, progress), as_json)
     else:
-        _, results = run_calibration(out_dir, loaded, tasks, settings, force, progress, costs)
+        if stage == "select":
+            _, results = select_drafts(out_dir, loaded, settings, progress, costs=costs)
+        else:
+            _, results = run_calibration(out_dir, loaded, tasks, settings, force, progress, costs)
+        _report_calibration(out_dir, model, results, as_json)
+
+
+def _calibration_settings(
+    ctx: click.Context, config_file: str | None, costs_file: str | None
+) -> CalibrationSettings:
+    """The settings' defaults, overridden by the --config file, overridden by the options given."""
+    from click.core import ParameterSource
+
+    from .calibrate import CalibrationSettings
+    from .calibrate.config import COMMAND_LINE_SETTINGS, read_config
+
+    chosen = read_config(config_file) if config_file else {}
+    for key in COMMAND_LINE_SETTINGS:  # an option's default yields to the file; one given wins
+        given = ctx.get_parameter_source(key) is not ParameterSource.DEFAULT
+        if ctx.params[key] is not None and (given or key not in chosen):
+            chosen[key] = ctx.params[key]
+    chosen.setdefault("cost", "table" if costs_file else "measured")
+    chosen.setdefault("reference_device", chosen["device"])
+    chosen.setdefault("reference_dtype", "float16" if chosen["reference_device"] == "cuda" else "float32")
+    return CalibrationSettings(**chosen)
+
+
+def _calibration_tasks(task_files: Sequence[str], data: str | None) -> dict[str, list]:
+    """--task NAME=FILE prompts per task, else one task of --data (or the shipped prompts)."""
+    from .calibrate.data import default_prompts, load_prompts
+    from .errors import CalibrationError
+
+    tasks = {}
+    for spec in task_files:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise CalibrationError(f"--task takes NAME=FILE, got {spec!r}")
+        tasks[name] = load_prompts(path)
+    return tasks or {"default": load_prompts(data) if data else default_prompts()}
+
+
+def _report_search(out_dir: str, results: Sequence[TaskResult], as_json: bool) -> None:
+    """calibrate --stage search: each task's skip set, and what to run next."""
+    found = [
+        {"task": r.task, "skip_layers": r.chosen.skip, "expected_speedup": r.chosen.expected_speedup}
+        for r in results
+    ]
+    if as_json:
+        click.echo(json.dumps({"out": out_dir, "tasks": found}, indent=2))
+        return
+    for row in found:
+        click.echo(
+            f"{row['task']}: the layer search chose {row['skip_layers']} (expected speedup "
+            f"{row['expected_speedup']:.2f}x with the bytes model)"
+        )
+    click.echo(f"wrote {out_dir}/calibration/search.json; next: calibrate --stage select --out {out_dir}")
+
+
+def _report_calibration(out_dir: str, model: str, results: Sequence[TaskResult], as_json: bool) -> None:
+    """calibrate (all stages, or select): each task's draft and verdict."""
     summary = [_calibration_summary(r) for r in results]
     if as_json:
         click.echo(json.dumps({"out": out_dir, "tasks": summary}, indent=2))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from conflayers_runtime.errors import (  # noqa: F401  (re-exported: one place to import errors from)
     ConflayersError,
+    CostTableError,
+    DeviceError,
     GenerationError,
     ManifestError,
+    SessionOptionError,
     SkipSetError,
 )
 
@@ -20,3 +23,8 @@ class UnsupportedArchitectureError(ConflayersError):
 
 class CalibrationError(ConflayersError):
     """Calibration input or settings are invalid (data file, skip ratio, output folder)."""
+
+
+class BuildError(ConflayersError):
+    """Build settings do not fit the model: the dtype, --max-seq-len, or a draft's weight
+    precision or vocabulary."""

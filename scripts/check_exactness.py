@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from bench_pass_rows import builder_constants  # scripts/, beside this file
 from conflayers_runtime import DraftConfig, GenerationStats, LookupConfig, TreeConfig, generate, read_manifest
-from conflayers_runtime.artifact import artifact_section, open_backend, row_invariant_rows
+from conflayers_runtime.artifact import artifact_section, full_pass_rows, open_backend
 from conflayers_runtime.manifest import Draft, VocabularyRanking
 from conflayers_runtime.row_invariance import measure
 
@@ -93,7 +93,7 @@ def check_dtype(
         ]
     sample = [*prompts[0], *plain[0][:32]]
     result["row_invariance"] = []
-    device_rows = row_invariant_rows(artifact_section(manifest), device)
+    device_rows = full_pass_rows(artifact_section(manifest), device)
     for rows in sorted({1, 2, device_rows}):  # and the device's own
         backend = open_backend(folder, manifest, device=device, exact=False)
         backend.full_pass_rows = rows

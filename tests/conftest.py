@@ -42,9 +42,10 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
-@pytest.fixture(scope="module", params=TESTED_ARCHITECTURES)
+@pytest.fixture(scope="session", params=TESTED_ARCHITECTURES)
 def draft_kinds_artifact(request, tiny_folder, tmp_path_factory):
-    """(folder, manifest) of a tiny artifact of each architecture with tests.helpers.DRAFT_KINDS."""
+    """(folder, manifest) of a tiny artifact of each architecture with tests.helpers.DRAFT_KINDS,
+    built once for the whole run: tests read it (and edit copies of it), never change it."""
     from conflayers_runtime.manifest import read_manifest
 
     from conflayers_export.models import load_model

@@ -19,6 +19,7 @@ from conflayers_runtime import (
 from conflayers_runtime.artifact import open_backend, verify_files
 
 from conflayers_export.cli import main
+from conflayers_export.errors import BuildError
 from conflayers_export.export import build as build_module
 from conflayers_export.export.build import manifest_for_build
 from conflayers_export.export.validate import TOLERANCE, check_parity
@@ -160,7 +161,7 @@ def test_bad_skip_sets_are_refused(tiny_folder, tmp_path, skip, error):
 
 def test_unsupported_dtype_is_refused(tiny_folder, tmp_path):
     loaded = load_model(str(tiny_folder("llama")))
-    with pytest.raises(ManifestError, match="unsupported dtype 'int3'"):
+    with pytest.raises(BuildError, match="unsupported dtype 'int3'"):
         build(tmp_path / "art", loaded, {}, dtype="int3")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -254,21 +255,86 @@ def test_skip_ratio_outside_0_1_is_refused(tiny_folder, tmp_path, ratio, capsys)
 def test_cli_calibrate_json(tiny_folder, tmp_path, capsys):
     data = tmp_path / "d.txt"
     data.write_text("abc\nhello\n")
+    config = tmp_path / "calibrate.toml"
+    config.write_text("search_interval = 4\nmax_iter = 5\n")
     argv = ["calibrate", "--model", str(tiny_folder("mistral")), "--out", str(tmp_path / "o")]
-    argv += [
-        "--data",
-        str(data),
-        "--max-iter",
-        "2",
-        "--search-interval",
-        "4",
-        "--max-new-tokens",
-        "8",
-        "--json",
-    ]
+    argv += ["--data", str(data), "--config", str(config), "--max-iter", "2", "--max-new-tokens", "8"]
+    argv.append("--json")
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tasks"][0]["task"] == "default" and "expected_speedup" in result["tasks"][0]
+    search = json.loads((tmp_path / "o" / "calibration" / "search.json").read_text())
+    assert search["settings"]["search_interval"] == 4  # from the file
+    assert search["settings"]["max_iter"] == 2  # the option overrides the file
+
+
+def _settings_from(argv, tmp_path, monkeypatch):
+    """The settings `calibrate` would run with (it stops right after checking them)."""
+    from conflayers_export import calibrate as calibrate_module
+
+    seen = []
+
+    def stop(settings):
+        seen.append(settings)
+        raise CalibrationError("stopped after the settings")
+
+    monkeypatch.setattr(calibrate_module, "check_settings", stop)
+    assert main(["calibrate", "--out", str(tmp_path / "o"), *argv]) == 1
+    return seen[0]
+
+
+def test_the_config_file_sets_what_the_options_leave(tmp_path, monkeypatch):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        "# every kind of value\n"
+        "context_window = 16\nskip_ratio = 0.3\nconfidence_threshold = 1\nthreads = 2\n"
+        'precisions = ["base", "int4"]\nvocab_sizes = []\ntree_shapes = [[2, 2]]\n'
+        "draft_policies = [[6, 0.0], [12, 0.3]]\n"
+        'reference_dtype = "bfloat16"\ndevice_map = "cpu"\ncost = "bytes"\n'
+    )
+    settings = _settings_from(["--config", str(config), "--skip-ratio", "0.5"], tmp_path, monkeypatch)
+    assert settings == CalibrationSettings(
+        context_window=16,
+        skip_ratio=0.5,  # the option wins
+        confidence_threshold=1.0,
+        threads=2,
+        precisions=("base", "int4"),
+        vocab_sizes=(),
+        tree_shapes=((2, 2),),
+        draft_policies=((6, 0.0), (12, 0.3)),
+        reference_dtype="bfloat16",
+        device_map="cpu",
+        cost="bytes",
+    )
+    # Without a file: the defaults, the reference where the graphs run
+    assert _settings_from([], tmp_path, monkeypatch) == CalibrationSettings()
+    cuda = _settings_from(["--device", "cuda", "--dtype", "fp16"], tmp_path, monkeypatch)
+    assert (cuda.reference_device, cuda.reference_dtype) == ("cuda", "float16")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("contxt_window = 3", "unknown key 'contxt_window': did you mean 'context_window'?"),
+        ("max_iter = true", "key 'max_iter' must be an integer, got True"),
+        ("threads = 1.5", "key 'threads' must be an integer, got 1.5"),
+        ('precisions = "int8"', r"key 'precisions' must be a list like \[\"base\", \"base\"\]"),
+        ("tree_shapes = [[1, 1], [2]]", r"key 'tree_shapes' must be a list like \[\[8, 8\], \[8, 8\]\]"),
+        ("draft_policies = [[8, 'x']]", r"key 'draft_policies' must be a list like \[\[8, 0.5\]"),
+        ("max_iter = [", "is not valid TOML.*fix the file given to --config"),
+        ("search_interval = 0", r"search_interval \(--config file\) must be >= 1, got 0"),
+        ('precisions = ["int2"]', r"unknown draft precision\(s\) \['int2'\] in precisions \(--config file\)"),
+    ],
+)
+def test_a_bad_config_file_is_refused_naming_the_key(tiny_folder, tmp_path, capsys, text, message):
+    config = tmp_path / "c.toml"
+    config.write_text(text + "\n")
+    argv = ["calibrate", "--model", str(tiny_folder("llama")), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--config", str(config)]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--config", str(tmp_path / "none.toml")]) == 1
+    assert "no calibration config at" in capsys.readouterr().err
 
 
 @pytest.mark.real_model
@@ -487,7 +553,7 @@ def test_selection_without_a_search_or_for_another_model_is_a_clear_error(tiny_f
 
 
 def test_the_layer_search_runs_its_reference_where_and_in_what_precision_asked(tiny_folder, tmp_path):
-    """--reference-device/--reference-dtype/--device-map (on a GPU: cuda, float16, auto), checked
+    """--reference-device, reference_dtype and device_map (on a GPU: cuda, float16, auto), checked
     here with bfloat16 and accelerate's device_map on the CPU: the search's reference and its
     layer profiles run on that model; graphs are still built from the float32 model."""
     import torch
@@ -518,7 +584,16 @@ def test_the_layer_search_runs_its_reference_where_and_in_what_precision_asked(t
                 {"default": PROMPTS},
                 dataclasses.replace(SMALL, reference_device="cuda"),
             )
-    with pytest.raises(CalibrationError, match="--reference-dtype must be one of float32, float16, bfloat16"):
+    message = r"reference_dtype \(--config file\) must be one of float32, float16, bfloat16"
+    with pytest.raises(CalibrationError, match=message):
         search_layers(
             tmp_path / "t", loaded, {"default": PROMPTS}, dataclasses.replace(SMALL, reference_dtype="int8")
         )
+
+
+def test_every_calibration_setting_is_documented_for_the_config_file():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "CALIBRATE_CONFIG.md").read_text()
+    missing = [f.name for f in dataclasses.fields(CalibrationSettings) if f"| `{f.name}` |" not in doc]
+    assert not missing, f"docs/CALIBRATE_CONFIG.md lacks {missing}"

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from conflayers_runtime import DraftConfig, SamplingConfig, TreeConfig
 from conflayers_runtime.artifact import open_backend
-from conflayers_runtime.errors import ManifestError
+from conflayers_runtime.errors import ManifestError, SessionOptionError
 from conflayers_runtime.manifest import read_manifest
 from conflayers_runtime.speculative import generate
 
@@ -125,7 +125,7 @@ def test_cpu_artifacts_have_no_capturable_graphs(draft_kinds_artifact):
 
 def test_capturable_graphs_run_in_two_sessions_and_only_when_asked_on_the_cpu(fp16_artifact):
     folder, manifest = fp16_artifact
-    with pytest.raises(ManifestError, match="two sessions"):
+    with pytest.raises(SessionOptionError, match="two sessions"):
         open_backend(folder, manifest, "skip", "cpu", 1, weights="paired", capturable=True)
     # CPU default for an fp16 artifact: mask graphs in two sessions (its If branch does not compute
     # as full.onnx alone on the CPU, artifact._pairs_by_default)

@@ -11,13 +11,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conflayers_runtime import ManifestError, load, read_manifest, speculative
+from conflayers_runtime import DeviceError, ManifestError, load, read_manifest, speculative
 from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.manifest import Draft
 from onnx import TensorProto, helper, numpy_helper
 
 from conflayers_export.calibrate.select import rank_vocabulary
 from conflayers_export.cli import main as export_main
+from conflayers_export.errors import BuildError
 from conflayers_export.export.quantize import BLOCK_SIZE, dequantize, quantize
 from conflayers_export.export.validate import check_parity
 from conflayers_export.models import load_model
@@ -223,12 +224,12 @@ def test_bad_cheap_drafts_are_refused_with_the_fix(tiny_folder, tmp_path):
     loaded = load_model(str(tiny_folder("llama")))
     vocab = loaded.model.config.vocab_size
     with pytest.raises(
-        ManifestError, match=f"vocab_size {vocab + 1} exceeds the model's vocabulary of {vocab}"
+        BuildError, match=f"vocab_size {vocab + 1} exceeds the model's vocabulary of {vocab}"
     ):
         build(tmp_path / "a", loaded, {"v": Draft("v", [], vocab_size=vocab + 1)}, ranked=ranking(vocab))
-    with pytest.raises(ManifestError, match="manifest ranks 0: run `conflayers-export calibrate`"):
+    with pytest.raises(BuildError, match="manifest ranks 0: run `conflayers-export calibrate`"):
         build(tmp_path / "a", loaded, {"v": Draft("v", [], vocab_size=16)})
-    with pytest.raises(ManifestError, match="int8 weights on a int4 artifact would read more bytes"):
+    with pytest.raises(BuildError, match="int8 weights on a int4 artifact would read more bytes"):
         build(tmp_path / "a", loaded, {"q": Draft("q", [], weight_precision="int8")}, dtype="int4")
     with pytest.raises(ManifestError, match="weight_precision 'int2' is not one of base, int8, int4"):
         build(tmp_path / "a", loaded, {"q": Draft("q", [], weight_precision="int2")})
@@ -247,11 +248,11 @@ def test_a_draft_the_device_cannot_run_is_refused_naming_it(tiny_folder, tmp_pat
 
     monkeypatch.setattr(ort, "InferenceSession", session)
     with pytest.raises(
-        ManifestError, match=r"cannot run the draft 'q' \(int8 weights\).*Choose another draft"
+        DeviceError, match=r"cannot run the draft 'q' \(int8 weights\).*Choose another draft"
     ):
         load(tmp_path / "a", draft="q", weights="prepacked")
     with pytest.raises(  # the paired graph holds the same draft
-        ManifestError, match=r"cannot run the paired graph of draft 'q' \(int8 weights\).*Choose another"
+        DeviceError, match=r"cannot run the paired graph of draft 'q' \(int8 weights\).*Choose another"
     ):
         load(tmp_path / "a", draft="q", weights="paired")
 
@@ -304,6 +305,6 @@ def test_fp32_activations_are_refused_on_cuda(tiny_folder, tmp_path, monkeypatch
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     with pytest.raises(
-        ManifestError, match="int4 artifact .* cannot run correctly on CUDA: rebuild it with --dtype fp16"
+        DeviceError, match="int4 artifact .* cannot run correctly on CUDA: rebuild it with --dtype fp16"
     ):
         load(tmp_path / "a", device="cuda")

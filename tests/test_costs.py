@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from conflayers_runtime import ManifestError, read_manifest
+from conflayers_runtime import CostTableError, read_manifest
 from conflayers_runtime.cli import main as run_main
 from conflayers_runtime.costs import (
     CostTable,
@@ -72,12 +72,12 @@ def test_the_fit_recovers_known_coefficients_exactly_and_reports_what_is_not_lin
     # Control: drafts of one kept-layer count cannot separate the layers from the fixed cost.
     flat = [t for t in _timings(lambda p, kept, columns: KNOWN[p](kept, columns)) if t.kept_layers == 30]
     with pytest.raises(
-        ManifestError, match="base drafts cannot determine the cost model.*--stage profile-artifact"
+        CostTableError, match="base drafts cannot determine the cost model.*--stage profile-artifact"
     ):
         fit_costs(flat)
     # A fit to noisy timings that prices a draft at or below zero is refused where it is used.
     with pytest.raises(
-        ManifestError, match="at -0.460 steps \\(not positive.*profile again on a quiet machine"
+        CostTableError, match="at -0.460 steps \\(not positive.*profile again on a quiet machine"
     ):
         _table({"base": LinearCost(-0.5, 0.01, 0.0)}).draft_cost("base", 4, 256)
 
@@ -163,7 +163,7 @@ def test_profile_writes_a_table_that_reads_back_and_prices_every_draft(profiled,
 
 
 def test_a_missing_or_corrupt_table_is_a_clear_error(profiled, tmp_path):
-    with pytest.raises(ManifestError, match="no cost table at .*conflayers-run profile"):
+    with pytest.raises(CostTableError, match="no cost table at .*conflayers-run profile"):
         read_cost_table(tmp_path / "none.json")
     bad = tmp_path / "bad.json"
     for text, message in [
@@ -173,7 +173,7 @@ def test_a_missing_or_corrupt_table_is_a_clear_error(profiled, tmp_path):
         ('{"format": "conflayers-cost-table", "version": 1, "device": "cpu"}', "is a malformed cost table"),
     ]:
         bad.write_text(text)
-        with pytest.raises(ManifestError, match=message + ".*conflayers-run profile"):
+        with pytest.raises(CostTableError, match=message + ".*conflayers-run profile"):
             read_cost_table(bad)
 
 

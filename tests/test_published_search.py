@@ -199,7 +199,7 @@ def test_search_published_ships_the_published_choice(tiny_folder, tmp_path):
 
 def test_the_cli_offers_exactly_the_searches_calibrate_knows():
     # The CLI spells them out so that --help needs no torch; this keeps the two lists equal.
-    from conflayers_export.calibrate.search import SEARCHES
+    from conflayers_export.calibrate.settings import SEARCHES
     from conflayers_export.cli import cli
 
     option = next(p for p in cli.commands["calibrate"].params if p.name == "search")

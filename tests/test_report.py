@@ -4,8 +4,7 @@ built from hand-made results rather than a calibration run."""
 from __future__ import annotations
 
 from conflayers_export.calibrate.report import _markdown, _plot
-from conflayers_export.calibrate.search import Candidate, TaskResult
-from conflayers_export.calibrate.select import DraftCandidate, DraftSearchResult
+from conflayers_export.calibrate.settings import Candidate, DraftCandidate, DraftSearchResult, TaskResult
 
 HEADER = {"model": "tiny", "settings": {"search": "cost-aware"}}
 

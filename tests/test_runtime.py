@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from conflayers_runtime import (
+    DeviceError,
     GenerationError,
-    ManifestError,
     SpeedGuard,
     Task,
     load,
@@ -168,7 +168,7 @@ def test_cuda_without_the_gpu_build_is_a_clear_error(tiny_artifact):
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA")
-    with pytest.raises(ManifestError, match="needs CUDAExecutionProvider.*onnxruntime-gpu"):
+    with pytest.raises(DeviceError, match="needs CUDAExecutionProvider.*onnxruntime-gpu"):
         load(tiny_artifact, device="cuda")
 
 

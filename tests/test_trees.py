@@ -198,7 +198,7 @@ def test_alternatives_fill_the_padding_rows_of_a_device_that_pads_passes(draft_k
     make a longer pass there; its alternatives take the padding rows' place."""
     folder, manifest = draft_kinds_artifact
     backend = open_backend(folder, manifest, "skip", "cpu", 1, tree=True)
-    backend.full_pass_rows = backend.max_exact_rows = 6  # as on CUDA (16 there)
+    backend.full_pass_rows = backend.max_full_pass_rows = 6  # as on CUDA (16 there)
     rows = []
     greedy = backend.greedy
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,51 +37,56 @@ from ..models import LoadedModel
 from ..models.loader import REFERENCE_DTYPES
 from ..progress import Progress
 from ..staging import replace_folder
+from .config import setting_name
 from .data import Prompt
 from .report import write_reports
 from .scoring import EvaluationTexts, generate_texts, score_layer_sets
-from .search import COST_MODELS, SEARCHES, CalibrationSettings, Calibrator, Candidate, TaskResult
+from .search import Calibrator
 from .select import DraftSearch, check_cost_table, rank_vocabulary
+from .settings import COST_MODELS, SEARCHES, CalibrationSettings, Candidate, TaskResult
 
 __all__ = ["CalibrationSettings", "TaskResult", "calibrate", "search_layers", "select_drafts"]
 
 SEARCH_RESULTS = "calibration/search.json"  # stage 1's output, stage 2's input
 
 
+def _one_of(key: str, value: object, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise CalibrationError(f"{setting_name(key)} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def check_settings(settings: CalibrationSettings) -> None:
+    """Raise CalibrationError naming the first setting out of range (as the user sets it)."""
     if not 0.0 < settings.skip_ratio < 1.0:
-        raise CalibrationError(f"--skip-ratio must be in (0, 1), got {settings.skip_ratio}")
-    if settings.search not in SEARCHES:
-        raise CalibrationError(f"--search must be one of {', '.join(SEARCHES)}, got {settings.search!r}")
-    if settings.cost not in COST_MODELS:
-        raise CalibrationError(f"--cost must be one of {', '.join(COST_MODELS)}, got {settings.cost!r}")
+        raise CalibrationError(f"{setting_name('skip_ratio')} must be in (0, 1), got {settings.skip_ratio}")
+    _one_of("search", settings.search, SEARCHES)
+    _one_of("cost", settings.cost, COST_MODELS)
     for name in ("context_window", "search_interval", "max_iter", "max_new_tokens", "eval_prompts"):
         if getattr(settings, name) < 1:
-            raise CalibrationError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
-    if settings.dtype not in ARTIFACT_DTYPES:
-        raise CalibrationError(f"--dtype must be one of {', '.join(ARTIFACT_DTYPES)}, got {settings.dtype!r}")
+            raise CalibrationError(f"{setting_name(name)} must be >= 1, got {getattr(settings, name)}")
+    _one_of("dtype", settings.dtype, list(ARTIFACT_DTYPES))
     unknown = [p for p in settings.precisions if p not in WEIGHT_PRECISIONS]
     if unknown:
-        raise CalibrationError(f"unknown draft precision(s) {unknown}: use {', '.join(WEIGHT_PRECISIONS)}")
+        raise CalibrationError(
+            f"unknown draft precision(s) {unknown} in {setting_name('precisions')}: "
+            f"use {', '.join(WEIGHT_PRECISIONS)}"
+        )
     if any(n < 1 for n in settings.vocab_sizes):
-        raise CalibrationError(f"--vocab-sizes must be positive, got {list(settings.vocab_sizes)}")
+        raise CalibrationError(
+            f"{setting_name('vocab_sizes')} must be positive, got {list(settings.vocab_sizes)}"
+        )
     providers_for(settings.device)  # a device this onnxruntime cannot run fails before the search
-    if settings.reference_device not in ("cpu", "cuda"):
-        raise CalibrationError(f"--reference-device must be cpu or cuda, got {settings.reference_device!r}")
+    _one_of("reference_device", settings.reference_device, ("cpu", "cuda"))
     if settings.reference_device == "cuda" or settings.device_map not in (None, "cpu"):
         import torch
 
         if not torch.cuda.is_available():
             raise CalibrationError(
                 "the layer search's reference was asked to run on a GPU (--reference-device cuda or "
-                "--device-map), but this torch sees none: install a CUDA build of torch on a GPU "
+                "device_map), but this torch sees none: install a CUDA build of torch on a GPU "
                 "machine, or pass --reference-device cpu"
             )
-    if settings.reference_dtype not in REFERENCE_DTYPES:
-        raise CalibrationError(
-            f"--reference-dtype must be one of {', '.join(REFERENCE_DTYPES)}, "
-            f"got {settings.reference_dtype!r}"
-        )
+    _one_of("reference_dtype", settings.reference_dtype, list(REFERENCE_DTYPES))
     if settings.device == "cuda" and ARTIFACT_DTYPES[settings.dtype].activations != "fp16":
         raise CalibrationError(f"--dtype {settings.dtype} cannot run on CUDA: use fp16 or int4-fp16")
 

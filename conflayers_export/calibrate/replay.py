@@ -49,8 +49,8 @@ class ReplayBackend:
         return self.backend.verifies_trees
 
     @property
-    def max_exact_rows(self) -> int | None:  # the room a token tree may fill where passes are padded
-        return self.backend.max_exact_rows
+    def max_full_pass_rows(self) -> int | None:  # the room a token tree may fill where passes are padded
+        return self.backend.max_full_pass_rows
 
     def greedy(
         self, token_ids: Sequence[int], start: int, use_draft: bool, depths: Sequence[int] | None = None
@@ -91,7 +91,7 @@ class ReplayBackend:
         end = start + max(depths) + 1
         if end >= len(self.sequence) or list(token_ids[:1]) != self.sequence[start : start + 1]:
             raise ValueError(f"verify pass at {start} leaves the replayed text (length {len(self.sequence)})")
-        self._restore(start, start + len(token_ids) + self.backend.kv.min_rows)
+        self._restore(start, start + len(token_ids) + self.backend.kv.min_attention_rows)
         return [self.sequence[start + depth + 1] for depth in depths]
 
     def _restore(self, start: int, stop: int) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .scoring import TIMING_MARGIN
-from .search import Candidate, TaskResult
-from .select import DraftCandidate, DraftSearchResult
+from .settings import Candidate, DraftCandidate, DraftSearchResult, TaskResult
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

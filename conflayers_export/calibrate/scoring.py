@@ -28,7 +28,7 @@ from ..export.build import build_artifact
 from ..models import LoadedModel
 from ..progress import Progress
 from .replay import replay_generation
-from .search import CalibrationSettings, Candidate
+from .settings import CalibrationSettings, Candidate
 
 # A timed c_draft further than this factor from the draft's bytes ratio is re-timed, and flagged in
 # the report if the re-timing agrees with the first: weight bytes bound a decoding step on most

@@ -22,26 +22,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from conflayers_runtime import DraftConfig, GenerationStats
 from conflayers_runtime.manifest import SkipPlan
-from conflayers_runtime.speculative import DraftScore, expected_speedup, stream
+from conflayers_runtime.speculative import expected_speedup, stream
 
 from ..models import LoadedModel
 from ..models.reference import TorchBackend
 from ..progress import Progress
 from .confidence import adapt_lambda, profile_blocks, ranked_blocks, select_at_least
+from .settings import CalibrationSettings, Candidate, TaskResult
 
-if TYPE_CHECKING:
-    from .select import DraftSearchResult
-
-COST_MODELS = ("bytes", "measured", "table")  # table: a --costs file (runtime costs.py)
-SEARCHES = ("cost-aware", "published", "both")
 # Scores (origin, skip set) pairs on the common evaluation slice (scoring.score_layer_sets)
-SetScorer = Callable[[list[tuple[str, list[int | str]]]], list["Candidate"]]
+SetScorer = Callable[[list[tuple[str, list[int | str]]]], list[Candidate]]
 
 
 @dataclass(frozen=True)
@@ -70,92 +66,6 @@ def best_set(iterations: Sequence[dict[str, object]]) -> list[int]:
     restores when its iterations run out."""
     best = max(iterations, key=lambda r: float(r["accepted_per_cycle"]))  # type: ignore[arg-type]
     return list(best["skip"])  # type: ignore[call-overload]
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    skip_ratio: float = 0.4  # target share of layers 1..L-2 to skip (the paper uses 0.4-0.45)
-    context_window: int = 32  # tokens whose block outputs are scored (reference default: 100)
-    search_interval: int = 25  # verify cycles per search iteration (reference: 25-30)
-    max_iter: int = 20  # offline and deterministic, so far fewer than the online 100-1000 suffice
-    max_new_tokens: int = 48  # per calibration prompt
-    eval_prompts: int = 8  # prompts of the final, common scoring of candidates and baselines
-    finalists: int = 3  # best search sets re-scored on the common slice
-    ranked_sizes: tuple[int, ...] = (1, 2, 4, 8)  # sizes of the confidence-ranked sets also scored
-    seed: int = 0  # random baselines
-    search: str = "cost-aware"  # SEARCHES: ours, the reference's outer loop, or both (ours ships)
-    max_draft_tokens: int = 8
-    confidence_threshold: float = 0.8
-    # The joint choice of the draft that ships (select.py), on the target artifact's real graphs:
-    # "measured": passes timed on the device; "bytes": weight bytes read per token; "table": the
-    # cost table of ``costs`` (measured on the target by `conflayers-run profile`)
-    cost: str = "measured"
-    dtype: str = "fp32"  # the artifact dtype the drafts are built and scored for
-    device: str = "cpu"
-    threads: int | None = None  # ONNX Runtime intra-op threads (None: its default)
-    # Where the layer search's PyTorch reference runs (LoadedModel.reference_model): CPU float32 by
-    # default; "cuda" with float16 on a GPU; device_map "auto" spreads a big model over GPUs.
-    reference_device: str = "cpu"
-    reference_dtype: str = "float32"
-    device_map: str | None = None
-    precisions: tuple[str, ...] = ("base", "int8", "int4")
-    vocab_sizes: tuple[int, ...] = (8192, 32768)  # pruned draft vocabularies tried (below the vocab)
-    ranking_prompts: int = 16  # prompts after the evaluation slice whose generations rank the vocabulary
-    # best combinations re-run with each of the draft_policies: 4, because timings move by ~10% between
-    # runs and a draft that nearly ties at the first policy may win by far at a longer one
-    policy_finalists: int = 4
-    draft_policies: tuple[tuple[int, float], ...] = ((8, 0.5), (12, 0.3), (6, 0.0))
-    # Token trees tried on the chosen draft (alternative rows, runners-up per drafted token): the
-    # draft ships with the tree where one is expected faster than its chain (docs/TOKEN_TREES.md).
-    tree_shapes: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 2))
-    # Lookup drafting tried alone and beside the chosen draft (min n-gram, max n-gram, proposals per
-    # pass; sources.py): a task ships one where it is expected faster than the draft alone.
-    lookups: tuple[tuple[int, int, int], ...] = ((1, 3, 8), (2, 3, 8), (3, 4, 8))
-
-
-@dataclass(kw_only=True)
-class Candidate(DraftScore):
-    """A skip set of the layer search, scored (costs: the bytes model)."""
-
-    skip: list[int | str]  # layers and blocks (conflayers_runtime.manifest.SkipPlan)
-    origin: str  # "conflayers", "start set", "early exit", "random"
-    cycles: int = 0
-
-
-@dataclass
-class TaskResult:
-    task: str
-    chosen: Candidate
-    recommended: bool
-    finalists: list[Candidate]
-    baselines: list[Candidate]
-    iterations: list[dict[str, object]] = field(default_factory=list)
-    profile: dict[str, list[float]] = field(default_factory=dict)  # first prompt's scores and thresholds
-    conflayers_beats_baselines: bool = False
-    seconds: float = 0.0
-    drafts: DraftSearchResult | None = None  # the joint choice that ships (select.py)
-    search: str = "cost-aware"
-    published: Candidate | None = None  # the reference loop's choice (search "published" or "both")
-    published_iterations: list[dict[str, object]] = field(default_factory=list)
-
-    def choices(self) -> dict[str, Candidate]:
-        """Each search's choice, scored on the common evaluation slice."""
-        found = {} if self.search == "published" else {"cost-aware": self.chosen}
-        return {**found, **({"published": self.published} if self.published else {})}
-
-    def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "choices": {k: asdict(c) for k, c in self.choices().items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TaskResult:
-        """A layer search's result as :meth:`as_dict` wrote it (without the joint choice)."""
-        fields = {k: v for k, v in data.items() if k not in ("choices", "drafts")}
-        for name in ("chosen", "published"):
-            if fields.get(name) is not None:
-                fields[name] = Candidate(**fields[name])
-        for name in ("finalists", "baselines"):
-            fields[name] = [Candidate(**c) for c in fields[name]]
-        return cls(**fields)
 
 
 class Calibrator:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,80 +29,13 @@ from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draf
 from conflayers_runtime.onnx_backend import OnnxBackend
 from conflayers_runtime.speculative import DraftScore
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, CostTableError
 from ..export.quantize import BITS
 from ..models import LoadedModel
 from ..progress import Progress
 from .scoring import CandidateGraphs, EvaluationTexts, candidate_graphs, timed_costs
-from .search import CalibrationSettings
-from .sources import RowCosts, SourceCandidate, score_sources
-
-
-@dataclass(kw_only=True)
-class DraftCandidate(DraftScore):
-    """A combination of the joint choice, scored (costs: timed on its graphs, or the bytes ratio)."""
-
-    skip: list[int | str]
-    weight_precision: str
-    vocab_size: int | None  # None: the whole vocabulary
-    max_draft_tokens: int
-    confidence_threshold: float
-    bytes_ratio: float = 0.0  # weight bytes the draft reads per token / the full graph's
-    timing_flag: str = ""  # set when the timed c_draft disagrees with the bytes ratio (scoring.timed_costs)
-    cost_source: str = ""  # where c_draft and c_verify come from (DraftSearch.cost_source)
-    tree_nodes: int = 0  # token trees: alternative rows per verify pass (0: a chain)
-    tree_width: int = 0
-
-    @property
-    def label(self) -> str:
-        vocab = f"vocab {self.vocab_size}" if self.vocab_size else "full vocab"
-        tree = f", tree {self.tree_nodes}x{self.tree_width}" if self.tree_nodes else ""
-        return f"skip {self.skip or '-'}, {self.weight_precision}, {vocab}{tree}"
-
-    @property
-    def policy(self) -> DraftConfig:
-        return DraftConfig(self.max_draft_tokens, self.confidence_threshold)
-
-    @property
-    def tree(self) -> TreeConfig | None:
-        return TreeConfig(self.tree_nodes, self.tree_width) if self.tree_nodes else None
-
-
-@dataclass
-class Confirmation:
-    """The chosen draft's real speculative run on the evaluation prompts."""
-
-    wall_clock_speedup: float  # against plain decoding of each prompt, timed right before it
-    acceptance_rate: float
-    mean_tokens_per_cycle: float
-    matches_replay: bool  # the same statistics as the replay that scored it (replay.py)
-
-
-@dataclass
-class DraftSearchResult:
-    candidates: list[DraftCandidate]
-    chosen: DraftCandidate
-    plain_tokens_per_second: float
-    coverage: dict[int, float] = field(default_factory=dict)  # held-out token share per vocab size
-    seconds: float = 0.0
-    confirmation: Confirmation | None = None
-    sources: list[SourceCandidate] = field(default_factory=list)  # lookup settings, alone and with `chosen`
-    # The best of ``sources`` where it is expected faster than ``chosen`` alone and than plain
-    # decoding: the task ships it (Task.lookup); None: the model draft alone, or nothing.
-    source: SourceCandidate | None = None
-
-    @property
-    def recommended(self) -> bool:
-        """Speculation pays with the chosen draft (its expected speedup is above 1)."""
-        return self.chosen.expected_speedup > 1.0
-
-    @property
-    def wall_clock_speedup(self) -> float | None:
-        """The confirming real run's speedup over plain decoding (None: not confirmed)."""
-        return self.confirmation.wall_clock_speedup if self.confirmation else None
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+from .settings import CalibrationSettings, Confirmation, DraftCandidate, DraftSearchResult, SourceCandidate
+from .sources import RowCosts, score_sources
 
 
 def rank_vocabulary(scores: np.ndarray, stop_token_ids: Sequence[int]) -> list[int]:
@@ -156,7 +88,8 @@ def draft_combinations(
 def check_cost_table(costs: CostTable | None, loaded: LoadedModel, settings: CalibrationSettings) -> None:
     """A cost table goes with ``settings.cost`` "table", and prices every draft the joint choice
     may score: measured for this model, this artifact dtype, each precision tried and verify
-    passes of the longest cycle. Raises CalibrationError naming the fix."""
+    passes of the longest cycle. Raises CalibrationError (options) or CostTableError (a table
+    that does not fit), naming the fix."""
     if costs is not None and settings.cost != "table":
         raise CalibrationError(
             f"a cost table (--costs) prices the drafts itself: drop --cost {settings.cost}, or the table"
@@ -169,12 +102,12 @@ def check_cost_table(costs: CostTable | None, loaded: LoadedModel, settings: Cal
         return
     profile = f"`conflayers-run profile` on a profiling artifact of --dtype {settings.dtype} for this model"
     if costs.fingerprint != loaded.identity.fingerprint:
-        raise CalibrationError(
+        raise CostTableError(
             f"the cost table {costs.path} was measured for another model ({costs.model_source}, "
             f"{costs.fingerprint[:19]}...) than {loaded.identity.source}: measure one with {profile}"
         )
     if costs.artifact_dtype != settings.dtype:
-        raise CalibrationError(
+        raise CostTableError(
             f"the cost table {costs.path} was measured on a {costs.artifact_dtype} artifact, not "
             f"{settings.dtype}: pass --dtype {costs.artifact_dtype}, or measure one with {profile}"
         )
@@ -182,13 +115,13 @@ def check_cost_table(costs: CostTable | None, loaded: LoadedModel, settings: Cal
         p for p in draft_precisions(settings.dtype, settings.precisions) if p not in costs.coefficients
     ]
     if missing:
-        raise CalibrationError(
+        raise CostTableError(
             f"the cost table {costs.path} has no cost model for {', '.join(missing)} drafts: leave them "
             f"out of --precisions, or measure one with {profile}"
         )
     rows = 1 + max(settings.max_draft_tokens, *(tokens for tokens, _ in settings.draft_policies))
     if rows > max(costs.verify):
-        raise CalibrationError(
+        raise CostTableError(
             f"the cost table {costs.path} times verify passes of up to {max(costs.verify)} rows; cycles "
             f"of {rows - 1} drafts need {rows}: measure one with {profile}"
         )

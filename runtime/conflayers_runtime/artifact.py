@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .errors import ManifestError
+from .errors import DeviceError, ManifestError, SessionOptionError
 from .manifest import CAPTURABLE_TREE, Artifacts, Manifest
 from .onnx_backend import PROVIDERS, KVSpec, OnnxBackend
 
@@ -64,9 +64,11 @@ def kv_spec(manifest: Manifest) -> KVSpec:
     )
 
 
-def row_invariant_rows(section: Artifacts, device: str) -> int:
-    """Fewest rows of a full-graph pass that make every row bitwise equal to the same row of any
-    other pass, so that greedy speculation equals plain decoding (DESIGN.md, row invariance).
+def full_pass_rows(section: Artifacts, device: str) -> int:
+    """How many rows a full-graph pass must have: the fewest that make every row bitwise equal to
+    the same row of any other pass, so that greedy speculation equals plain decoding (DESIGN.md,
+    row invariance). The runtime pads shorter passes to it (onnx_backend.py); on CUDA it is also
+    the most rows an exact pass may have (OnnxBackend.max_full_pass_rows).
 
     CPU (measured): everything but GroupQueryAttention computes a row alike for any row count
     (MatMul, Gemm, the norms, and MatMulNBits with int8 activations given equal inputs); its
@@ -96,7 +98,7 @@ def session_options(
     threads: int | None = None, weights: str = "prepacked", two_sessions: bool = True
 ) -> ort.SessionOptions:
     if weights not in WEIGHT_MODES:
-        raise ManifestError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
+        raise SessionOptionError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
@@ -113,9 +115,9 @@ def session_options(
 
 def providers_for(device: str, cuda_graphs: bool = False) -> list:
     if device not in PROVIDERS:
-        raise ManifestError(f"unknown device {device!r}: use one of {', '.join(PROVIDERS)}")
+        raise DeviceError(f"unknown device {device!r}: use one of {', '.join(PROVIDERS)}")
     if PROVIDERS[device] not in ort.get_available_providers():
-        raise ManifestError(
+        raise DeviceError(
             f"device {device!r} needs {PROVIDERS[device]}, which this onnxruntime build lacks "
             "(for cuda: pip uninstall onnxruntime && pip install onnxruntime-gpu)"
         )
@@ -141,7 +143,7 @@ def open_backend(
 ) -> OnnxBackend:
     """Sessions for the full graph and (optionally) one draft, over shared device-resident caches.
 
-    ``exact`` pads every full-graph pass to the device's row-invariant row count (onnx_backend.py),
+    ``exact`` pads every full-graph pass to the device's :func:`full_pass_rows` (onnx_backend.py),
     so that speculative output equals plain output bitwise; False decodes plain steps one row at a
     time (faster plain decoding, which may then differ from speculative output at near-ties).
 
@@ -187,11 +189,11 @@ def open_backend(
     pairs = paired_file and device == "cpu" and not capturable and _pairs_by_default(manifest, draft)
     weights = weights or ("paired" if pairs else "prepacked")
     if capturable and weights == "paired":
-        raise ManifestError(
+        raise SessionOptionError(
             'capturable graphs run in two sessions (a CUDA graph cannot hold an If): use weights="prepacked"'
         )
     if weights not in WEIGHT_MODES:
-        raise ManifestError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
+        raise SessionOptionError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
     if weights == "paired" and not paired_file:
         raise ManifestError(
             f"{folder} has no paired graph for draft {draft!r} (built before schema 1.2, or no draft): "
@@ -201,12 +203,12 @@ def open_backend(
         # Measured on an H200 (onnxruntime-gpu 1.31): CUDA has no fp32 GroupQueryAttention kernel,
         # so attention falls back to the CPU behind copies of the caches, which breaks the shared
         # past/present buffers: every step after the prompt is wrong.
-        raise ManifestError(
+        raise DeviceError(
             f"{folder} is a {section.dtype} artifact (fp32 activations), which ONNX Runtime cannot run "
             "correctly on CUDA: rebuild it with --dtype fp16 or --dtype int4-fp16 for CUDA"
         )
     if device != "cpu" and weights == "shared":
-        raise ManifestError(
+        raise DeviceError(
             'weights="shared" is a CPU mode (one memory map): on CUDA use the default ("prepacked")'
         )
     if draft is not None and draft not in section.drafts:
@@ -231,17 +233,17 @@ def open_backend(
                 "draft": f"draft {draft!r} ({precision} weights)",
                 "paired": f"paired graph of draft {draft!r} ({precision} weights)",
             }.get(role, f"{section.dtype} full graph")
-            raise ManifestError(
+            raise DeviceError(
                 f"ONNX Runtime cannot run the {what} of {folder} on {device}: {exc}. Choose another "
                 "draft (--draft) or device, or rebuild the artifact with a precision this device runs"
             ) from exc
     vocab_tensor = section.draft_vocab.get(draft) if draft is not None else None
     token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
-    rows = row_invariant_rows(section, device) if exact else 1
     full = sessions.get("full") or sessions["paired"]
     draft_session = sessions["paired"] if weights == "paired" else sessions.get("draft")
     cuda_graphs = capturable and device == "cuda"
-    return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, rows, cuda_graphs)
+    pass_rows = full_pass_rows(section, device) if exact else 1
+    return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, pass_rows, cuda_graphs)
 
 
 def _pairs_by_default(manifest: Manifest, draft: str | None) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .artifact import artifact_section, open_backend
-from .errors import ManifestError
+from .errors import CostTableError
 from .manifest import read_manifest
 from .speculative import fastest_passes
 
@@ -90,12 +90,12 @@ def fit_costs(timings: Sequence[DraftTiming]) -> dict[str, LinearCost]:
 
 
 def check_design(timings: Sequence[DraftTiming]) -> None:
-    """Raise ManifestError, naming the fix, when a precision's drafts cannot determine its three
+    """Raise CostTableError, naming the fix, when a precision's drafts cannot determine its three
     coefficients (fewer than two kept-layer counts or two vocabulary sizes, varied independently)."""
     for precision in dict.fromkeys(t.precision for t in timings):
         group = [t for t in timings if t.precision == precision]
         if not _determined(group):
-            raise ManifestError(
+            raise CostTableError(
                 f"the artifact's {precision} drafts cannot determine the cost model (kept layers "
                 f"{[t.kept_layers for t in group]}, vocabulary sizes {[t.columns for t in group]}; it needs "
                 "two kept-layer counts and two vocabulary sizes, varied independently): profile an "
@@ -142,13 +142,13 @@ class CostTable:
 
     def draft_cost(self, precision: str, kept_layers: int, columns: int) -> float:
         if precision not in self.coefficients:
-            raise ManifestError(
+            raise CostTableError(
                 f"the cost table {self.path} has no {precision} drafts (it has "
                 f"{', '.join(self.coefficients)}): profile an artifact built with `{_PROFILING_ARTIFACT}`"
             )
         cost = self.coefficients[precision](kept_layers, columns)
         if cost <= 0:  # a fit to noisy timings can cross zero far from its drafts
-            raise ManifestError(
+            raise CostTableError(
                 f"the cost table {self.path} prices a {precision} draft of {kept_layers} layers and "
                 f"{columns} columns at {cost:.3f} steps (not positive; its fit error is up to "
                 f"{self.max_error:.0%}): profile again on a quiet machine with `{_PROFILE}`"
@@ -157,7 +157,7 @@ class CostTable:
 
     def verify_cost(self, rows: int) -> float:
         if rows not in self.verify:
-            raise ManifestError(
+            raise CostTableError(
                 f"the cost table {self.path} times verify passes of {min(self.verify)}..{max(self.verify)} "
                 f"rows, not {rows}: profile again with `{_PROFILE}`"
             )
@@ -219,26 +219,26 @@ def write_cost_table(table: CostTable, path: str | os.PathLike[str]) -> Path:
 
 
 def read_cost_table(path: str | os.PathLike[str]) -> CostTable:
-    """A table written by :func:`write_cost_table`; ManifestError names the fix when it is missing,
+    """A table written by :func:`write_cost_table`; CostTableError names the fix when it is missing,
     not a cost table, of an unknown version or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"no cost table at {path}: measure one on the target device with `{_PROFILE}`")
+        raise CostTableError(f"no cost table at {path}: measure one on the target device with `{_PROFILE}`")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc}): measure it again with `{_PROFILE}`") from exc
+        raise CostTableError(f"{path} is not valid JSON ({exc}): measure it again with `{_PROFILE}`") from exc
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
-        raise ManifestError(f"{path} is not a cost table written by `{_PROFILE}`")
+        raise CostTableError(f"{path} is not a cost table written by `{_PROFILE}`")
     if data.get("version") != TABLE_VERSION:
-        raise ManifestError(
+        raise CostTableError(
             f"{path} is a cost table of version {data.get('version')!r}; this runtime reads version "
             f"{TABLE_VERSION}: measure it again with this runtime's `{_PROFILE}`"
         )
     try:
         return CostTable.from_dict(data, str(path))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ManifestError(
+        raise CostTableError(
             f"{path} is a malformed cost table ({exc!r}): measure it again with `{_PROFILE}`"
         ) from exc
 
@@ -255,11 +255,11 @@ def profile(
     manifest = read_manifest(folder)
     section = artifact_section(manifest)
     if not section.drafts:
-        raise ManifestError(
+        raise CostTableError(
             f"{folder} has no draft graphs to time: profile an artifact built with `{_PROFILING_ARTIFACT}`"
         )
     if context + MAX_VERIFY_ROWS > section.max_seq_len:
-        raise ManifestError(
+        raise CostTableError(
             f"{folder} holds {section.max_seq_len} positions, fewer than the {context + MAX_VERIFY_ROWS} "
             f"the timing needs: rebuild it with a larger --max-seq-len (or `{_PROFILING_ARTIFACT}`)"
         )

@@ -15,6 +15,20 @@ class ManifestError(ConflayersError):
     """A manifest is missing, malformed, or of a schema version this runtime cannot read."""
 
 
+class DeviceError(ConflayersError):
+    """A device cannot run what was asked of it: an unknown device name, an ONNX Runtime build
+    without its execution provider, or a graph, dtype or weights mode that it does not run."""
+
+
+class SessionOptionError(ConflayersError, ValueError):
+    """Options for opening an artifact's sessions are unknown or contradict each other."""
+
+
+class CostTableError(ConflayersError):
+    """A cost table is missing, malformed or of another version, cannot price a draft, or cannot
+    be measured on the given artifact."""
+
+
 class GenerationError(ConflayersError):
     """Generation settings or inputs are invalid (empty prompt, bad sampling settings...)."""
 

@@ -27,7 +27,7 @@ maps each column to its token id (the decoding loop applies it).
 
 Row invariance: a kernel may compute a row differently depending on how many rows its pass has,
 and greedy speculation is only lossless if a verify pass and a plain step agree bitwise (DESIGN.md).
-Every full-graph pass shorter than ``full_pass_rows`` (artifact.row_invariant_rows) is padded
+Every full-graph pass shorter than ``full_pass_rows`` (artifact.full_pass_rows) is padded
 with copies of its last token, whose logits are dropped and whose cache positions lie beyond the
 valid length.
 """
@@ -57,7 +57,9 @@ class KVSpec:
     head_dim: int
     max_seq_len: int
     dtype: str  # "fp32" or "fp16"
-    min_rows: int = 1  # cache positions a full-graph pass writes at least (its attention padding)
+    # Cache positions a full-graph pass writes at least: the graph's own attention padding
+    # (the manifest's kv.min_attention_rows)
+    min_attention_rows: int = 1
 
 
 def device_type(device: str) -> str:
@@ -82,9 +84,11 @@ class OnnxBackend:
         self.kv = kv
         self.cuda_graphs = cuda_graphs
         self.full_pass_rows = full_pass_rows
-        # The longest full pass that keeps rows bitwise alike: on CUDA every exact pass has one row
-        # count (artifact.row_invariant_rows); on the CPU any pass of >= 2 rows does (None).
-        self.max_exact_rows = full_pass_rows if device_type(device) == "cuda" and full_pass_rows > 1 else None
+        # The longest full pass that keeps rows bitwise alike: on CUDA every exact pass has the one
+        # row count full_pass_rows (artifact.full_pass_rows); on the CPU any longer pass does (None).
+        self.max_full_pass_rows = (
+            full_pass_rows if device_type(device) == "cuda" and full_pass_rows > 1 else None
+        )
         self.draft_token_ids = draft_token_ids
         self.device = device_type(device)
         shape = [1, kv.num_kv_heads, kv.max_seq_len, kv.head_dim]
@@ -175,7 +179,7 @@ class OnnxBackend:
         logits_on_host: bool,
         depths: Sequence[int] | None = None,
     ) -> dict[str, ort.OrtValue]:
-        total = start + max(len(token_ids), self.kv.min_rows)
+        total = start + max(len(token_ids), self.kv.min_attention_rows)
         if total > self.kv.max_seq_len:
             raise GenerationError(
                 f"sequence of {total} tokens (with padding rows) exceeds the artifact's max_seq_len "
@@ -211,7 +215,7 @@ class OnnxBackend:
         elif depths is not None:
             raise GenerationError("a token tree needs the artifact's tree graph: open it with tree=True")
         if use_draft in self._seqlens:  # the valid length after the pass, attention padding included
-            valid = start + max(rows, self.kv.min_rows)
+            valid = start + max(rows, self.kv.min_attention_rows)
             self._seqlens[use_draft].update_inplace(np.array([valid - 1], np.int32))
         else:  # a [1, start + rows] view of the preallocated ones: the mask tells the valid length
             mask = self.ones.data_ptr()

@@ -234,7 +234,7 @@ def stream(
     carried = _Carried()  # the next cycle's first proposals, from the last tree pass
     # A device whose exact passes all have one row count (row invariance, artifact.py) must not get
     # longer ones: there a tree's alternatives take the place of padding rows, at no cost.
-    max_rows = getattr(backend, "max_exact_rows", None)
+    max_rows = getattr(backend, "max_full_pass_rows", None)
     sources = _Sources(draft_config, text, max_rows)
 
     while produced < max_new_tokens:
