@@ -157,7 +157,7 @@ class EngineRuns:
                 "mean_tokens_per_cycle": self.stats.mean_tokens_per_cycle,
                 "draft_passes_per_cycle": self.stats.draft_passes_per_cycle,
             }
-        elif isinstance(self.stats, dict) and self.stats["draft_tokens_proposed"]:
+        elif isinstance(self.stats, dict):
             out |= _genai_speculation(self.stats)
         return out
 
@@ -510,7 +510,55 @@ def _genai_engines(
             _check_speculative_options(og, own, options.ngram)
             ngram = _genai_runner(og, own, max_new_tokens, options.ngram)
             engines["onnxruntime-genai n-gram"] = Engine(ngram, reference=GENAI_PLAIN)
+        if options.draft_model is not None:
+            name = f"onnxruntime-genai, draft model ({options.draft_model})"
+            engines[name] = _genai_draft_model_engine(og, folder, options, dtype, max_new_tokens, threads)
     return engines | _genai_artifact_engines(og, artifact, max_new_tokens, threads, options, progress)
+
+
+GENAI_DRAFT_MODEL_TOKENS = 4  # its draft-model mode's draft length where --genai-draft-tokens is not given
+
+
+def _genai_draft_model_engine(
+    og, target: Path, options: GenaiOptions, dtype: str, max_new_tokens: int, threads: int
+) -> Engine:
+    """onnxruntime-genai's draft-model mode with its own builds of the model and of
+    ``options.draft_model`` (at the same precision), from one folder (genai_draft_pair)."""
+    from .models import cache_dir, load_model
+
+    source = load_model(str(options.draft_model), streamed=True).folder
+    draft = genai_model_folder(source, cache_dir() / "genai" / f"{source.name}-{dtype}", threads, dtype)
+    pair = genai_draft_pair(target, draft)
+    block = json.loads((draft / "genai_config.json").read_text())["model"]["decoder"]
+    block["filename"] = f"{GENAI_DRAFT_FOLDER}/{block['filename']}"
+    block.setdefault("session_options", {})["intra_op_num_threads"] = threads
+    length = options.draft_tokens or GENAI_DRAFT_MODEL_TOKENS
+    config = og.Config(str(pair))
+    config.overlay(json.dumps({"model": {"draft": block}, "speculative": {"max_draft_tokens": length}}))
+    return Engine(_genai_runner(og, og.Model(config), max_new_tokens, speculates=True), reference=GENAI_PLAIN)
+
+
+GENAI_DRAFT_FOLDER = "draft"
+
+
+def genai_draft_pair(target: Path, draft: Path) -> Path:
+    """A folder onnxruntime-genai opens as its build of the model with its build of a draft model:
+    the target's files, and the draft's in GENAI_DRAFT_FOLDER (it refuses '..' in a config's file
+    names), hard-linked where the file system allows (else copied), remade each time."""
+    import shutil
+
+    from .staging import replace_folder
+
+    pair = target.with_name(f"{target.name}+draft-{draft.name}")
+    with replace_folder(pair) as staging:
+        (staging / GENAI_DRAFT_FOLDER).mkdir()
+        for source, into in ((target, staging), (draft, staging / GENAI_DRAFT_FOLDER)):
+            for file in (f for f in source.iterdir() if f.is_file()):
+                try:
+                    os.link(file, into / file.name)
+                except OSError:
+                    shutil.copy2(file, into / file.name)
+    return pair
 
 
 def _check_speculative_options(og, model, options: dict[str, Any]) -> None:
