@@ -292,13 +292,16 @@ def _load_our_engines(
     tree: TreeConfig | None,
 ) -> tuple[dict[str, Engine], dict[str, Model]]:
     """Our engines (our_engines), each model loaded once: (engines, the model of each engine)."""
-    loaded: dict[str, Model] = {repr({"draft": None}): plain_model}
+    def key(load_kwargs: dict[str, Any]) -> str:
+        return repr(sorted(load_kwargs.items()))
+
+    loaded: dict[str, Model] = {key({"draft": None}): plain_model}
     engines, models = {}, {}
     for spec in our_engines(manifest, tree):
-        key = repr(sorted(spec.load_kwargs.items()))
-        if key not in loaded:
-            loaded[key] = load(artifact, device=device, threads=threads, verify=False, **spec.load_kwargs)
-        model = models[spec.name] = loaded[key]
+        kwargs = key(spec.load_kwargs)
+        if kwargs not in loaded:
+            loaded[kwargs] = load(artifact, device=device, threads=threads, verify=False, **spec.load_kwargs)
+        model = models[spec.name] = loaded[kwargs]
         engines[spec.name] = Engine(
             lambda ids, sampling, m=model, mode=spec.mode: _ours(m, ids, max_new_tokens, mode, sampling),
             reference=None if spec.name == "ours plain" else "ours plain",
