@@ -128,9 +128,10 @@ def our_engines(manifest: Manifest, tree: TreeConfig | None = None) -> list[OurE
 class GenaiOptions:
     """onnxruntime-genai's engines besides its plain decoding of its own build of the model.
     ``ngram``: its n-gram engine's set_speculative_options (None: no n-gram engine);
-    ``draft_tokens``: max_draft_tokens of its draft-model mode with our draft (None: the artifact's,
-    from calibration); ``draft_model``: a model source whose build by its builder drafts for its
-    build of ours (its own draft-model mode; None: not run)."""
+    ``draft_tokens``: max_draft_tokens of its draft-model engines (None: with our draft the
+    artifact's, from calibration; with its own GENAI_DRAFT_MODEL_TOKENS); ``draft_model``: a model
+    source whose build by its builder drafts for its build of ours (its own draft-model mode;
+    None: not run)."""
 
     ngram: dict[str, int | bool] | None = field(default_factory=lambda: dict(DEFAULT_GENAI_NGRAM))
     draft_tokens: int | None = None

@@ -719,7 +719,8 @@ def _parse_genai_ngram(text: str) -> dict[str, int | bool] | None:
     "--genai-draft-tokens",
     default=None,
     type=click.IntRange(1, 16),
-    help="max_draft_tokens of onnxruntime-genai with our draft (default: the artifact's, as calibrated).",
+    help="max_draft_tokens of onnxruntime-genai's draft-model engines (default: with our draft the "
+    "artifact's, as calibrated; with --genai-draft-model 4).",
 )
 @click.option(
     "--genai-draft-model",
