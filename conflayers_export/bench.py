@@ -39,8 +39,10 @@ DEFAULT_PROMPTS = [
 UNTAGGED = "untagged"  # the task kind of a prompt its file gives none
 # The sampled run (--sampled): every engine that samples, at these settings, prompt i with seed SEED + i.
 SAMPLED = SamplingConfig(temperature=0.7, top_p=0.9, seed=0)
-# onnxruntime-genai's n-gram engine (its GeneratorParams.set_speculative_options), as tuned on
-# examples/prompts/tasks.jsonl (BENCHMARKS.md): the last 3 tokens looked up, up to 8 drafted.
+# onnxruntime-genai's n-gram engine (its GeneratorParams.set_speculative_options; --genai-ngram):
+# the last 3 tokens looked up in the prompt and output, chained lookups, up to 8 tokens drafted,
+# adapting down to 2. Of the settings swept on examples/prompts/tasks.jsonl (int4 SmolLM2: n-gram
+# 2-4, 4 or 8 drafted, chained or not), none was clearly faster.
 DEFAULT_GENAI_NGRAM: dict[str, int | bool] = {
     "ngram_size": 3,
     "max_draft_tokens": 8,
