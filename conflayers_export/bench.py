@@ -41,8 +41,7 @@ UNTAGGED = "untagged"  # the task kind of a prompt its file gives none
 SAMPLED = SamplingConfig(temperature=0.7, top_p=0.9, seed=0)
 # onnxruntime-genai's n-gram engine (its GeneratorParams.set_speculative_options; --genai-ngram):
 # the last 3 tokens looked up in the prompt and output, chained lookups, up to 8 tokens drafted,
-# adapting down to 2. Of the settings swept on examples/prompts/tasks.jsonl (int4 SmolLM2: n-gram
-# 2-4, 4 or 8 drafted, chained or not), none was clearly faster.
+# adapting down to 2: the settings of its own documentation's example.
 DEFAULT_GENAI_NGRAM: dict[str, int | bool] = {
     "ngram_size": 3,
     "max_draft_tokens": 8,
