@@ -41,7 +41,7 @@ UNTAGGED = "untagged"  # the task kind of a prompt its file gives none
 SAMPLED = SamplingConfig(temperature=0.7, top_p=0.9, seed=0)
 # onnxruntime-genai's n-gram engine (its GeneratorParams.set_speculative_options; --genai-ngram):
 # the last 3 tokens looked up in the prompt and output, chained lookups, up to 8 tokens drafted,
-# adapting down to 2: the settings of its own documentation's example.
+# adapting down to 2.
 DEFAULT_GENAI_NGRAM: dict[str, int | bool] = {
     "ngram_size": 3,
     "max_draft_tokens": 8,
