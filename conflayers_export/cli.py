@@ -640,6 +640,24 @@ def generate(
     )
 
 
+def _parse_genai_ngram(text: str) -> dict[str, int | bool] | None:
+    """--genai-ngram "ngram_size=3,max_draft_tokens=8,ngram_chained_lookup=true" -> its
+    set_speculative_options keywords (integers, true/false); "none": no n-gram engine."""
+    if text.strip().lower() == "none":
+        return None
+    options: dict[str, int | bool] = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        key, sep, value = item.partition("=")
+        flag = {"true": True, "false": False}.get(value.strip().lower())
+        if not sep or not key.strip() or (flag is None and not value.strip().isdigit()):
+            raise click.BadParameter(
+                f"{item!r} is not KEY=INTEGER or KEY=true/false, e.g. ngram_size=3",
+                param_hint="--genai-ngram",
+            )
+        options[key.strip()] = flag if flag is not None else int(value)
+    return options
+
+
 @cli.command()
 @click.argument("artifact_dir", type=click.Path(file_okay=False, exists=True))
 @click.option(
@@ -647,14 +665,39 @@ def generate(
     "prompts_file",
     default=None,
     type=click.Path(dir_okay=False),
-    help="Prompts (.jsonl or .txt); default: 4 built-in chat prompts.",
+    help="Prompts (.txt, or .jsonl with a 'task' kind per prompt, e.g. examples/prompts/tasks.jsonl); "
+    "default: 4 built-in chat prompts.",
 )
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=2))
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1), help="For every engine.")
 @click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"]))
 @click.option("--no-transformers", is_flag=True, help="Skip the transformers generate baseline.")
-@click.option("--no-genai", is_flag=True, help="Skip the onnxruntime-genai baseline.")
+@click.option("--no-genai", is_flag=True, help="Skip every onnxruntime-genai engine.")
+@click.option(
+    "--genai-ngram",
+    default=None,
+    help="onnxruntime-genai's n-gram engine: its set_speculative_options as KEY=VALUE,... ('none': skip; "
+    "default: ngram_size=3,max_draft_tokens=8,ngram_chained_lookup=true,min_adaptive_k=2).",
+)
+@click.option(
+    "--genai-draft-tokens",
+    default=None,
+    type=click.IntRange(1, 16),
+    help="max_draft_tokens of onnxruntime-genai's draft-model engines (default: with our draft the "
+    "artifact's, as calibrated; with --genai-draft-model 4).",
+)
+@click.option(
+    "--genai-draft-model",
+    default=None,
+    help="Also onnxruntime-genai's draft-model mode with its own builds of the model and of this draft "
+    "model (a model source sharing the tokenizer, e.g. a smaller model of the same family).",
+)
+@click.option(
+    "--sampled",
+    is_flag=True,
+    help="Also a run sampling (temperature 0.7, top-p 0.9, fixed seeds) with every engine.",
+)
 @click.option(
     "--tree",
     "tree_nodes",
@@ -678,6 +721,10 @@ def bench(
     device: str,
     no_transformers: bool,
     no_genai: bool,
+    genai_ngram: str | None,
+    genai_draft_tokens: int | None,
+    genai_draft_model: str | None,
+    sampled: bool,
     tree_nodes: int,
     json_out: str | None,
     plot_out: str | None,
@@ -687,16 +734,12 @@ def bench(
 
     from conflayers_runtime import TreeConfig
 
-    from .bench import DEFAULT_PROMPTS, plot, run_bench
-    from .calibrate.data import load_prompts
+    from .bench import DEFAULT_PROMPTS, GenaiOptions, load_bench_prompts, plot, run_bench
 
-    prompts = load_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
-    if any(not isinstance(p, str) for p in prompts):
-        from .errors import CalibrationError
-
-        raise CalibrationError(
-            "bench prompts must be plain text (one user turn each), not chat message lists"
-        )
+    prompts = load_bench_prompts(prompts_file) if prompts_file else DEFAULT_PROMPTS
+    genai = GenaiOptions(draft_tokens=genai_draft_tokens, draft_model=genai_draft_model)
+    if genai_ngram is not None:
+        genai = dataclasses.replace(genai, ngram=_parse_genai_ngram(genai_ngram))
     result = run_bench(
         artifact_dir,
         prompts,
@@ -708,6 +751,8 @@ def bench(
         not no_genai,
         progress=lambda line: click.echo(line, err=True),
         tree=TreeConfig(tree_nodes) if tree_nodes else None,
+        genai=genai,
+        sampled=sampled,
     )
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
@@ -717,18 +762,40 @@ def bench(
         f"{result['model']} {result['dtype']} on {device}, {threads} threads, {len(prompts)} prompts x "
         f"{max_new_tokens} tokens, median of {repeats} (min-max):"
     )
-    for name, r in result["engines"].items():
+    _echo_engines(result["engines"])
+    if "sampled" in result:
+        run = result["sampled"]
+        click.echo(f"sampled (temperature {run['temperature']}, top-p {run['top_p']}, seeds {run['seeds']}):")
+        _echo_engines(run["engines"])
+
+
+def _echo_engines(engines: dict[str, dict[str, Any]]) -> None:
+    """bench's table: each engine's speed, ratios, exactness and acceptance, then tokens/s per task kind."""
+    for name, r in engines.items():
         tps = r["decode_tokens_per_s"]
         extra = ""
-        if "acceptance_rate" in r and r["acceptance_rate"]:
-            extra = f"  acceptance {r['acceptance_rate']:.2f}, {r['mean_tokens_per_cycle']:.2f} tok/pass"
+        if "exact_vs_own_plain" in r:
+            exact = r["exact_vs_own_plain"]
+            extra += f"  exact {exact['equal']}/{exact['prompts']}"
+        if r.get("acceptance_rate"):
+            extra += f"  acceptance {r['acceptance_rate']:.2f}"
+        if r.get("mean_tokens_per_cycle") and r.get("acceptance_rate"):
+            extra += f", {r['mean_tokens_per_cycle']:.2f} tok/pass"
         if "analytic_speedup" in r:
             extra += f", analytic {r['analytic_speedup']:.2f}x, measured {r['measured_speedup']:.2f}x"
         click.echo(
-            f"  {name:32s} {tps['median']:6.1f} ({tps['min']:.1f}-{tps['max']:.1f}) tok/s  "
+            f"  {name:40s} {tps['median']:6.1f} ({tps['min']:.1f}-{tps['max']:.1f}) tok/s  "
             f"{r['over_ours_plain']:.2f}x plain  "
             f"ttft {r['time_to_first_token_s']['median'] * 1000:.0f} ms{extra}"
         )
+    tasks = sorted({task for r in engines.values() for task in r["by_task"]})
+    if len(tasks) < 2:
+        return
+    click.echo("  decode tokens/s per task kind (median):")
+    click.echo(f"  {'':40s} " + " ".join(f"{task[:13]:>13s}" for task in tasks))
+    for name, r in engines.items():
+        cells = [r["by_task"].get(task, {}).get("decode_tokens_per_s", {}).get("median") for task in tasks]
+        click.echo(f"  {name:40s} " + " ".join(f"{c:13.1f}" if c else f"{'-':>13s}" for c in cells))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from conflayers_runtime.manifest import (
     skip_order,
     write_manifest,
 )
+from conflayers_runtime.speculative import DEFAULT_DRAFT_CONFIG
 
 from .. import __version__
 from ..errors import BuildError, ManifestError
@@ -47,6 +48,10 @@ from .weights import WeightStore, attach_external, weights_file
 WEIGHTS_FILE = "weights.bin"
 FULL_GRAPH = "full.onnx"
 GENAI_CONFIG = "genai_config.json"  # makes the folder loadable by onnxruntime-genai
+# An overlay of GENAI_CONFIG (onnxruntime-genai's Config.overlay) that adds the default draft as
+# its draft model: its own speculative decoding with our draft graph, over the same weights file.
+GENAI_SPECULATIVE = "genai_speculative.json"
+GENAI_MAX_DRAFT_TOKENS = 16  # the most onnxruntime-genai 0.18 accepts for speculative.max_draft_tokens
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -228,10 +233,10 @@ def _write(
     progress("tokenizer")
     tokenizer_files = _copy_tokenizer(loaded, folder)
     layout = loaded.architecture.kv_layout(loaded.model.config)
-    _write_genai_config(folder, loaded, layout, max_seq_len)
+    genai_files = _write_genai_config(folder, loaded, layout, max_seq_len, manifest, built)
     files = [
         FULL_GRAPH,
-        GENAI_CONFIG,
+        *genai_files,
         *built.drafts.values(),
         *paired.values(),
         *built.capturable.values(),
@@ -319,10 +324,35 @@ def draft_vocabulary(draft: Draft, manifest: Manifest, vocab_size: int) -> np.nd
     return ids
 
 
-def _write_genai_config(folder: Path, loaded: LoadedModel, layout: KVLayout, max_seq_len: int) -> None:
-    """Let onnxruntime-genai run the full graph unmodified (its own decoding loop, no drafts)."""
+def _write_genai_config(
+    folder: Path, loaded: LoadedModel, layout: KVLayout, max_seq_len: int, manifest: Manifest, built: _Graphs
+) -> list[str]:
+    """Let onnxruntime-genai run the full graph unmodified (its own decoding loop), and offer the
+    default draft to its speculative decoding (GENAI_SPECULATIVE) where it can run it; returns the
+    names of the files written."""
     config = loaded.model.config
-    stops = loaded.stop_token_ids
+    # An id past the logits can never be generated, and onnxruntime-genai refuses it as a stop id.
+    stops = [i for i in loaded.stop_token_ids if i < config.vocab_size]
+    decoder = {
+        "filename": FULL_GRAPH,
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "head_size": layout.head_dim,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": layout.num_layers,
+        "num_key_value_heads": layout.num_kv_heads,
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "past_key_names": "past_key_values.%d.key",
+            "past_value_names": "past_key_values.%d.value",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
     genai = {
         "model": {
             "type": config.model_type,
@@ -330,27 +360,8 @@ def _write_genai_config(folder: Path, loaded: LoadedModel, layout: KVLayout, max
             "context_length": max_seq_len,
             "bos_token_id": config.bos_token_id,
             "eos_token_id": stops if len(stops) != 1 else stops[0],
-            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else stops[0],
-            "decoder": {
-                "filename": FULL_GRAPH,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "head_size": layout.head_dim,
-                "hidden_size": config.hidden_size,
-                "num_attention_heads": config.num_attention_heads,
-                "num_hidden_layers": layout.num_layers,
-                "num_key_value_heads": layout.num_kv_heads,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
-                "outputs": {
-                    "logits": "logits",
-                    "present_key_names": "present.%d.key",
-                    "present_value_names": "present.%d.value",
-                },
-            },
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else (stops or [0])[0],
+            "decoder": decoder,
         },
         "search": {
             "do_sample": False,
@@ -367,6 +378,29 @@ def _write_genai_config(folder: Path, loaded: LoadedModel, layout: KVLayout, max
         },
     }
     (folder / GENAI_CONFIG).write_text(json.dumps(genai, indent=2) + "\n")
+    draft = genai_draft(manifest, built.drafts, built.draft_vocab)
+    if draft is None:
+        return [GENAI_CONFIG]
+    # Every draft graph has the full graph's I/O and cache layout (all layers' past inputs), so
+    # its block is the decoder's with the draft's file.
+    length = manifest.draft(draft).max_draft_tokens or DEFAULT_DRAFT_CONFIG.max_draft_tokens
+    overlay = {
+        "model": {"draft": decoder | {"filename": built.drafts[draft]}},
+        "speculative": {"max_draft_tokens": min(length, GENAI_MAX_DRAFT_TOKENS)},
+    }
+    (folder / GENAI_SPECULATIVE).write_text(json.dumps(overlay, indent=2) + "\n")
+    return [GENAI_CONFIG, GENAI_SPECULATIVE]
+
+
+def genai_draft(manifest: Manifest, drafts: dict[str, str], draft_vocab: dict[str, str]) -> str | None:
+    """The draft GENAI_SPECULATIVE offers: the one ``load(mode="speculative")`` opens (the default
+    task's draft if built, else the first built one), unless it scores a pruned vocabulary, which
+    onnxruntime-genai cannot verify (it requires draft and target to share the vocabulary); then
+    none. ``drafts``: built draft name -> graph file; ``draft_vocab``: the pruned drafts."""
+    task = manifest.tasks.get("default")
+    built = list(drafts)
+    name = task.draft if task is not None and task.draft in built else (built[0] if built else None)
+    return name if name is not None and name not in draft_vocab else None
 
 
 def _copy_tokenizer(loaded: LoadedModel, folder: Path) -> list[str]:
