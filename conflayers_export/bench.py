@@ -22,10 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conflayers_runtime import GenerationStats, Model, SamplingConfig, TreeConfig, load, read_manifest
+from conflayers_runtime import (
+    GenerationStats,
+    LookupConfig,
+    Model,
+    SamplingConfig,
+    TreeConfig,
+    load,
+    read_manifest,
+)
 from conflayers_runtime.artifact import artifact_section
 from conflayers_runtime.manifest import Manifest
-from conflayers_runtime.model import loaded_by_default
+from conflayers_runtime.model import calibrated_lookup, loaded_by_default
 from conflayers_runtime.speculative import expected_speedup, measure_pass_costs
 
 from .errors import CalibrationError, GenerationError
@@ -107,21 +115,30 @@ class OurEngine:
 
 
 def our_engines(manifest: Manifest, tree: TreeConfig | None = None) -> list[OurEngine]:
-    """The one list of our engines: plain decoding, speculative decoding with each draft, auto mode
-    where the draft is recommended, what load(ARTIFACT) gives a user (the default task's draft, mode
-    auto: plain where load() would speculate not), and with ``tree``, each draft through the
+    """The one list of our engines: plain decoding, the lookup alone, speculative decoding with each
+    draft alone and beside the lookup (the calibrated one, else LookupConfig's defaults), auto mode
+    where the draft is recommended, what load(ARTIFACT) gives a user (the default task's sources,
+    mode auto: plain where load() would speculate not), and with ``tree``, each draft through the
     artifact's tree graphs. Engines with the same load_kwargs share one loaded model."""
     drafts = list(artifact_section(manifest).drafts)
-    engines = [OurEngine("ours plain", {"draft": None}, "plain")]
+    lookup = calibrated_lookup(manifest) or LookupConfig()  # as calibrated, else the runtime's defaults
+    engines = [
+        OurEngine("ours plain", {"draft": None}, "plain"),
+        OurEngine("ours lookup", {"draft": None, "lookup": lookup}, "speculative"),
+    ]
     for d in drafts:
-        engines.append(OurEngine(f"ours speculative ({d})", {"draft": d}, "speculative", pass_costs=True))
+        alone = {"draft": d, "lookup": False}
+        engines.append(OurEngine(f"ours speculative ({d})", alone, "speculative", pass_costs=True))
         if manifest.draft(d).recommended:  # auto speculates with it, under the speed guard
-            engines.append(OurEngine(f"ours auto ({d})", {"draft": d}, "auto"))
+            engines.append(OurEngine(f"ours auto ({d})", alone, "auto"))
+        engines.append(
+            OurEngine(f"ours speculative + lookup ({d})", {"draft": d, "lookup": lookup}, "speculative")
+        )
     engines.append(OurEngine("ours auto (load defaults)", {"draft": loaded_by_default(manifest)}, "auto"))
     if tree is not None:
         for d in drafts:
             name = f"ours speculative, tree {tree.nodes}x{tree.width} ({d})"
-            engines.append(OurEngine(name, {"draft": d, "tree": tree}, "speculative"))
+            engines.append(OurEngine(name, {"draft": d, "tree": tree, "lookup": False}, "speculative"))
     return engines
 
 
@@ -294,6 +311,7 @@ def _load_our_engines(
     tree: TreeConfig | None,
 ) -> tuple[dict[str, Engine], dict[str, Model]]:
     """Our engines (our_engines), each model loaded once: (engines, the model of each engine)."""
+
     def key(load_kwargs: dict[str, Any]) -> str:
         return repr(sorted(load_kwargs.items()))
 

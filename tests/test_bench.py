@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conflayers_runtime import LookupConfig
 from conflayers_runtime.manifest import Draft, read_manifest
 
 from conflayers_export.bench import (
@@ -88,7 +89,8 @@ def test_bench_runs_genai_engines_with_exactness_task_kinds_and_sampling(genai_a
         assert set(r["by_task"]) == {"repeat", "word"}, name
     # Exact by construction: our drafts in our runtime, and our draft in onnxruntime-genai (our full
     # graph computes a row alike in one-token steps and verify passes).
-    for name in ("ours speculative (int8)", "ours speculative (mid)", OUR_DRAFT):
+    lookups = ("ours lookup", "ours speculative + lookup (int8)", "ours speculative + lookup (mid)")
+    for name in ("ours speculative (int8)", "ours speculative (mid)", OUR_DRAFT, *lookups):
         assert engines[name]["exact_vs_own_plain"]["equal"] == len(PROMPTS), name
     assert engines[OUR_DRAFT]["exact_vs_own_plain"]["reference"] == GENAI_OUR_FULL
     assert engines[OUR_DRAFT]["genai_speculative_stats"]["draft_tokens_accepted"] > 0
@@ -154,3 +156,11 @@ def test_our_engines_are_listed_in_one_place(genai_artifact):
         and engines["ours speculative (int8)"].pass_costs
     )
     assert engines["ours auto (load defaults)"].load_kwargs == {"draft": "int8"}  # recommended by default
+    # A draft's own engine loads without the lookup (load() would add a calibrated one), and the
+    # lookup runs alone and beside each draft.
+    assert engines["ours speculative (int8)"].load_kwargs == {"draft": "int8", "lookup": False}
+    assert engines["ours lookup"].load_kwargs == {"draft": None, "lookup": LookupConfig()}
+    assert engines["ours speculative + lookup (mid)"].load_kwargs == {
+        "draft": "mid",
+        "lookup": LookupConfig(),
+    }
