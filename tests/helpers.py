@@ -78,7 +78,8 @@ def build_tiny_artifact(out: Path) -> None:
 
     hf = out.with_name(out.name + "-hf")
     folder = write_tiny_folder(tiny_model("llama")[0], hf, chat_template=CHATML_TEMPLATE)
-    build(out, load_model(str(folder)), {"mid": [1, 2], "int8": Draft("int8", [], weight_precision="int8")})
+    drafts = {"mid": [1, 2], "int8": Draft("int8", [], weight_precision="int8")}
+    build(out, load_model(str(folder)), drafts, max_seq_len=256)  # room for chat turns, a token a letter
 
 
 if __name__ == "__main__":
