@@ -77,9 +77,11 @@ def build_tiny_artifact(out: Path) -> None:
     from conflayers_export.models import load_model
 
     hf = out.with_name(out.name + "-hf")
-    folder = write_tiny_folder(tiny_model("llama")[0], hf, chat_template=CHATML_TEMPLATE)
+    # 2048 positions: room for chat turns (a token a letter) and for streams long enough to drop
+    model = tiny_model("llama", max_position_embeddings=2048)[0]
+    folder = write_tiny_folder(model, hf, chat_template=CHATML_TEMPLATE)
     drafts = {"mid": [1, 2], "int8": Draft("int8", [], weight_precision="int8")}
-    build(out, load_model(str(folder)), drafts, max_seq_len=256)  # room for chat turns, a token a letter
+    build(out, load_model(str(folder)), drafts, max_seq_len=2048)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ class Request:
     messages: list[dict[str, Any]] | None = None
     max_tokens: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seeded: bool = False  # the request named its seed: it wants the same text for the same seed
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -80,6 +81,7 @@ def parse_request(body: object, chat: bool) -> Request:
         sampling=_sampling(body),
         stop=_stop(body),
         stream=bool(_optional(body, "stream", bool)),
+        seeded=body.get("seed") is not None,
     )
     options = _optional(body, "stream_options", dict) or {}
     request.include_usage = bool(_optional(options, "include_usage", bool, "stream_options.include_usage"))

@@ -79,22 +79,30 @@ def decode(
     model: Model, ids: list[int], request: Request, max_tokens: int,
     on_piece: Callable[[str], None] | None = None, cancelled: threading.Event | None = None,
 ) -> Outcome:
-    """Run one request on the worker thread; stops at the next piece once ``cancelled`` is set."""
-    pieces = []
-    stream = model.stream(ids, max_tokens, sampling=request.sampling, stop_strings=request.stop)
+    """Run one request on the worker thread; stops at the next piece once ``cancelled`` is set
+    (the Outcome's finish_reason is then "dropped")."""
+    pieces, dropped = [], False
+    # Auto mode's speed guard decodes some stretches plainly depending on earlier requests, and a
+    # sampled token depends on whether its step drafted: a seeded sampled request goes without it,
+    # so that its seed alone decides its text. Greedy text is the same either way.
+    guard = not (request.seeded and request.sampling.temperature > 0)
+    stream = model.stream(ids, max_tokens, sampling=request.sampling, stop_strings=request.stop, guard=guard)
     with closing(stream):
         for piece in stream:
             pieces.append(piece)
             if on_piece is not None:
                 on_piece(piece)
             if cancelled is not None and cancelled.is_set():
+                dropped = True
                 break
     tokens = model.last_token_ids
-    full = model.tokenizer.decode(tokens, skip_special_tokens=True)
-    length = len(tokens) >= max_tokens and not stop_hit(full, request.stop)
+    if dropped:
+        finish = "dropped"
+    else:
+        full = model.tokenizer.decode(tokens, skip_special_tokens=True)
+        finish = "length" if len(tokens) >= max_tokens and not stop_hit(full, request.stop) else "stop"
     mode = model.resolve_mode("auto")
-    return Outcome("".join(pieces), len(ids), len(tokens), "length" if length else "stop", mode, model.draft,
-                   model.last_stats)
+    return Outcome("".join(pieces), len(ids), len(tokens), finish, mode, model.draft, model.last_stats)
 
 
 class Server:
@@ -103,6 +111,8 @@ class Server:
     def __init__(self, model: Model, name: str, limits: Limits) -> None:
         self.model, self.name, self.limits = model, name, limits
         self.worker = Worker(model, limits.max_queue)
+        # Requests answered to the end, and streams stopped early because their client went away.
+        self.counts = {"served": 0, "dropped": 0}
 
     def app(self) -> Any:
         from starlette.applications import Starlette
@@ -125,7 +135,7 @@ class Server:
 
     # -- endpoints ------------------------------------------------------------------------------
     async def health(self, request: Any) -> Any:
-        return _json({"status": "ok", "model": self.name, "waiting": self.worker.waiting})
+        return _json({"status": "ok", "model": self.name, "waiting": self.worker.waiting, **self.counts})
 
     async def models(self, request: Any) -> Any:
         return await self._guarded(request, self._models)
@@ -167,7 +177,12 @@ class Server:
         if request.stream:
             return self._stream(ids, request, max_tokens, writer)
         future = self.worker.submit(lambda: decode(self.model, ids, request, max_tokens))
+        future.add_done_callback(self._count)
         return _json(writer.completion(await _outcome(future)))
+
+    def _count(self, future: Future[Outcome]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.counts["dropped" if future.result().finish_reason == "dropped" else "served"] += 1
 
     def _prompt_ids(self, request: Request) -> tuple[list[int], int]:
         """The prompt's token ids and the tokens to generate, checked against the context and the cap."""
@@ -209,6 +224,7 @@ class Server:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
         future = self.worker.submit(lambda: decode(self.model, ids, request, max_tokens, post, cancelled))
+        future.add_done_callback(self._count)
         future.add_done_callback(lambda _: post(None))
 
         async def events() -> AsyncIterator[str]:
