@@ -234,8 +234,10 @@ class _Detokenizer:
         after = decode(self.tokens[self.prefix :], skip_special_tokens=True)
         if after.endswith("\ufffd"):
             return None
-        self.prefix, self.read = self.read, len(self.tokens)
-        return after[len(before) :]
+        piece = after[len(before) :]
+        if piece:  # a chunk without text (special tokens skipped) is no left context for the next
+            self.prefix, self.read = self.read, len(self.tokens)
+        return piece
 
 
 def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
