@@ -24,11 +24,11 @@ from pathlib import Path
 import conflayers_runtime as rt
 import openai
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how a steam engine works.",
-    "Describe a walk through a forest in autumn.",
-    "Write a letter to a friend about your holidays.",
+PROMPTS = [  # asking for long answers: most requests run to MAX_TOKENS
+    "Write a long story about a lighthouse keeper.",
+    "Explain in detail how a steam engine works.",
+    "Describe at length a walk through a forest in autumn.",
+    "Write a long letter to a friend about your holidays.",
 ]
 MAX_TOKENS = 96
 
@@ -119,11 +119,13 @@ def through_server(server: Server, repeats: int) -> dict[str, object]:
             return [ask(mine, PROMPTS[(c + i) % len(PROMPTS)], False) for i in range(repeats * 2)]
 
         with ThreadPoolExecutor(clients) as pool:
-            latencies = sorted(r["seconds"] for rs in pool.map(one_client, range(clients)) for r in rs)
+            runs = [r for rs in pool.map(one_client, range(clients)) for r in rs]
+        latencies = sorted(r["seconds"] for r in runs)
         result[f"latency_{clients}_clients_ms"] = {
             "p50": 1000 * statistics.median(latencies),
             "p95": 1000 * latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
             "requests": len(latencies),
+            "mean_tokens": statistics.mean(r["tokens"] for r in runs),
         }
     return result
 

@@ -187,6 +187,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         {"prompt": "abc", "stop": [1, 2]},
         {"prompt": "abc", "logprobs": True},
         {"prompt": ""},
+        {"prompt": "abc", "max_tokens": 0},
     ]
     for body in bad:
         with pytest.raises(openai.BadRequestError) as caught:
@@ -200,6 +201,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (b'{"prompt": "abc", ', 400),  # malformed JSON
         (b'["prompt"]', 400),  # not an object
         (b'{"prompt": "\xff\xfe"}', 400),  # not UTF-8
+        (b'{"prompt": "a\\ud800b"}', 400),  # a lone surrogate escaped in JSON: no UTF-8 text
         (b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413),  # over the size limit
     ]:
         code, _, text = server.request("POST", "/v1/completions", body)
