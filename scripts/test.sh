@@ -9,12 +9,13 @@ cd "$root"
 "$venv/bin/python" -m pytest --durations=10 "$@"
 
 # The runtime installed alone, in a fresh virtual environment: an undeclared dependency, or one
-# on torch/transformers/onnx, fails here. Its artifact comes from the exporter.
+# on torch/transformers/onnx, fails here. Its artifact comes from the exporter. With [serve] and
+# the openai client: the server's tests (runtime/tests/test_serve.py) run here, without torch.
 runtime_venv="${CONFLAYERS_RUNTIME_VENV:-$root/.venv-runtime}"
 rm -rf "$runtime_venv"
 "${PYTHON:-python3}" -m venv "$runtime_venv"
 "$runtime_venv/bin/python" -m pip --disable-pip-version-check -q install \
-    -c "$root/scripts/constraints.txt" "$root/runtime[cpu]" pytest
+    -c "$root/scripts/constraints.txt" "$root/runtime[cpu,serve]" openai pytest
 artifact_dir="$(mktemp -d)"
 trap 'rm -rf "$artifact_dir"' EXIT
 "$venv/bin/python" -m tests.helpers "$artifact_dir/tiny"

@@ -43,10 +43,20 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(config).eval(), architecture
 
 
-def write_tiny_folder(model, folder: Path, max_shard_size: str | None = None) -> Path:
+# A ChatML template (SmolLM2's and Qwen's turn markers) for tiny models that chat.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tiny_folder(
+    model, folder: Path, max_shard_size: str | None = None, chat_template: str | None = None
+) -> Path:
     """Save ``model`` (in safetensors shards of at most ``max_shard_size``) with a word-level
     tokenizer covering its whole vocabulary: letters are ids 0-25, every other id decodes to
-    "<id>", so any generated sequence has text (26 doubles as the unknown token)."""
+    "<id>", so any generated sequence has text (26 doubles as the unknown token); with
+    ``chat_template``, the tokenizer has that chat template (its markers tokenize letter by letter)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -55,16 +65,23 @@ def write_tiny_folder(model, folder: Path, max_shard_size: str | None = None) ->
     vocab |= {f"<{i}>": i for i in range(26, model.config.vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<26>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<26>").save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<26>")
+    fast.chat_template = chat_template
+    fast.save_pretrained(folder)
     return folder
 
 
 def build_tiny_artifact(out: Path) -> None:
-    """A tiny random llama (seed 0) with drafts "mid" (layers 1, 2 skipped) and "int8"."""
+    """A tiny random llama (seed 0) that chats in ChatML, with drafts "mid" (layers 1, 2 skipped)
+    and "int8"."""
     from conflayers_export.models import load_model
 
-    folder = write_tiny_folder(tiny_model("llama")[0], out.with_name(out.name + "-hf"))
-    build(out, load_model(str(folder)), {"mid": [1, 2], "int8": Draft("int8", [], weight_precision="int8")})
+    hf = out.with_name(out.name + "-hf")
+    # 2048 positions: room for chat turns (a token a letter) and for streams long enough to drop
+    model = tiny_model("llama", max_position_embeddings=2048)[0]
+    folder = write_tiny_folder(model, hf, chat_template=CHATML_TEMPLATE)
+    drafts = {"mid": [1, 2], "int8": Draft("int8", [], weight_precision="int8")}
+    build(out, load_model(str(folder)), drafts, max_seq_len=2048)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,31 @@ def test_stop_strings_cut_the_text(tiny_artifact):
     assert cut == full[: full.index(stop)]
 
 
+def test_a_stop_string_across_two_pieces_is_cut_where_it_begins(tiny_artifact):
+    model = load(tiny_artifact)
+    pieces = [p for p in model.stream("abc", 20, chat=False, mode="plain") if p]
+    # The last character of one piece and the first of the next, found nowhere earlier: today's
+    # code must not have yielded its first character before the next piece showed the rest.
+    at = next(i for i in range(1, len(pieces)) if pieces[i - 1][-1] + pieces[i][0] not in "".join(pieces[:i]))
+    stop, full = pieces[at - 1][-1] + pieces[at][0], "".join(pieces)
+    assert full.index(stop) == len("".join(pieces[:at])) - 1
+    streamed = list(model.stream("abc", 20, chat=False, mode="plain", stop_strings=[stop]))
+    assert "".join(streamed) == full[: full.index(stop)]
+    # A held-back start that no stop string completes is yielded after all.
+    assert "".join(model.stream("abc", 20, chat=False, mode="plain", stop_strings=[stop + "\0"])) == full
+
+
+def test_a_chunk_of_no_text_keeps_the_left_context(tiny_artifact):
+    """The unknown token <26> is special: skipped, it decodes to nothing; the next chunk's text must
+    still be spaced as the whole sequence decodes (no context would lose the space)."""
+    from conflayers_runtime.model import _Detokenizer
+
+    tokenizer = load(tiny_artifact).tokenizer
+    detokenizer = _Detokenizer(tokenizer, [])
+    pieces = [detokenizer.add(chunk) for chunk in ([40, 41], [26], [42])]
+    assert "".join(pieces) == tokenizer.decode([40, 41, 26, 42], skip_special_tokens=True) == "<40> <41> <42>"
+
+
 def test_a_prompt_that_is_not_utf8_is_a_clear_error(tiny_artifact):
     # Bytes 0xFF 0xFE on a command line reach Python as surrogate escapes.
     with pytest.raises(GenerationError, match="not valid UTF-8 text.*position 1"):

@@ -276,7 +276,12 @@ def _write(
         inputs=GRAPH_INPUTS
         | {"past_key_values.{layer}.key|value": f"{dtype} cache, bound to the same buffer as present"},
         outputs=GRAPH_OUTPUTS,
-        tokenizer=TokenizerFiles("tokenizer.json", *_chat_affixes(loaded), loaded.stop_token_ids),
+        tokenizer=TokenizerFiles(
+            "tokenizer.json",
+            *_chat_affixes(loaded),
+            loaded.stop_token_ids,
+            chat_template=_chat_template(loaded),
+        ),
         files={name: FileEntry((folder / name).stat().st_size, file_sha256(folder / name)) for name in files},
     )
     manifest.tool = {"name": "conflayers-export", "version": __version__}
@@ -442,6 +447,15 @@ def _chat_affixes(loaded: LoadedModel) -> tuple[str | None, str | None]:
         return None, None
     prefix, _, suffix = text.partition(_CHAT_SENTINEL)
     return prefix, suffix
+
+
+def _chat_template(loaded: LoadedModel) -> str | None:
+    """The Jinja chat template the tokenizer applies without arguments (a tokenizer with named
+    templates applies "default"); the runtime renders it as transformers does (chat_template.py)."""
+    template = getattr(loaded.tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template else None
 
 
 def manifest_for_build(

@@ -2,6 +2,7 @@
 
 conflayers-run ARTIFACT --prompt "Write a haiku." [--mode auto|speculative|plain] [--json]
 conflayers-run profile ARTIFACT --device cpu|cuda [--threads N] --out costs.json  (costs.py)
+conflayers-run serve ARTIFACT [--host 127.0.0.1] [--port 8000] [--api-key KEY]  (serve.py: OpenAI's API)
 """
 
 from __future__ import annotations
@@ -189,14 +190,51 @@ def profile_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def serve_main(argv: Sequence[str]) -> int:
+    """``conflayers-run serve``: an OpenAI-compatible HTTP server for the artifact, until interrupted."""
+    parser = argparse.ArgumentParser(
+        prog="conflayers-run serve",
+        description="Serve an artifact over OpenAI's API: /v1/chat/completions, /v1/completions, "
+        "/v1/models, /health. One request decodes at a time, in arrival order.",
+    )
+    parser.add_argument("artifact", help="folder written by `conflayers-export build`")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--draft", default=None, help="draft name (default: the manifest's default task)")
+    parser.add_argument("--api-key", default=None, help="demand `Authorization: Bearer KEY`")
+    parser.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get a 429")
+    parser.add_argument(
+        "--max-tokens-cap", type=int, default=None, help="largest max_tokens a request may ask for"
+    )
+    args = parser.parse_args(argv)
+    for name in ("max_queue", "max_tokens_cap"):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "max_queue" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    from .serve import Limits, serve
+
+    try:
+        limits = Limits(args.max_queue, args.max_tokens_cap, args.api_key)
+        serve(args.artifact, args.host, args.port, device=args.device, threads=args.threads,
+              draft=args.draft, limits=limits)
+    except ConflayersError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["profile"]:  # an artifact folder named "profile" is ./profile
         return profile_main(argv[1:])
+    if argv[:1] == ["serve"]:
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="conflayers-run",
         description=__doc__.splitlines()[0],
-        epilog="conflayers-run profile --help: time an artifact's passes here for calibrate --costs",
+        epilog="conflayers-run profile --help: time an artifact's passes here for calibrate --costs; "
+        "conflayers-run serve --help: serve it over OpenAI's API",
     )
     parser.add_argument("artifact", help="folder written by `conflayers-export build`")
     parser.add_argument("--prompt", required=True)

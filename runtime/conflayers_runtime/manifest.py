@@ -199,12 +199,14 @@ class FileEntry:
 
 @dataclass
 class TokenizerFiles:
-    """The tokenizer file, and the chat template rendered around one user turn (no Jinja needed)."""
+    """The tokenizer file, the model's Jinja chat template, and that template rendered around one
+    user turn (what older runtimes read: no Jinja needed)."""
 
     file: str
     chat_prefix: str | None = None  # None: the model has no usable chat template
     chat_suffix: str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    chat_template: str | None = _omitted_when_none()  # absent in artifacts built before it was carried
 
 
 @dataclass(kw_only=True)  # keyword-only: the fields keep the JSON's key order, defaults or not

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
-from . import speculative
+from . import chat_template, speculative
 from .artifact import artifact_section, open_backend, verify_files
 from .errors import GenerationError, ManifestError
 from .lookup import LookupConfig
@@ -25,6 +26,8 @@ from .onnx_backend import OnnxBackend
 from .sampling import SamplingConfig
 from .speculative import DraftConfig, GenerationStats
 from .tree import TreeConfig
+
+Message = Mapping[str, Any]  # a chat turn: {"role": "user", "content": "..."}
 
 MODES = ("auto", "speculative", "plain")
 
@@ -69,27 +72,53 @@ class Model:
         # ever rarer instead of starting over with every call.
         self.speed_guard = speculative.SpeedGuard()
         tok = artifact_section(manifest).tokenizer
-        self.chat_prefix: str | None = tok.chat_prefix
+        self.chat_prefix: str | None = tok.chat_prefix  # artifacts without a template: one user turn
         self.chat_suffix: str | None = tok.chat_suffix
+        self.chat_template: str | None = tok.chat_template
+        self.special_tokens = chat_template.special_tokens(folder) if tok.chat_template else {}
         self.stop_token_ids: list[int] = list(tok.stop_token_ids)
 
     @property
     def max_seq_len(self) -> int:
         return self.backend.kv.max_seq_len
 
-    def encode(self, text: str, chat: bool = True) -> list[int]:
-        """Token ids of a prompt; ``chat`` wraps it as one user turn of the model's chat template."""
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # e.g. undecodable command-line bytes (surrogate escapes)
-            raise GenerationError(
-                f"the prompt is not valid UTF-8 text (bad character at position {exc.start}): "
-                "pass UTF-8 text, or token ids"
-            ) from None
-        if chat and self.chat_prefix is not None:
-            text = f"{self.chat_prefix}{text}{self.chat_suffix}"
-            return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str | Sequence[Message], chat: bool = True) -> list[int]:
+        """Token ids of a prompt: ``text`` (``chat`` wraps it as one user turn of the model's chat
+        template) or chat ``messages`` ({"role", "content"} dicts), with the generation prompt."""
+        if not isinstance(text, str):
+            return self.tokenizer.encode(self.render_chat(text), add_special_tokens=False).ids
+        _check_utf8(text)
+        if chat and (self.chat_template is not None or self.chat_prefix is not None):
+            return self.encode([{"role": "user", "content": text}])
         return self.tokenizer.encode(text).ids
+
+    def render_chat(self, messages: Sequence[Message]) -> str:
+        """The conversation as the model's chat template writes it, ending with the generation
+        prompt (as transformers' apply_chat_template); artifacts built before the template was
+        carried: a lone user turn between the stored prefix and suffix."""
+        if self.chat_template is not None:
+            for message in messages if isinstance(messages, Sequence) else ():
+                if isinstance(message, dict) and isinstance(message.get("content"), str):
+                    _check_utf8(message["content"])
+            return chat_template.render(self.chat_template, messages, self.special_tokens)
+        if self.chat_prefix is None:
+            raise GenerationError(
+                "this artifact has no chat template: pass a prompt with chat=False, or rebuild it from a "
+                "model whose tokenizer has one"
+            )
+        turns = chat_template.check_messages(messages)
+        if len(turns) != 1 or turns[0]["role"] != "user" or not isinstance(turns[0].get("content"), str):
+            raise GenerationError(
+                "this artifact carries its chat template as one user turn only (built before templates were "
+                "carried): pass one user message, or rebuild the artifact for multi-turn chat"
+            )
+        _check_utf8(turns[0]["content"])
+        return f"{self.chat_prefix}{turns[0]['content']}{self.chat_suffix}"
+
+    def room(self, prompt_tokens: int) -> int:
+        """How many new tokens fit after a prompt of ``prompt_tokens``: the last full pass starts at
+        prompt + max_new_tokens - 2 and needs room for its rows."""
+        return self.max_seq_len - max(0, self.backend.full_pass_rows - 2) - prompt_tokens
 
     def draft_config(self) -> DraftConfig:
         """The loaded draft's calibrated draft length, where the manifest has one, else the defaults."""
@@ -117,9 +146,10 @@ class Model:
 
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | None = None,
         max_new_tokens: int = 128,
         *,
+        messages: Sequence[Message] | None = None,
         chat: bool = True,
         sampling: SamplingConfig = speculative.GREEDY,
         mode: str = "auto",
@@ -128,11 +158,18 @@ class Model:
         guard: bool = True,
     ) -> Iterator[str]:
         """Yield text pieces as they are decided. Stats of the run land in ``self.last_stats``.
-        ``draft_config`` None: the draft length calibrated for the loaded draft (:meth:`draft_config`)."""
-        ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
-        # The last full pass starts at len(ids) + max_new_tokens - 2 and needs room for its rows.
-        reserved = max(0, self.backend.full_pass_rows - 2)
-        if len(ids) + max_new_tokens > self.max_seq_len - reserved:
+        The prompt is text, token ids, or chat ``messages`` (rendered with the model's chat template).
+        ``draft_config`` None: the draft length calibrated for the loaded draft (:meth:`draft_config`).
+        ``stop_strings``: the text ends where the first of them begins (text that may be the start
+        of one is held back until the next piece tells)."""
+        if (prompt is None) == (messages is None):
+            raise GenerationError("pass either a prompt or messages")
+        if messages is not None:
+            ids = self.encode(messages)
+        else:
+            ids = self.encode(prompt, chat) if isinstance(prompt, str) else list(prompt)
+        if max_new_tokens > self.room(len(ids)):
+            reserved = max(0, self.backend.full_pass_rows - 2)
             padding = f" less {reserved} padding rows of exact decoding" if reserved else ""
             raise GenerationError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the artifact's "
@@ -144,8 +181,8 @@ class Model:
         self.last_stats = GenerationStats()
         self.last_token_ids = []
         text = _Detokenizer(self.tokenizer, self.last_token_ids)
-        longest_stop = max((len(stop) for stop in stop_strings), default=0)
-        tail = ""  # the end of the emitted text, where a stop string may begin
+        stops = [stop for stop in stop_strings if stop]
+        held = ""  # decided text not yet yielded: it may be the start of a stop string
         for chunk in speculative.stream(
             self.backend,
             ids,
@@ -161,19 +198,25 @@ class Model:
             piece = text.add(chunk)
             if piece is None:  # an incomplete UTF-8 sequence: wait for its next bytes
                 continue
-            if longest_stop:
-                window = tail + piece
-                cut = _first_stop(window, stop_strings, len(tail))
+            if stops:
+                window = held + piece
+                cut = _first_stop(window, stops)
                 if cut is not None:
-                    yield window[len(tail) : cut]
+                    if cut:
+                        yield window[:cut]
                     return
-                tail = window[-(longest_stop - 1) :] if longest_stop > 1 else ""
-            yield piece
+                held_back = _stop_prefix_length(window, stops)
+                piece, held = window[: len(window) - held_back], window[len(window) - held_back :]
+            if piece:
+                yield piece
+        if held:
+            yield held
 
     def generate(
-        self, prompt: str | Sequence[int], max_new_tokens: int = 128, **kwargs: object
+        self, prompt: str | Sequence[int] | None = None, max_new_tokens: int = 128, **kwargs: object
     ) -> GenerationResult:
-        """Generate to the end; returns text, token ids, stats and wall time."""
+        """Generate to the end (the arguments of :meth:`stream`, ``messages=`` included); returns
+        text, token ids, stats and wall time."""
         start = time.perf_counter()
         text = "".join(self.stream(prompt, max_new_tokens, **kwargs))  # type: ignore[arg-type]
         seconds = time.perf_counter() - start
@@ -207,14 +250,29 @@ class _Detokenizer:
         return piece
 
 
-def _first_stop(text: str, stop_strings: Sequence[str], search_from: int) -> int | None:
-    """Index where the earliest stop string starts (searching only text not yet emitted, plus overlap)."""
-    hits = []
-    for stop in stop_strings:
-        at = text.find(stop, max(0, search_from - len(stop) + 1))
-        if at >= 0:
-            hits.append(at)
+def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in ``text``, None if none does."""
+    hits = [at for at in (text.find(stop) for stop in stop_strings) if at >= 0]
     return min(hits) if hits else None
+
+
+def _stop_prefix_length(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string (0: none does)."""
+    longest = min(len(text), max(len(stop) for stop in stop_strings) - 1)
+    for length in range(longest, 0, -1):
+        if any(stop.startswith(text[-length:]) for stop in stop_strings):
+            return length
+    return 0
+
+
+def _check_utf8(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # e.g. undecodable command-line bytes (surrogate escapes)
+        raise GenerationError(
+            f"the prompt is not valid UTF-8 text (bad character at position {exc.start}): "
+            "pass UTF-8 text, or token ids"
+        ) from None
 
 
 class _DefaultTaskDraft:
