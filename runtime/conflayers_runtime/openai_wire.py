@@ -203,6 +203,8 @@ def usage(outcome: Outcome) -> dict[str, Any]:
             "draft": outcome.draft if speculative else None,
             "acceptance_rate": outcome.stats.acceptance_rate if speculative else None,
             "tokens_per_full_pass": outcome.stats.mean_tokens_per_cycle,
+            # accepted proposals read from the text (lookup drafting, alone or beside the draft)
+            "looked_up_accepted": outcome.stats.looked_up_accepted,
         },
     }
 
