@@ -30,6 +30,7 @@ from ..errors import ConflayersError
 from ..models import LoadedModel
 from ..models.reference import TorchBackend
 from .build import draft_bits
+from .checker import check_graphs
 from .quantize import quantized_copy
 
 
@@ -150,10 +151,12 @@ def _steps(
 def check_parity(
     folder: str | os.PathLike[str], loaded: LoadedModel, device: str = "cpu"
 ) -> list[StepResult]:
-    """Run the call script on every graph of the artifact; raise ParityError listing each failure."""
+    """Run the call script on every graph of the artifact; raise ParityError listing each failure
+    (after ``onnx.checker``, which raises GraphCheckError for a graph that is no valid model)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     verify_files(folder, manifest)
+    check_graphs(folder)
     dtype = artifact_section(manifest).dtype
     # On the CPU, quantized graphs of fp32 activations round them to int8: so does their reference.
     rounds = device == "cpu" and ARTIFACT_DTYPES[dtype].activations == "fp32"
