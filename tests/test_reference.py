@@ -143,9 +143,15 @@ def sampling_setup(make_tiny):
     return model, architecture, prompt, skip, expected
 
 
+# Enough samples that the wrong rule below fails far beyond its threshold (measured: its chi-square
+# statistic grows by ~0.4 per sample over 15 degrees of freedom; at 500 samples p ~ 1e-35, and
+# still ~1e-19 three standard deviations low), no more: each sample is a whole generation.
+SAMPLES = 500
+
+
 def test_speculative_sampling_matches_plain_sampling(sampling_setup):
     model, architecture, prompt, skip, expected = sampling_setup
-    counts = speculative_first_two(TorchBackend(model, architecture, skip), prompt, 3000)
+    counts = speculative_first_two(TorchBackend(model, architecture, skip), prompt, SAMPLES)
     assert chi_square_p_value(counts, expected) > 1e-3
 
 
@@ -153,7 +159,7 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(sampling_setup, monkeypatch
     model, architecture, prompt, skip, expected = sampling_setup
 
     monkeypatch.setattr(sampling, "accept_sampled", always_accept)
-    counts = speculative_first_two(TorchBackend(model, architecture, skip), prompt, 3000)
+    counts = speculative_first_two(TorchBackend(model, architecture, skip), prompt, SAMPLES)
     assert chi_square_p_value(counts, expected) < 1e-6
 
 

@@ -28,6 +28,7 @@ from conflayers_export.models import load_model
 from conflayers_export.models.reference import speculative_generate
 from tests.helpers import build
 from tests.test_reference import (
+    SAMPLES,
     VOCAB,
     always_accept,
     chi_square_p_value,
@@ -90,7 +91,7 @@ def test_onnx_speculative_sampling_matches_plain_sampling(sampling_artifact):
     loaded, artifact = sampling_artifact
     backend = open_backend(artifact, read_manifest(artifact), "mid")
     prompt = [1, 2, 3, 4]
-    counts = speculative_first_two(backend, prompt, 3000)
+    counts = speculative_first_two(backend, prompt, SAMPLES)
     assert chi_square_p_value(counts, exact_first_two(loaded.model, prompt)) > 1e-3
 
 
@@ -99,7 +100,7 @@ def test_onnx_sampling_with_a_wrong_rule_fails(sampling_artifact, monkeypatch):
     backend = open_backend(artifact, read_manifest(artifact), "mid")
     monkeypatch.setattr(sampling, "accept_sampled", always_accept)
     prompt = [1, 2, 3, 4]
-    counts = speculative_first_two(backend, prompt, 3000)
+    counts = speculative_first_two(backend, prompt, SAMPLES)
     assert chi_square_p_value(counts, exact_first_two(loaded.model, prompt)) < 1e-6
 
 

@@ -209,26 +209,9 @@ class Calibrator:
                 stats, texts, abandoned = self.evaluate(
                     current, rotated, max_cycles=s.search_interval, abandon_below=policy.abandon_below
                 )
-                c_draft, c_verify = self.cost(current)
-                accepted_per_cycle = stats.accepted_tokens / max(stats.cycles, 1)
-                record = {
-                    "iteration": it,
-                    "lambda": round(lam, 4),
-                    "skip": [int(i) for i in current],
-                    "accepted_per_cycle": accepted_per_cycle,
-                    "acceptance_rate": stats.acceptance_rate,
-                    "expected_speedup": expected_speedup(
-                        stats.mean_tokens_per_cycle, stats.draft_passes_per_cycle, c_draft, c_verify
-                    ),
-                    **note,
-                    **({"abandoned": True} if abandoned else {}),
-                }
+                record = self._iteration_record(it, lam, current, stats, abandoned, note, label)
                 iterations.append(record)
-                self.progress.log(
-                    f"[{label}] iteration {it}: {len(current)} layers skipped, lambda {lam:+.2f}, "
-                    f"acceptance {stats.acceptance_rate:.2f}, {accepted_per_cycle:.2f} accepted/cycle"
-                    + (" (abandoned at half the interval)" if abandoned else "")
-                )
+                accepted_per_cycle = float(record["accepted_per_cycle"])  # type: ignore[arg-type]
                 if not abandoned and accepted_per_cycle > 4 and stats.acceptance_rate > 0.95:
                     return iterations, all_scores, profile, record["skip"]  # type: ignore[return-value]
                 window = texts[0][-s.context_window :] if len(texts[0]) > s.context_window else texts[0]
@@ -260,6 +243,37 @@ class Calibrator:
                 lam = adapt_lambda(lam, len(current), len(self.eligible), s.skip_ratio)
                 step()
         return iterations, all_scores, profile, None
+
+    def _iteration_record(
+        self,
+        it: int,
+        lam: float,
+        current: list[int],
+        stats: GenerationStats,
+        abandoned: bool,
+        note: dict[str, object],
+        label: str,
+    ) -> dict[str, object]:
+        """What one search iteration found for its set (logged, and kept in search.json)."""
+        c_draft, c_verify = self.cost(current)
+        accepted_per_cycle = stats.accepted_tokens / max(stats.cycles, 1)
+        self.progress.log(
+            f"[{label}] iteration {it}: {len(current)} layers skipped, lambda {lam:+.2f}, "
+            f"acceptance {stats.acceptance_rate:.2f}, {accepted_per_cycle:.2f} accepted/cycle"
+            + (" (abandoned at half the interval)" if abandoned else "")
+        )
+        return {
+            "iteration": it,
+            "lambda": round(lam, 4),
+            "skip": [int(i) for i in current],
+            "accepted_per_cycle": accepted_per_cycle,
+            "acceptance_rate": stats.acceptance_rate,
+            "expected_speedup": expected_speedup(
+                stats.mean_tokens_per_cycle, stats.draft_passes_per_cycle, c_draft, c_verify
+            ),
+            **note,
+            **({"abandoned": True} if abandoned else {}),
+        }
 
     def _finalist_sets(
         self, iterations: list[dict[str, object]], mean_scores: np.ndarray

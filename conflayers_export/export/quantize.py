@@ -84,10 +84,24 @@ def round_trip(weight: np.ndarray, bits: int) -> np.ndarray:
     return dequantize(*quantize(weight, bits), bits, weight.shape[1])
 
 
-def quantized_copy(model: torch.nn.Module, bits: int) -> torch.nn.Module:
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """What MatMulNBits at ACCURACY_LEVEL 4 multiplies on the CPU in place of ``x`` [..., K]: each
+    block of BLOCK_SIZE values along K rounded to int8 with the symmetric scale max|block| / 127
+    (round half to even), then scaled back."""
+    k = x.shape[-1]
+    blocks = torch.nn.functional.pad(x, (0, -k % BLOCK_SIZE)).unflatten(-1, (-1, BLOCK_SIZE))
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero block stays zero
+    rounded = torch.clamp(torch.round(blocks / scale), -127, 127) * scale
+    return rounded.flatten(-2)[..., :k]
+
+
+def quantized_copy(model: torch.nn.Module, bits: int, int8_activations: bool = False) -> torch.nn.Module:
     """The PyTorch model a ``bits``-bit graph computes: a copy whose decoder linears and output
     head hold :func:`round_trip` weights (embeddings and norms stay float, as in the graphs).
-    Quantizing rows independently makes this equal to the graphs' fused QKV / gate-up tensors."""
+    Quantizing rows independently makes this equal to the graphs' fused QKV / gate-up tensors.
+    ``int8_activations``: those linears also round their inputs as the CPU kernel does
+    (:func:`round_activations`), so that the copy computes what the graph computes on the CPU."""
     replaced = {id(m.weight) for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)}
     # Everything else (embeddings, norms, biases, the head before it is replaced) is shared, not
     # copied: the copy costs only the decoder linears' memory.
@@ -99,4 +113,8 @@ def quantized_copy(model: torch.nn.Module, bits: int) -> torch.nn.Module:
                 module.weight.copy_(torch.from_numpy(round_trip(module.weight.float().numpy(), bits)))
         head = round_trip(copy.lm_head.weight.float().numpy(), bits)
         copy.lm_head.weight = torch.nn.Parameter(torch.from_numpy(head))  # unties it from the embeddings
+    if int8_activations:
+        for module in [*copy.model.layers.modules(), copy.lm_head]:
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(lambda _, args: (round_activations(args[0]), *args[1:]))
     return copy.eval()

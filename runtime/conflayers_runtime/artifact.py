@@ -173,19 +173,61 @@ def open_backend(
             f"{folder} has no tree graph (written since schema 1.4): rebuild it with "
             "`conflayers-export build`, or open it without tree=True"
         )
+    if draft is not None and draft not in section.drafts:
+        known = ", ".join(section.drafts) or "none"
+        raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
     full_role = CAPTURABLE_TREE if tree else "full"
     roles = [full_role] if draft is None else [full_role, draft]
+    capturable = _capturable(folder, section, roles, device, weights, capturable)
+    providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
+    paired_file = (section.tree if tree else section.paired).get(draft) if draft is not None else None
+    weights = _weights_mode(folder, manifest, draft, device, weights, capturable, paired_file)
+    _check_device(folder, manifest, device, weights)
+    if capturable:
+        files = section.capturable
+    else:
+        files = {**section.drafts, full_role: section.tree["full"] if tree else section.full}
+    if weights == "paired":
+        graphs = {"paired": paired_file}
+    else:
+        graphs = {"full": files[full_role]} | ({"draft": files[draft]} if draft else {})
+    sessions = _open_sessions(folder, manifest, draft, graphs, device, providers, threads, weights)
+    vocab_tensor = section.draft_vocab.get(draft) if draft is not None else None
+    token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
+    full = sessions.get("full") or sessions["paired"]
+    draft_session = sessions["paired"] if weights == "paired" else sessions.get("draft")
+    cuda_graphs = capturable and device == "cuda"
+    pass_rows = full_pass_rows(section, device) if exact else 1
+    return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, pass_rows, cuda_graphs)
+
+
+def _capturable(
+    folder: Path, section: Artifacts, roles: list[str], device: str, weights: str | None, asked: bool | None
+) -> bool:
+    """Whether to open the capturable graphs of ``roles``: as asked, else on CUDA where they exist."""
     has_capturable = all(role in section.capturable for role in roles)
-    if capturable is None:  # an explicit weights="paired" asks for the If graph, which is not capturable
-        capturable = device == "cuda" and has_capturable and weights != "paired"
-    if capturable and not has_capturable:
+    if asked is None:  # an explicit weights="paired" asks for the If graph, which is not capturable
+        return device == "cuda" and has_capturable and weights != "paired"
+    if asked and not has_capturable:
         raise ManifestError(
             f"{folder} has no capturable graphs for {' and '.join(roles)} (written for fp16 and "
             "int4-fp16 artifacts since schema 1.3, the tree graph's since 1.4): rebuild it with "
             "`conflayers-export build`, or open it with capturable=False"
         )
-    providers = providers_for(device, cuda_graphs=capturable and device == "cuda")
-    paired_file = (section.tree if tree else section.paired).get(draft) if draft is not None else None
+    return asked
+
+
+def _weights_mode(
+    folder: Path,
+    manifest: Manifest,
+    draft: str | None,
+    device: str,
+    weights: str | None,
+    capturable: bool,
+    paired_file: str | None,
+) -> str:
+    """The WEIGHT_MODES entry asked for, or the default (see open_backend), checked against the
+    graphs the artifact has."""
     pairs = paired_file and device == "cpu" and not capturable and _pairs_by_default(manifest, draft)
     weights = weights or ("paired" if pairs else "prepacked")
     if capturable and weights == "paired":
@@ -199,29 +241,37 @@ def open_backend(
             f"{folder} has no paired graph for draft {draft!r} (built before schema 1.2, or no draft): "
             'rebuild it with `conflayers-export build`, or use weights="prepacked"'
         )
+    return weights
+
+
+def _check_device(folder: Path, manifest: Manifest, device: str, weights: str) -> None:
+    """Refuse what ``device`` cannot run correctly."""
     if device == "cuda" and kv_spec(manifest).dtype != "fp16":
         # Measured on an H200 (onnxruntime-gpu 1.31): CUDA has no fp32 GroupQueryAttention kernel,
         # so attention falls back to the CPU behind copies of the caches, which breaks the shared
         # past/present buffers: every step after the prompt is wrong.
         raise DeviceError(
-            f"{folder} is a {section.dtype} artifact (fp32 activations), which ONNX Runtime cannot run "
-            "correctly on CUDA: rebuild it with --dtype fp16 or --dtype int4-fp16 for CUDA"
+            f"{folder} is a {artifact_section(manifest).dtype} artifact (fp32 activations), which ONNX "
+            "Runtime cannot run correctly on CUDA: rebuild it with --dtype fp16 or --dtype int4-fp16 for CUDA"
         )
     if device != "cpu" and weights == "shared":
         raise DeviceError(
             'weights="shared" is a CPU mode (one memory map): on CUDA use the default ("prepacked")'
         )
-    if draft is not None and draft not in section.drafts:
-        known = ", ".join(section.drafts) or "none"
-        raise ManifestError(f"the artifact has no draft graph {draft!r} (built drafts: {known})")
-    if capturable:
-        files = {**section.capturable, "full": section.capturable[full_role]}
-    else:
-        files = {**section.drafts, "full": section.tree["full"] if tree else section.full}
-    if weights == "paired":
-        graphs = {"paired": paired_file}
-    else:
-        graphs = {"full": files["full"]} | ({"draft": files[draft]} if draft else {})
+
+
+def _open_sessions(
+    folder: Path,
+    manifest: Manifest,
+    draft: str | None,
+    graphs: dict[str, str],
+    device: str,
+    providers: list,
+    threads: int | None,
+    weights: str,
+) -> dict[str, ort.InferenceSession]:
+    """One session per role of ``graphs`` ("full", "draft" or "paired"); a graph the device's
+    ONNX Runtime cannot run is a DeviceError naming it."""
     sessions = {}
     for role, graph in graphs.items():
         options = session_options(threads, weights, two_sessions=len(graphs) > 1)
@@ -232,18 +282,12 @@ def open_backend(
             what = {
                 "draft": f"draft {draft!r} ({precision} weights)",
                 "paired": f"paired graph of draft {draft!r} ({precision} weights)",
-            }.get(role, f"{section.dtype} full graph")
+            }.get(role, f"{artifact_section(manifest).dtype} full graph")
             raise DeviceError(
                 f"ONNX Runtime cannot run the {what} of {folder} on {device}: {exc}. Choose another "
                 "draft (--draft) or device, or rebuild the artifact with a precision this device runs"
             ) from exc
-    vocab_tensor = section.draft_vocab.get(draft) if draft is not None else None
-    token_ids = _read_weight(folder, section, vocab_tensor) if vocab_tensor else None
-    full = sessions.get("full") or sessions["paired"]
-    draft_session = sessions["paired"] if weights == "paired" else sessions.get("draft")
-    cuda_graphs = capturable and device == "cuda"
-    pass_rows = full_pass_rows(section, device) if exact else 1
-    return OnnxBackend(full, draft_session, kv_spec(manifest), device, token_ids, pass_rows, cuda_graphs)
+    return sessions
 
 
 def _pairs_by_default(manifest: Manifest, draft: str | None) -> bool:
