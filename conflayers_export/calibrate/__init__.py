@@ -65,6 +65,12 @@ def check_settings(settings: CalibrationSettings) -> None:
         if getattr(settings, name) < 1:
             raise CalibrationError(f"{setting_name(name)} must be >= 1, got {getattr(settings, name)}")
     _one_of("dtype", settings.dtype, list(ARTIFACT_DTYPES))
+    bad = [lookup for lookup in settings.lookups if not (1 <= lookup[0] <= lookup[1] and lookup[2] >= 1)]
+    if bad:
+        raise CalibrationError(
+            f"{setting_name('lookups')} entries are [min_ngram, max_ngram, tokens] with "
+            f"1 <= min_ngram <= max_ngram and tokens >= 1, got {list(bad[0])}"
+        )
     unknown = [p for p in settings.precisions if p not in WEIGHT_PRECISIONS]
     if unknown:
         raise CalibrationError(

@@ -349,7 +349,7 @@ def load(
     paired graph for the draft, else "prepacked". ``verify`` checks every file's sha256 first.
     ``exact`` (default) makes greedy speculative output bitwise equal to plain output: every
     full-model pass then has at least the device's row-invariant row count
-    (artifact.row_invariant_rows; 1 on the CPU for graphs that pad their attention themselves, 16
+    (artifact.full_pass_rows; 1 on the CPU for graphs that pad their attention themselves, 16
     on CUDA); False turns that padding off. ``capturable``: run the capturable graphs, in CUDA
     graphs on CUDA (the default there, where the artifact has them; artifact.open_backend).
     ``tree``: verify passes hold a token tree (True: TreeConfig's defaults; tree.py: the same
