@@ -11,7 +11,7 @@ import torch
 from conflayers_runtime import load
 from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.errors import ManifestError, SkipSetError
-from conflayers_runtime.manifest import Draft, SkipPlan, _typed, check_skip_layers, read_manifest
+from conflayers_runtime.manifest import Draft, SkipPlan, _Reader, check_skip_layers, read_manifest
 
 from conflayers_export.export.validate import check_parity
 from conflayers_export.models import load_model
@@ -44,8 +44,8 @@ def test_a_skip_set_splits_into_layers_and_blocks():
 def test_readers_before_block_skipping_refuse_a_block_skip_set():
     """Before schema 1.3 a skip set was typed list[int]: such a reader stops at the first block."""
     with pytest.raises(Exception, match=r"skip_layers\[1\] must be an integer"):
-        _typed(list[int], [1, "2.mlp"], "drafts[0].skip_layers")
-    assert _typed(list[int | str], [1, "2.mlp"], "drafts[0].skip_layers") == [1, "2.mlp"]
+        _Reader().typed(list[int], [1, "2.mlp"], "drafts[0].skip_layers")
+    assert _Reader().typed(list[int | str], [1, "2.mlp"], "drafts[0].skip_layers") == [1, "2.mlp"]
 
 
 def test_a_bypassed_block_is_a_block_whose_output_projection_is_zero(make_tiny):
