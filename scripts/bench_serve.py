@@ -1,5 +1,5 @@
 """Tokens per second through `conflayers-run serve` against `load().stream` in-process, time to first
-byte, and latency of 96-token requests with 1, 2 and 4 concurrent clients (docs/SERVING.md).
+byte, and latency of 96-token requests with 1, 2 and 4 concurrent clients (docs/BENCHMARKS.md, "Serving").
 
     python scripts/bench_serve.py OUT [--json serve.json]
 
