@@ -141,6 +141,7 @@ def test_reference_plain_prints_acceptance_na(tiny_folder, capsys):
 
 class _PlainModel:
     draft = None
+    lookup = None
     last_stats = GenerationStats(new_tokens=3, prefill_passes=1, verify_passes=2)
 
     def resolve_mode(self, mode):
