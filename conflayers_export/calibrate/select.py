@@ -236,7 +236,7 @@ class DraftSearch:
         for config, tree in runs:
             stats = graphs.replay(backend, evaluation, config, tree)
             # A verify pass holds the pending token, the drafts and the tree's alternatives.
-            rows = 1 + (stats.drafted_tokens + stats.tree_nodes) / max(stats.verify_passes, 1)
+            rows = stats.rows_per_full_pass
             c_draft, c_verify, flag = self._pass_costs(backend, draft, ratio, max(2, round(rows)))
             candidate = DraftCandidate(
                 skip=list(draft.skip_layers),

@@ -88,7 +88,6 @@ class GenerationStats:
     accepted_histogram: list[int] = field(default_factory=list)
     tree_nodes: int = 0  # alternative rows verified (token trees, tree.py)
     tree_hits: int = 0  # cycles whose first proposal came from an alternative's row
-    verify_rows: int = 0  # rows of the full passes after prefill: what their cost grows with
     rows_histogram: list[int] = field(default_factory=list)  # [r]: full passes after prefill of r rows
     # Proposals read from the text (lookup.py; beside a draft: the guesses it confirmed), part of
     # drafted_tokens, and how many of them were accepted, part of accepted_tokens
@@ -112,8 +111,9 @@ class GenerationStats:
 
     @property
     def rows_per_full_pass(self) -> float:
-        """Mean rows of a full pass after prefill (1.0 for plain decoding)."""
-        return self.verify_rows / self.verify_passes if self.verify_passes else 0.0
+        """Mean rows of a full pass after prefill (1.0 for plain decoding): what its cost grows with."""
+        rows = sum(r * passes for r, passes in enumerate(self.rows_histogram))
+        return rows / self.verify_passes if self.verify_passes else 0.0
 
     def record_pass(
         self, proposal: _Proposal, alternatives: list[trees.Alternative], accepted: int, tree_hit: bool
@@ -121,7 +121,6 @@ class GenerationStats:
         """Count one full pass after prefill, its proposals and how many it accepted."""
         rows = 1 + len(proposal.tokens) + len(alternatives)
         self.verify_passes += 1
-        self.verify_rows += rows
         _count(self.rows_histogram, rows, 1)
         self.draft_passes += proposal.draft_passes
         self.tree_nodes += len(alternatives)
@@ -151,7 +150,6 @@ class GenerationStats:
             "verify_passes",
             "tree_nodes",
             "tree_hits",
-            "verify_rows",
             "looked_up_tokens",
             "looked_up_accepted",
         ):
