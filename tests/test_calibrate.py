@@ -185,11 +185,21 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
     draft = written.draft("default")
     assert set(draft.metrics) >= {"acceptance_rate", "mean_tokens_per_cycle", "c_draft", "expected_speedup"}
     assert draft.recommended == (draft.metrics["expected_speedup"] > 1)
-    # The joint stage scored every skip set x precision x vocabulary, and the best one ships.
+    # The joint stage scored every skip set x precision at its widest vocabulary, the narrower
+    # vocabularies of the best vocab_finalists of those only, and the best one ships.
     joint = results[0].drafts
-    kinds = {(tuple(c.skip), c.weight_precision, c.vocab_size) for c in joint.candidates}
-    assert {((), "int8", None), ((), "int4", 64), ((), "base", 64)} <= kinds
-    assert ((), "base", None) not in kinds  # the full model itself is no draft
+    first = [c for c in joint.candidates if c.max_draft_tokens == SMALL.max_draft_tokens and not c.tree_nodes]
+    widest: dict = {}
+    for c in first:
+        key = (tuple(c.skip), c.weight_precision)
+        if key not in widest or (widest[key].vocab_size or 10**9) < (c.vocab_size or 10**9):
+            widest[key] = c
+    assert {((), "int8"), ((), "int4"), ((), "base")} <= set(widest)
+    assert widest[(), "base"].vocab_size == 64  # the full model itself is no draft
+    finalists = sorted(widest, key=lambda key: -widest[key].expected_speedup)[: SMALL.vocab_finalists]
+    narrower = {key for c in first if c is not widest[key := (tuple(c.skip), c.weight_precision)]}
+    assert narrower == {key for key in finalists if key != ((), "base")}
+    assert len(widest) > SMALL.vocab_finalists  # so that some pair's narrower vocabulary was left out
     best = max(joint.candidates, key=lambda c: c.expected_speedup)
     assert (draft.skip_layers, draft.weight_precision, draft.vocab_size) == (
         best.skip,
@@ -323,6 +333,7 @@ def test_the_config_file_sets_what_the_options_leave(tmp_path, monkeypatch):
         ("draft_policies = [[8, 'x']]", r"key 'draft_policies' must be a list like \[\[8, 0.5\]"),
         ("max_iter = [", "is not valid TOML.*fix the file given to --config"),
         ("search_interval = 0", r"search_interval \(--config file\) must be >= 1, got 0"),
+        ("vocab_finalists = -1", r"vocab_finalists \(--config file\) must be >= 0, got -1"),
         ('precisions = ["int2"]', r"unknown draft precision\(s\) \['int2'\] in precisions \(--config file\)"),
     ],
 )

@@ -64,6 +64,9 @@ def check_settings(settings: CalibrationSettings) -> None:
     for name in ("context_window", "search_interval", "max_iter", "max_new_tokens", "eval_prompts"):
         if getattr(settings, name) < 1:
             raise CalibrationError(f"{setting_name(name)} must be >= 1, got {getattr(settings, name)}")
+    for name in ("policy_finalists", "vocab_finalists"):
+        if getattr(settings, name) < 0:
+            raise CalibrationError(f"{setting_name(name)} must be >= 0, got {getattr(settings, name)}")
     _one_of("dtype", settings.dtype, list(ARTIFACT_DTYPES))
     bad = [lookup for lookup in settings.lookups if not (1 <= lookup[0] <= lookup[1] and lookup[2] >= 1)]
     if bad:

@@ -170,7 +170,8 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
         f"### Draft that ships: {c.label}, up to {c.max_draft_tokens} drafts above confidence "
         f"{c.confidence_threshold} ({verdict}: expected speedup {c.expected_speedup:.3f}x)",
         "",
-        f"Every combination scored on the target graphs ({len(d.candidates)} scorings, {d.seconds:.0f} s; "
+        "Drafts scored on the target graphs (each skip set x weight precision at its widest vocabulary, "
+        f"the narrower vocabularies of the best pairs; {len(d.candidates)} scorings, {d.seconds:.0f} s; "
         f"plain decoding ran at {d.plain_tokens_per_second:.1f} tok/s), by replay along the full "
         "model's greedy text (the statistics of a real speculative run, without its verify passes). "
         "The expected speedup S = tokens per full pass / (drafts per cycle x c_draft + c_verify), "

@@ -3,8 +3,9 @@
 The layer search proposes skip sets; small models cannot afford to skip many layers, so drafts
 also get cheaper by reading int8/int4 copies of their weights and by scoring a pruned output
 vocabulary. This stage builds every combination skip set x weight precision x vocabulary size
-as drafts of the target artifact dtype (scoring.py), scores each by replay along the full model's
-greedy text, and ranks them by the expected speedup
+as drafts of the target artifact dtype (scoring.py), scores them by replay along the full model's
+greedy text (each skip set x precision at its widest vocabulary, then the narrower vocabularies of
+the best few), and ranks them by the expected speedup
 
     S = tokens per full pass / (draft passes per cycle * c_draft + c_verify)
 
@@ -182,16 +183,17 @@ class DraftSearch:
         first = DraftConfig(s.max_draft_tokens, s.confidence_threshold)
         trees = s.tree_shapes if s.cost != "bytes" else ()
         lookups = s.lookups if s.cost != "bytes" else ()  # both price passes by their rows
-        steps = 1 + len(drafts) + s.policy_finalists * len(policies) + len(trees) + len(lookups) + 1
+        groups = _precision_groups(drafts)
+        scorings = len(groups) + _most_narrower(groups, s.vocab_finalists)
+        steps = 1 + scorings + s.policy_finalists * len(policies) + len(trees) + len(lookups) + 1
         with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
             with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
                 step()
-                candidates = []
-                for draft in drafts:
-                    candidates += self._score(graphs, draft, [first], evaluation, step)
-                by_speedup = sorted(range(len(drafts)), key=lambda i: -candidates[i].expected_speedup)
-                for index in by_speedup[: s.policy_finalists]:
-                    candidates += self._score(graphs, drafts[index], policies, evaluation, step)
+                scored = self._score_vocabularies(graphs, drafts, first, evaluation, step)
+                candidates = [candidate for _, candidate in scored]
+                by_speedup = sorted(scored, key=lambda pair: -pair[1].expected_speedup)
+                for draft, _ in by_speedup[: s.policy_finalists]:
+                    candidates += self._score(graphs, draft, policies, evaluation, step)
                 chosen = max(candidates, key=lambda c: c.expected_speedup)
                 # The chosen draft and draft length with token trees, where passes are priced by
                 # their rows (timed or from a table: the bytes model prices every verify pass as a step).
@@ -216,6 +218,30 @@ class DraftSearch:
             sources=sources,
             source=source,
         )
+
+    def _score_vocabularies(
+        self,
+        graphs: CandidateGraphs,
+        drafts: Sequence[Draft],
+        config: DraftConfig,
+        evaluation: EvaluationTexts,
+        step: Callable[[], None],
+    ) -> list[tuple[Draft, DraftCandidate]]:
+        """Each skip set x precision at its widest vocabulary first, then the narrower vocabularies
+        of the ``vocab_finalists`` best of those only: a pruned vocabulary changes a draft's cost and
+        acceptance by a few percent, the skip set and precision by far more, so the pairs far behind
+        after the first round cannot catch up (it saves most of the scorings of a default run)."""
+        groups = _precision_groups(drafts)
+        widest = [max(group, key=lambda d: d.vocab_size or np.inf) for group in groups]
+        scored = [(draft, self._score(graphs, draft, [config], evaluation, step)[0]) for draft in widest]
+        ranked = sorted(range(len(groups)), key=lambda i: -scored[i][1].expected_speedup)
+        for index in ranked[: self.settings.vocab_finalists]:
+            for draft in groups[index]:
+                if draft is not widest[index]:
+                    scored.append((draft, self._score(graphs, draft, [config], evaluation, step)[0]))
+        for _ in range(len(groups) + _most_narrower(groups, self.settings.vocab_finalists) - len(scored)):
+            step()  # the progress bar counted the finalists with the most vocabularies: those left out
+        return scored
 
     def _score(
         self,
@@ -335,6 +361,19 @@ class DraftSearch:
             + ("" if confirmation.matches_replay else " (differs from the replay)")
         )
         return confirmation
+
+
+def _precision_groups(drafts: Sequence[Draft]) -> list[list[Draft]]:
+    """The drafts by skip set and weight precision (each group: its vocabulary sizes), in order."""
+    groups: dict[tuple[tuple[int | str, ...], str], list[Draft]] = {}
+    for draft in drafts:
+        groups.setdefault((tuple(draft.skip_layers), draft.weight_precision), []).append(draft)
+    return list(groups.values())
+
+
+def _most_narrower(groups: Sequence[Sequence[Draft]], finalists: int) -> int:
+    """The most narrower-vocabulary scorings ``finalists`` groups can add (a progress bar's length)."""
+    return sum(sorted((len(group) - 1 for group in groups), reverse=True)[:finalists])
 
 
 def _draft_of(drafts: Sequence[Draft], candidate: DraftCandidate) -> Draft:

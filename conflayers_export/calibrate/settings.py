@@ -44,6 +44,8 @@ class CalibrationSettings:
     device_map: str | None = None
     precisions: tuple[str, ...] = ("base", "int8", "int4")
     vocab_sizes: tuple[int, ...] = (8192, 32768)  # pruned draft vocabularies tried (below the vocab)
+    # skip set x precision pairs, best at their widest vocabulary, whose narrower vocabularies are scored
+    vocab_finalists: int = 2
     ranking_prompts: int = 16  # prompts after the evaluation slice whose generations rank the vocabulary
     # best combinations re-run with each of the draft_policies: 4, because timings move by ~10% between
     # runs and a draft that nearly ties at the first policy may win by far at a longer one
@@ -53,8 +55,10 @@ class CalibrationSettings:
     # draft ships with the tree where one is expected faster than its chain (docs/TOKEN_TREES.md).
     tree_shapes: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 2))
     # Lookup drafting tried alone and beside the chosen draft (min n-gram, max n-gram, proposals per
-    # pass; sources.py): a task ships one where it is expected faster than the draft alone.
-    lookups: tuple[tuple[int, int, int], ...] = ((1, 3, 8), (2, 3, 8), (3, 4, 8))
+    # pass; sources.py): a task ships one where it is expected faster than the draft alone. A long
+    # proposal pays where extra rows are cheap (fp32), a short one from a longer match where they are
+    # not (int4 on the CPU, where each row of a verify pass costs ~0.2 of a step).
+    lookups: tuple[tuple[int, int, int], ...] = ((2, 3, 8), (3, 4, 4))
 
 
 @dataclass(kw_only=True)
