@@ -24,6 +24,39 @@ def test_warp_top_p_keeps_the_smallest_prefix_reaching_p():
     np.testing.assert_allclose(warp(logits, SamplingConfig(temperature=1.0, top_p=0.1)), [0, 1, 0, 0])
 
 
+def _nucleus_by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The nucleus as defined, from one stable sort of the whole row."""
+    order = np.argsort(-probs, kind="stable")
+    ordered = probs[order]
+    keep = np.zeros(probs.shape, bool)
+    keep[order] = np.cumsum(ordered) - ordered < top_p * probs.sum()
+    kept = np.where(keep, probs, 0.0)
+    return kept / kept.sum()
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 12.0])  # flat (the nucleus outgrows the candidates) to peaked
+def test_warp_top_p_over_a_large_vocabulary_equals_the_full_sort(spread):
+    rng = np.random.default_rng(int(spread))
+    logits = rng.standard_normal((3, 50_000)) * spread
+    logits[:, 7:40] = logits[:, 7, None]  # ties, broken by token id
+    for top_p in (0.05, 0.5, 0.9, 0.99):
+        config = SamplingConfig(temperature=0.7, top_p=top_p)
+        tempered = np.exp((logits - logits.max(-1, keepdims=True)) / 0.7)
+        tempered /= tempered.sum(-1, keepdims=True)
+        expected = np.stack([_nucleus_by_full_sort(row, top_p) for row in tempered])
+        np.testing.assert_allclose(warp(logits, config), expected, rtol=1e-12, atol=0)
+
+
+def test_warp_top_p_breaks_ties_at_the_nucleus_edge_by_token_id():
+    probs = np.full(50_000, 0.2 / 49_989)
+    probs[123] = 0.5
+    tied = [40_000, 9, 31_000, 17, 2, 45_000, 600, 5, 49_999, 10_000]  # 0.03 each
+    probs[tied] = 0.03
+    # 0.5 + 4 x 0.03 = 0.62 >= 0.6: the top token and the 4 tied tokens of the lowest ids.
+    kept = np.flatnonzero(warp(np.log(probs), SamplingConfig(temperature=1.0, top_p=0.6)))
+    assert kept.tolist() == [2, 5, 9, 17, 123]
+
+
 def test_warp_temperature_sharpens():
     logits = np.array([0.0, 1.0])
     cold = warp(logits, SamplingConfig(temperature=0.5))

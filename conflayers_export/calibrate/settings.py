@@ -47,13 +47,13 @@ class CalibrationSettings:
     # skip set x precision pairs, best at their widest vocabulary, whose narrower vocabularies are scored
     vocab_finalists: int = 2
     ranking_prompts: int = 16  # prompts after the evaluation slice whose generations rank the vocabulary
-    # best combinations re-run with each of the draft_policies: 4, because timings move by ~10% between
+    # best combinations re-run with each of the draft_policies: 3, because timings move by ~10% between
     # runs and a draft that nearly ties at the first policy may win by far at a longer one
-    policy_finalists: int = 4
+    policy_finalists: int = 3
     draft_policies: tuple[tuple[int, float], ...] = ((8, 0.5), (12, 0.3), (6, 0.0))
     # Token trees tried on the chosen draft (alternative rows, runners-up per drafted token): the
     # draft ships with the tree where one is expected faster than its chain (docs/TOKEN_TREES.md).
-    tree_shapes: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 2))
+    tree_shapes: tuple[tuple[int, int], ...] = ((2, 2), (4, 2))
     # Lookup drafting tried alone and beside the chosen draft (min n-gram, max n-gram, proposals per
     # pass; sources.py): a task ships one where it is expected faster than the draft alone. A long
     # proposal pays where extra rows are cheap (fp32), a short one from a longer match where they are

@@ -65,15 +65,46 @@ def warp(logits: np.ndarray, config: SamplingConfig) -> np.ndarray:
         kth = np.partition(probs, -config.top_k, axis=-1)[..., -config.top_k, None]
         probs = np.where(probs >= kth, probs, 0.0)
     if config.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
-        # Keep the smallest prefix whose mass reaches top_p (the top token is always kept).
-        keep_sorted = before < config.top_p * sorted_probs.sum(axis=-1, keepdims=True)
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        probs = np.where(keep, probs, 0.0)
+        rows = probs.reshape(-1, probs.shape[-1])
+        probs = np.stack([_nucleus(row, config.top_p) for row in rows]).reshape(probs.shape)
     return probs / probs.sum(axis=-1, keepdims=True)
+
+
+# Tokens sorted first when looking for a nucleus: sorting a whole vocabulary costs milliseconds a
+# row (more than a decoding step of a small model), and the nucleus of a real model's distribution
+# is almost always among its few hundred most likely tokens.
+NUCLEUS_CANDIDATES = 512
+
+
+def _nucleus(row: np.ndarray, top_p: float) -> np.ndarray:
+    """``row`` with the tokens outside its nucleus zeroed: the nucleus is the smallest prefix of
+    the tokens by descending probability (ties by id) whose mass reaches ``top_p`` of the row's;
+    the top token is always in it. The NUCLEUS_CANDIDATES most likely tokens are sorted first; the
+    whole row only where they do not settle the nucleus."""
+    threshold = top_p * row.sum()
+    if row.shape[0] > NUCLEUS_CANDIDATES:
+        candidates = np.argpartition(-row, NUCLEUS_CANDIDATES - 1)[:NUCLEUS_CANDIDATES]
+        order = candidates[np.lexsort((candidates, -row[candidates]))]
+        kept = _prefix_reaching(row[order], threshold)
+        # Every token left out is no more likely than the least likely candidate, so the candidates
+        # more likely than that one are the whole vocabulary's first tokens, cumulative sums and
+        # all: a nucleus that ends among them is the nucleus.
+        if kept <= np.count_nonzero(row[order] > row[order[-1]]):
+            return _only(row, order[:kept])
+    order = np.argsort(-row, kind="stable")
+    return _only(row, order[: _prefix_reaching(row[order], threshold)])
+
+
+def _prefix_reaching(ordered: np.ndarray, threshold: float) -> int:
+    """How many of the first ``ordered`` values it takes to reach ``threshold``: those with less
+    than it before them."""
+    return int(np.count_nonzero(np.cumsum(ordered) - ordered < threshold))
+
+
+def _only(row: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(row)
+    out[kept] = row[kept]
+    return out
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
