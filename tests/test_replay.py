@@ -141,3 +141,7 @@ def test_timings_far_from_the_bytes_ratio_are_retimed_and_flagged(monkeypatch):
     c_draft, _, flag = timed_costs(_TimedBackend(clock, 0.9, {}), bytes_ratio=0.3, verify_tokens=3)
     assert c_draft == pytest.approx(0.9)
     assert "timed c_draft 0.90, re-timed 0.90: 3.00x its bytes ratio 0.30" in flag
+    calls = _TimedBackend(clock, 0.9, {})
+    c_draft, _, flag = timed_costs(calls, bytes_ratio=0.3, verify_tokens=3, retime=False)
+    assert c_draft == pytest.approx(0.9) and "not re-timed" in flag
+    assert calls.calls == 4 + 3 * 9  # prefill, warm-up and 9 repeats of 3 passes: no second timing

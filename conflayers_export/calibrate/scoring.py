@@ -224,13 +224,22 @@ def score_layer_sets(
     return scored
 
 
-def timed_costs(backend: OnnxBackend, bytes_ratio: float, verify_tokens: int) -> tuple[float, float, str]:
+def timed_costs(
+    backend: OnnxBackend, bytes_ratio: float, verify_tokens: int, retime: bool = True
+) -> tuple[float, float, str]:
     """(c_draft, c_verify, flag): pass costs timed on the graphs (interleaved, fastest repeats: see
     measure_pass_costs), re-timed with twice the repeats when c_draft is more than TIMING_MARGIN
-    away from the bytes ratio; the flag says so when the re-timing confirms the disagreement."""
+    away from the bytes ratio; the flag says so when the re-timing confirms the disagreement.
+    ``retime`` False: flag the disagreement without re-timing (a draft of a weight precision whose
+    disagreement an earlier draft's re-timing confirmed: the kernels', not a busy machine's)."""
     c_draft, c_verify = measure_pass_costs(backend, repeats=9, verify_tokens=verify_tokens)
     if _agrees(c_draft, bytes_ratio):
         return c_draft, c_verify, ""
+    if not retime:
+        return c_draft, c_verify, (
+            f"timed c_draft {c_draft:.2f}: {c_draft / bytes_ratio:.2f}x its bytes ratio {bytes_ratio:.2f} "
+            "(not re-timed: an earlier draft of its precision was, and disagreed alike)"
+        )
     first = c_draft
     c_draft, c_verify = measure_pass_costs(backend, repeats=18, verify_tokens=verify_tokens)
     if _agrees(c_draft, bytes_ratio):

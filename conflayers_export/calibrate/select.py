@@ -143,6 +143,8 @@ class DraftSearch:
         self.settings = settings
         self.progress = progress or Progress()
         self.costs = costs
+        # weight precisions whose drafts' timed cost a re-timing confirmed far from their bytes ratio
+        self._compute_bound: set[str] = set()
 
     @property
     def cost_source(self) -> str:
@@ -295,7 +297,11 @@ class DraftSearch:
         priced by the cost table, or the bytes ratio. ``verify_tokens``: the rows of this draft's
         typical verify pass."""
         if self.settings.cost == "measured":
-            return timed_costs(backend, bytes_ratio, verify_tokens)
+            retime = draft.weight_precision not in self._compute_bound
+            c_draft, c_verify, flag = timed_costs(backend, bytes_ratio, verify_tokens, retime)
+            if flag and retime:  # confirmed by a re-timing: its kernels, not the machine
+                self._compute_bound.add(draft.weight_precision)
+            return c_draft, c_verify, flag
         if self.settings.cost == "table":
             assert self.costs is not None  # check_cost_table; block sets are left out (draft_combinations)
             kept_layers = self.loaded.identity.num_layers - len(draft.skip_layers)
