@@ -230,9 +230,10 @@ class DraftSearch:
         step: Callable[[], None],
     ) -> list[tuple[Draft, DraftCandidate]]:
         """Each skip set x precision at its widest vocabulary first, then the narrower vocabularies
-        of the ``vocab_finalists`` best of those only: a pruned vocabulary changes a draft's cost and
-        acceptance by a few percent, the skip set and precision by far more, so the pairs far behind
-        after the first round cannot catch up (it saves most of the scorings of a default run)."""
+        of the ``vocab_finalists`` best of those only: a pruned vocabulary moves a draft's expected
+        speedup by a few percent (SmolLM2, Qwen2.5-Coder-0.5B: up to 5% up), the skip set and
+        precision by far more, so pairs far behind after the first round do not catch up; this
+        saves half the first round's scorings of a default run."""
         groups = _precision_groups(drafts)
         widest = [max(group, key=lambda d: d.vocab_size or np.inf) for group in groups]
         scored = [(draft, self._score(graphs, draft, [config], evaluation, step)[0]) for draft in widest]
