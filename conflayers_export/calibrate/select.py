@@ -231,7 +231,7 @@ class DraftSearch:
     ) -> list[tuple[Draft, DraftCandidate]]:
         """Each skip set x precision at its widest vocabulary first, then the narrower vocabularies
         of the ``vocab_finalists`` best of those only: a pruned vocabulary moves a draft's expected
-        speedup by a few percent (SmolLM2, Qwen2.5-Coder-0.5B: up to 5% up), the skip set and
+        speedup by a few percent (SmolLM2, Qwen2.5-Coder-0.5B: at most 2% up), the skip set and
         precision by far more, so pairs far behind after the first round do not catch up; this
         saves half the first round's scorings of a default run."""
         groups = _precision_groups(drafts)
