@@ -22,10 +22,10 @@ BLOCK_SIZE = 32
 BITS = {"int8": 8, "int4": 4}
 # MatMulNBits' accuracy_level on CPU (CUDA ignores it), for every graph. 4: activations are rounded
 # to int8 per block and multiplied with integer dot products, 1.3x (one token) to 2.2x (five tokens)
-# faster than 0 (float math) here, and what onnxruntime-genai's CPU int4 models use. MLAS computes a
-# one-row pass through another kernel than a multi-row one (logits differ by up to ~1 on SmolLM2), so
-# an exact full graph at level 4 needs passes of >= 2 rows, which the runtime pads to
-# (conflayers_runtime.artifact.full_pass_rows); every multi-row pass then agrees bitwise.
+# faster than 0 (float math) here, and what onnxruntime-genai's CPU int4 models use. It computes a
+# row alike for any row count; the int8 rounding magnifies the last-bit differences of a one-row
+# attention pass, which the graph's attention padding removes (DESIGN.md, "Row invariance"). Each
+# row beyond the first costs ~0.45 of a one-row step on SmolLM2 (docs/BENCHMARKS.md).
 ACCURACY_LEVEL = 4
 
 
