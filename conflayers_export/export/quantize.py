@@ -25,7 +25,7 @@ BITS = {"int8": 8, "int4": 4}
 # faster than 0 (float math) here, and what onnxruntime-genai's CPU int4 models use. It computes a
 # row alike for any row count; the int8 rounding magnifies the last-bit differences of a one-row
 # attention pass, which the graph's attention padding removes (DESIGN.md, "Row invariance"). Each
-# row beyond the first costs ~0.45 of a one-row step on SmolLM2 (docs/BENCHMARKS.md).
+# row beyond the first costs ~0.4 of a one-row step on SmolLM2 (docs/BENCHMARKS.md).
 ACCURACY_LEVEL = 4
 
 
