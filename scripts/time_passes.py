@@ -21,6 +21,8 @@ from pathlib import Path
 
 from conflayers_runtime import LookupConfig, load
 
+from conflayers_export.bench import load_bench_prompts
+
 
 def timed(model, passes: dict[tuple[str, int], list[float]]) -> None:
     """Record every greedy pass of ``model``'s backend in ``passes`` by (graph, rows)."""
@@ -46,7 +48,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     lookup = LookupConfig(*map(int, args.lookup.split(","))) if args.lookup else False
-    prompts = [json.loads(line)["prompt"] for line in args.prompts.read_text().splitlines() if line.strip()]
+    prompts = [p.text for p in load_bench_prompts(args.prompts)]
     plain = load(args.artifact, draft=None, lookup=False, threads=args.threads)
     speculative = load(args.artifact, draft=args.draft, lookup=lookup, threads=args.threads, tree=False)
     passes: dict[str, dict[tuple[str, int], list[float]]] = {

@@ -191,7 +191,9 @@ class DraftSearch:
         with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
             with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
                 step()
-                scored = self._score_vocabularies(graphs, drafts, first, evaluation, step)
+                scored = self._score_vocabularies(graphs, groups, first, evaluation, step)
+                for _ in range(scorings - len(scored)):
+                    step()  # the bar counted the finalist groups with the most vocabularies: those left out
                 candidates = [candidate for _, candidate in scored]
                 by_speedup = sorted(scored, key=lambda pair: -pair[1].expected_speedup)
                 for draft, _ in by_speedup[: s.policy_finalists]:
@@ -224,7 +226,7 @@ class DraftSearch:
     def _score_vocabularies(
         self,
         graphs: CandidateGraphs,
-        drafts: Sequence[Draft],
+        groups: Sequence[Sequence[Draft]],
         config: DraftConfig,
         evaluation: EvaluationTexts,
         step: Callable[[], None],
@@ -233,8 +235,8 @@ class DraftSearch:
         of the ``vocab_finalists`` best of those only: a pruned vocabulary moves a draft's expected
         speedup by a few percent (SmolLM2, Qwen2.5-Coder-0.5B: at most 2% up), the skip set and
         precision by far more, so pairs far behind after the first round do not catch up; this
-        saves half the first round's scorings of a default run."""
-        groups = _precision_groups(drafts)
+        saves half the first round's scorings of a default run. ``groups``: the drafts by skip set
+        and precision (:func:`_precision_groups`)."""
         widest = [max(group, key=lambda d: d.vocab_size or np.inf) for group in groups]
         scored = [(draft, self._score(graphs, draft, [config], evaluation, step)[0]) for draft in widest]
         ranked = sorted(range(len(groups)), key=lambda i: -scored[i][1].expected_speedup)
@@ -242,8 +244,6 @@ class DraftSearch:
             for draft in groups[index]:
                 if draft is not widest[index]:
                     scored.append((draft, self._score(graphs, draft, [config], evaluation, step)[0]))
-        for _ in range(len(groups) + _most_narrower(groups, self.settings.vocab_finalists) - len(scored)):
-            step()  # the progress bar counted the finalists with the most vocabularies: those left out
         return scored
 
     def _score(

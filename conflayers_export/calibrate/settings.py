@@ -58,7 +58,7 @@ class CalibrationSettings:
     # Lookup drafting tried alone and beside the chosen draft (min n-gram, max n-gram, proposals per
     # pass; sources.py): a task ships one where it is expected faster than the draft alone. A long
     # proposal pays where extra rows are cheap (fp32), a short one from a longer match where they are
-    # not (int4 on the CPU, where each row of a verify pass costs ~0.2 of a step).
+    # not (int4 on the CPU, where each row of a verify pass costs ~0.2-0.4 of a step).
     lookups: tuple[tuple[int, int, int], ...] = ((2, 3, 8), (3, 4, 4))
 
 
