@@ -13,7 +13,7 @@ from conflayers_runtime.artifact import open_backend
 from conflayers_runtime.manifest import Draft, read_manifest
 from conflayers_runtime.speculative import GREEDY, generate, measure_pass_costs
 
-from conflayers_export.calibrate.replay import ReplayBackend, replay_generation
+from conflayers_export.calibrate.replay import KnownCaches, ReplayBackend, replay_generation
 from conflayers_export.calibrate.scoring import TIMING_MARGIN, timed_costs
 from conflayers_export.models import load_model
 from tests.helpers import build
@@ -37,8 +37,11 @@ def artifact(tiny_folder, tmp_path_factory):
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(0, 200, 9)] for _ in range(4)]
     plain = open_backend(folder, manifest, None, "cpu", 1)
-    texts = [generate(plain, p, NEW_TOKENS, GREEDY, None)[0] for p in prompts]
-    return folder, manifest, prompts, texts
+    texts, known = [], []
+    for prompt in prompts:  # as calibrate generates them: each text's keys and values kept
+        texts.append(generate(plain, prompt, NEW_TOKENS, GREEDY, None)[0])
+        known.append(KnownCaches(plain, len(prompt) + NEW_TOKENS - 1))
+    return folder, manifest, prompts, texts, known
 
 
 def _real(backend, prompts, config, stops, tree=None) -> GenerationStats:
@@ -48,30 +51,58 @@ def _real(backend, prompts, config, stops, tree=None) -> GenerationStats:
     return total
 
 
+@pytest.mark.parametrize("known", [False, True], ids=["prefill", "known-caches"])
 @pytest.mark.parametrize("on_device", [True, False], ids=["device-choice", "logits"])
 @pytest.mark.parametrize("name", ["mid", "int8", "pruned"])
-def test_replay_counts_exactly_what_a_real_run_counts(artifact, name, on_device):
-    folder, manifest, prompts, texts = artifact
+def test_replay_counts_exactly_what_a_real_run_counts(artifact, name, on_device, known):
+    """Also when each replay starts from the keys and values the plain decoding of its text kept
+    (another session, of full.onnx alone; "mid" runs paired) instead of its own prefill."""
+    folder, manifest, prompts, texts, caches = artifact
     backend = open_backend(folder, manifest, name, "cpu", 1)
     backend.chooses_on_device = on_device  # both of the loop's greedy paths
     # Stop tokens taken from the texts, so that generations end early and cycles look past them.
     for config, stops in itertools.product(CONFIGS, [(), (texts[0][10], texts[1][5])]):
         real = _real(backend, prompts, config, stops)
-        replayed = replay_generation(backend, prompts, texts, NEW_TOKENS, config, stops)
+        replayed = replay_generation(
+            backend, prompts, texts, NEW_TOKENS, config, stops, known=caches if known else None
+        )
         assert replayed.as_dict() == real.as_dict(), (config, stops)
         assert real.verify_passes > 0 and real.drafted_tokens > 0
+
+
+@pytest.mark.parametrize("name", ["mid", "int8"])
+def test_known_caches_are_bitwise_what_a_prefill_computes(artifact, name):
+    folder, manifest, prompts, texts, caches = artifact
+    backend = open_backend(folder, manifest, name, "cpu", 1)
+    for prompt, text, known in zip(prompts, texts, caches, strict=True):
+        computed = ReplayBackend(backend, prompt, text)
+        computed.greedy(prompt, 0, use_draft=False)
+        copied = ReplayBackend(backend, prompt, text, known)
+        copied.greedy(prompt, 0, use_draft=False)
+        length = len(prompt) + len(text) - 1
+        assert computed.saved.keys() == copied.saved.keys()
+        for key, values in computed.saved.items():
+            np.testing.assert_array_equal(copied.saved[key][:, :, :length], values[:, :, :length])
+            assert np.any(values[:, :, :length])
+
+
+def test_known_caches_of_another_length_are_refused(artifact):
+    folder, manifest, prompts, texts, caches = artifact
+    backend = open_backend(folder, manifest, "mid", "cpu", 1)
+    with pytest.raises(ValueError, match="known keys and values of"):
+        replay_generation(backend, prompts[:1], [texts[0][:20]], 20, CONFIGS[0], (), known=caches[:1])
 
 
 @pytest.mark.parametrize("name", ["mid", "int8", "pruned"])
 def test_replay_with_token_trees_counts_what_a_real_run_counts(artifact, name):
     """An alternative equal to the text's token predicts the text's next token: what its row's
     argmax gives (but at near-ties, which these random models do not have)."""
-    folder, manifest, prompts, texts = artifact
+    folder, manifest, prompts, texts, caches = artifact
     backend = open_backend(folder, manifest, name, "cpu", 1, tree=True)
     hits = 0
     for config, tree in itertools.product(CONFIGS, [TreeConfig(1, 1), TreeConfig(4, 2)]):
         real = _real(backend, prompts, config, (), tree)
-        replayed = replay_generation(backend, prompts, texts, NEW_TOKENS, config, (), tree)
+        replayed = replay_generation(backend, prompts, texts, NEW_TOKENS, config, (), tree, known=caches)
         assert replayed.as_dict() == real.as_dict(), (config, tree)
         assert real.tree_nodes > 0
         hits += real.tree_hits
@@ -81,7 +112,7 @@ def test_replay_with_token_trees_counts_what_a_real_run_counts(artifact, name):
 def test_replay_needs_the_full_models_keys_and_values_back(artifact, monkeypatch):
     """Control: left in place, a draft's keys and values at accepted positions change what it drafts
     next, and the replay no longer counts what a real run counts."""
-    folder, manifest, prompts, texts = artifact
+    folder, manifest, prompts, texts, _ = artifact
     backend = open_backend(folder, manifest, "mid", "cpu", 1)
     config = DraftConfig(12, 0.0)
     real = _real(backend, prompts, config, ())
@@ -90,7 +121,7 @@ def test_replay_needs_the_full_models_keys_and_values_back(artifact, monkeypatch
 
 
 def test_replay_refuses_a_text_of_another_prompt(artifact):
-    folder, manifest, prompts, texts = artifact
+    folder, manifest, prompts, texts, _ = artifact
     backend = open_backend(folder, manifest, "int8", "cpu", 1)
     with pytest.raises(ValueError, match="not the full model's greedy continuation of its prompt"):
         replay_generation(backend, prompts[:1], texts[1:2], NEW_TOKENS, CONFIGS[0], ())

@@ -280,7 +280,7 @@ def _ranking_prompts(
         prompts = [p for task in encoded.values() for p in task[: settings.eval_prompts]]
         source = f"the {len(prompts)} evaluation prompts (too few prompts to hold out)"
     return EvaluationTexts(
-        prompts, settings.max_new_tokens
+        prompts, settings.max_new_tokens, keep_caches=False
     ), f"token counts in greedy generations of {source}"
 
 

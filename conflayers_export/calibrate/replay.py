@@ -11,6 +11,12 @@ draft overwrote and returns one-hot rows of the text's tokens. The decoding loop
 counts the same statistics, as long as a long pass computes every row as the short passes of a
 real run do: bitwise on the CPU (row invariance, DESIGN.md), up to the last bits on CUDA.
 
+The full model's keys and values along a text are the same for every draft scored on it, so the
+plain decoding that generated the text keeps them (:class:`KnownCaches`, scoring.EvaluationTexts)
+and each replay starts from a copy instead of its own prefill: bitwise the same values, since a
+pass computes every row as a one-row step does (row invariance) and the full graph inside a
+paired graph is the very graph ``full.onnx`` (tests/test_replay.py compares both with real runs).
+
 The text must be generated without stop tokens for ``max_new_tokens`` tokens: a verify pass may
 look past a stop token (its accepted count does), and the loop never asks beyond that length.
 
@@ -33,11 +39,18 @@ class ReplayBackend:
     """A Backend whose full-model passes are read from ``text`` (the greedy continuation of one
     prompt); draft passes run on ``backend``."""
 
-    def __init__(self, backend: OnnxBackend, prompt: Sequence[int], text: Sequence[int]):
+    def __init__(
+        self,
+        backend: OnnxBackend,
+        prompt: Sequence[int],
+        text: Sequence[int],
+        known: KnownCaches | None = None,
+    ):
         self.backend = backend
         self.draft_token_ids = backend.draft_token_ids
         self.prompt = list(prompt)
         self.sequence = [*prompt, *text]  # position i holds token i; the model's output at i is i + 1
+        self.known = known  # the full model's keys and values along the text (None: a prefill computes them)
         self.saved: dict[tuple[int, str], np.ndarray] = {}
 
     @property
@@ -76,9 +89,14 @@ class ReplayBackend:
         return rows
 
     def _prefill(self, token_ids: Sequence[int]) -> None:
-        """One full-graph pass over prompt + text: the full model's keys and values everywhere."""
+        """The full model's keys and values everywhere along prompt + text: the known ones, else one
+        full-graph pass over them."""
         if list(token_ids) != self.prompt:
             raise ValueError("a replay starts with the prompt its text was generated from")
+        if self.known is not None:
+            self.saved = self.known.padded(self.backend, len(self.sequence) - 1)
+            self._restore(0, len(self.sequence) - 1)
+            return
         logits = self.backend.forward(self.sequence[:-1], 0, use_draft=False)
         if int(logits[len(self.prompt) - 1].argmax()) != self.sequence[len(self.prompt)]:
             raise ValueError("the replayed text is not the full model's greedy continuation of its prompt")
@@ -104,6 +122,30 @@ class ReplayBackend:
                 cache.update_inplace(saved)
 
 
+class KnownCaches:
+    """The full model's keys and values at the first ``length`` positions of a sequence, copied
+    from a backend that computed them (the plain decoding that generated a replayed text)."""
+
+    def __init__(self, backend: OnnxBackend, length: int):
+        self.length = length
+        self.values = {key: cache.numpy()[:, :, :length].copy() for key, cache in backend.caches.items()}
+
+    def padded(self, backend: OnnxBackend, length: int) -> dict[tuple[int, str], np.ndarray]:
+        """The values as ``backend``'s cache buffers hold them (zeros beyond ``length``, where no
+        pass reads before writing)."""
+        if length != self.length or self.values.keys() != backend.caches.keys():
+            raise ValueError(
+                f"known keys and values of {self.length} positions and {len(self.values)} buffers, "
+                f"for a replay of {length} positions over {len(backend.caches)}"
+            )
+        out = {}
+        for key, cache in backend.caches.items():
+            buffer = np.zeros(cache.shape(), self.values[key].dtype)
+            buffer[:, :, :length] = self.values[key]
+            out[key] = buffer
+        return out
+
+
 def replay_generation(
     backend: OnnxBackend,
     prompts: Sequence[Sequence[int]],
@@ -113,12 +155,14 @@ def replay_generation(
     stop_token_ids: Sequence[int],
     tree: TreeConfig | None = None,
     lookup: LookupConfig | None = None,
+    known: Sequence[KnownCaches] | None = None,
 ) -> GenerationStats:
     """Greedy speculative decoding statistics of every prompt, replayed along its text
-    (``draft_config`` None: proposals from the ``lookup`` alone)."""
+    (``draft_config`` None: proposals from the ``lookup`` alone). ``known``: each text's full-model
+    keys and values, where they were kept (else each replay computes them)."""
     total = GenerationStats()
-    for prompt, text in zip(prompts, texts, strict=True):
-        replay = ReplayBackend(backend, prompt, text[:max_new_tokens])
+    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        replay = ReplayBackend(backend, prompt, text[:max_new_tokens], known[i] if known else None)
         _, stats = generate(
             replay, prompt, max_new_tokens, GREEDY, draft_config, stop_token_ids, tree, lookup
         )

@@ -27,7 +27,7 @@ from conflayers_runtime.speculative import GREEDY, generate, measure_pass_costs
 from ..export.build import build_artifact
 from ..models import LoadedModel
 from ..progress import Progress
-from .replay import replay_generation
+from .replay import KnownCaches, replay_generation
 from .settings import CalibrationSettings, Candidate
 
 # A timed c_draft further than this factor from the draft's bytes ratio is re-timed, and flagged in
@@ -46,13 +46,24 @@ class EvaluationTexts:
     max_new_tokens: int
     texts: list[list[int]] | None = None
     plain_seconds: float = 0.0  # plain decoding time of the texts (one pass per token)
+    # Each text's full-model keys and values, kept from its plain decoding for the replays that
+    # score drafts along it (replay.KnownCaches); False for texts no draft is scored on.
+    keep_caches: bool = True
+    caches: list[KnownCaches] | None = None
 
     def fill(self, backend: OnnxBackend) -> None:
         if self.texts is not None:
             return
         started = time.perf_counter()
-        self.texts = [generate(backend, p, self.max_new_tokens, GREEDY, None)[0] for p in self.prompts]
+        texts, caches = [], []
+        for prompt in self.prompts:
+            texts.append(generate(backend, prompt, self.max_new_tokens, GREEDY, None)[0])
+            if self.keep_caches:  # the copy is not timed: plain_seconds is plain decoding's speed
+                pause = time.perf_counter()
+                caches.append(KnownCaches(backend, len(prompt) + len(texts[-1]) - 1))
+                started += time.perf_counter() - pause
         self.plain_seconds = time.perf_counter() - started
+        self.texts, self.caches = texts, caches if self.keep_caches else None
 
     def replies(self, stop_token_ids: Sequence[int]) -> list[list[int]]:
         """The texts as a reply ends: each cut after its first stop token."""
@@ -110,6 +121,7 @@ class CandidateGraphs:
             self.stop_token_ids,
             tree,
             lookup,
+            evaluation.caches,
         )
 
     def confirm(
