@@ -11,6 +11,7 @@ the acceptance measured in this run and the per-pass costs measured on the same 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import statistics
@@ -36,7 +37,7 @@ from conflayers_runtime.manifest import Manifest
 from conflayers_runtime.model import calibrated_lookup, loaded_by_default
 from conflayers_runtime.speculative import expected_speedup, measure_pass_costs
 
-from .errors import CalibrationError, GenerationError
+from .errors import BenchError, CalibrationError, GenerationError
 
 DEFAULT_PROMPTS = [
     "Write a short poem about the sea.",
@@ -222,11 +223,13 @@ def run_bench(
     tree: TreeConfig | None = None,
     genai: GenaiOptions | None = None,
     sampled: bool = False,
+    only: Sequence[str] = (),
 ) -> dict[str, object]:
     """Every engine on ``prompts``, interleaved ``repeats`` times; pass costs of each draft.
     ``tree``: also speculative decoding with token trees of that shape, with each draft.
     ``genai``: onnxruntime-genai's engines beside its plain one (default: GenaiOptions()).
-    ``sampled``: also a run of every engine sampling at SAMPLED (key "sampled")."""
+    ``sampled``: also a run of every engine sampling at SAMPLED (key "sampled").
+    ``only``: shell-style patterns of the engine names to run (select_engines); empty: all."""
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
     bench_prompts = [p if isinstance(p, BenchPrompt) else BenchPrompt(p) for p in prompts]
@@ -248,12 +251,12 @@ def run_bench(
             loaded, artifact, plain_model, max_new_tokens, threads, genai or GenaiOptions(), progress
         )
     ours, models = _load_our_engines(artifact, manifest, plain_model, device, threads, max_new_tokens, tree)
-    engines = ours | baselines
+    engines = select_engines(ours | baselines, only)
 
     results = _time_interleaved(engines, ids, bench_prompts, repeats, SamplingConfig(), progress)
     plain = results["ours plain"]["decode_tokens_per_s"]["median"]
     for spec in our_engines(manifest, tree):
-        if spec.pass_costs:
+        if spec.pass_costs and spec.name in results:
             _add_pass_costs(results[spec.name], models[spec.name], plain)
     _add_ratios(results, engines)
     out = {
@@ -279,6 +282,24 @@ def run_bench(
             "engines": sampled_results,
         }
     return out
+
+
+def select_engines(engines: dict[str, Engine], patterns: Sequence[str]) -> dict[str, Engine]:
+    """The engines whose names match one of the shell-style ``patterns`` (all where there are none),
+    with our plain decoding and each kept engine's own plain decoding, which every ratio and
+    exactness count needs. A pattern that matches no engine is an error naming them all."""
+    if not patterns:
+        return engines
+    unmatched = [p for p in patterns if not fnmatch.filter(engines, p)]
+    if unmatched:
+        raise BenchError(
+            f"no engine matches {', '.join(map(repr, unmatched))}: the engines of this run are "
+            + "; ".join(engines)
+            + " (pass --engine patterns that match some)"
+        )
+    kept = {name for name in engines if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    kept |= {"ours plain"} | {engines[name].reference for name in kept if engines[name].reference}
+    return {name: engine for name, engine in engines.items() if name in kept}
 
 
 def _add_ratios(results: dict[str, dict[str, Any]], engines: dict[str, Engine], exact: bool = True) -> None:

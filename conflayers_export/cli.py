@@ -374,8 +374,8 @@ def _calibration_summary(r: TaskResult) -> dict[str, object]:
         "layer_search": {
             "skip_layers": r.chosen.skip,
             "expected_speedup": r.chosen.expected_speedup,
-            "best_baseline": dataclasses.asdict(max(r.baselines, key=lambda b: b.expected_speedup)),
-            "conflayers_beats_baselines": r.conflayers_beats_baselines,
+            "best_baseline": dataclasses.asdict(r.best_baseline) if r.best_baseline else None,
+            "conflayers_beats_baselines": r.conflayers_beats_baselines if r.best_baseline else None,
             "choices": {k: dataclasses.asdict(c) for k, c in r.choices().items()},
         },
         "seconds": r.seconds + r.drafts.seconds,
@@ -707,6 +707,13 @@ def _parse_genai_ngram(text: str) -> dict[str, int | bool] | None:
     help="Also decode with token trees of this many alternative rows (2 per drafted position).",
 )
 @click.option(
+    "--engine",
+    "only",
+    multiple=True,
+    help="Run only the engines whose names match this shell-style pattern (repeatable, e.g. "
+    "'ours spec*' or 'onnxruntime-genai*'), with the plain decodings their ratios need. Default: all.",
+)
+@click.option(
     "--json", "json_out", default=None, type=click.Path(dir_okay=False), help="Write the result here."
 )
 @click.option(
@@ -726,6 +733,7 @@ def bench(
     genai_draft_model: str | None,
     sampled: bool,
     tree_nodes: int,
+    only: tuple[str, ...],
     json_out: str | None,
     plot_out: str | None,
 ) -> None:
@@ -753,6 +761,7 @@ def bench(
         tree=TreeConfig(tree_nodes) if tree_nodes else None,
         genai=genai,
         sampled=sampled,
+        only=only,
     )
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")

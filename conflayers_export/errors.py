@@ -25,6 +25,10 @@ class CalibrationError(ConflayersError):
     """Calibration input or settings are invalid (data file, skip ratio, output folder)."""
 
 
+class BenchError(ConflayersError):
+    """bench was asked for something this run does not have (an engine pattern that matches none)."""
+
+
 class BuildError(ConflayersError):
     """Build settings do not fit the model: the dtype, --max-seq-len, or a draft's weight
     precision or vocabulary."""

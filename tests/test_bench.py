@@ -17,11 +17,13 @@ from conflayers_export.bench import (
     BenchPrompt,
     GenaiOptions,
     load_bench_prompts,
+    Engine,
     our_engines,
     run_bench,
+    select_engines,
 )
 from conflayers_export.cli import main as export_main
-from conflayers_export.errors import CalibrationError, GenerationError
+from conflayers_export.errors import BenchError, CalibrationError, GenerationError
 from conflayers_export.models import load_model
 from tests.helpers import build, tiny_model, write_tiny_folder
 
@@ -164,3 +166,24 @@ def test_our_engines_are_listed_in_one_place(genai_artifact):
         "draft": "mid",
         "lookup": LookupConfig(),
     }
+
+
+def test_engine_patterns_keep_the_plain_decodings_their_ratios_need():
+    def run(ids, sampling):
+        raise AssertionError("not run")
+
+    engines = {
+        "ours plain": Engine(run),
+        "ours speculative (int8)": Engine(run, reference="ours plain"),
+        "ours lookup": Engine(run, reference="ours plain"),
+        GENAI_PLAIN: Engine(run),
+        "onnxruntime-genai n-gram": Engine(run, reference=GENAI_PLAIN),
+        GENAI_OUR_FULL: Engine(run),
+        OUR_DRAFT: Engine(run, reference=GENAI_OUR_FULL),
+    }
+    assert select_engines(engines, ()) is engines
+    kept = select_engines(engines, ["ours spec*", "*n-gram"])
+    assert list(kept) == ["ours plain", "ours speculative (int8)", GENAI_PLAIN, "onnxruntime-genai n-gram"]
+    assert list(select_engines(engines, [OUR_DRAFT])) == ["ours plain", GENAI_OUR_FULL, OUR_DRAFT]
+    with pytest.raises(BenchError, match="no engine matches 'ours tree\\*'.*ours lookup"):
+        select_engines(engines, ["ours plain", "ours tree*"])

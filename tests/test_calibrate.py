@@ -237,6 +237,21 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
     assert (tmp_path / "a" / "calibration" / "report.md").is_file(), "build must keep the report"
 
 
+def test_a_calibration_without_baselines_scores_the_same_sets_and_says_so(tiny_folder, tmp_path):
+    loaded = load_model(str(tiny_folder("llama")))
+    progress = RecordingProgress()
+    settings = dataclasses.replace(SMALL, baselines=False)
+    manifest, results = calibrate(tmp_path / "a", loaded, {"default": PROMPTS}, settings, progress=progress)
+    # One scoring of skip sets (no second one for the baselines), then the drafts'.
+    assert sum("scoring" in label for label, _, _ in progress.phases) == 2
+    assert results[0].baselines == [] and results[0].best_baseline is None
+    layer_search = manifest.draft("default").metrics["layer_search"]
+    assert layer_search["best_baseline_speedup"] is None and layer_search["conflayers_beats_baselines"] is None
+    assert "Baselines not scored" in (tmp_path / "a" / "calibration" / "report.md").read_text()
+    _, with_baselines = calibrate(tmp_path / "b", loaded, {"default": PROMPTS}, SMALL)
+    assert results[0].finalists == with_baselines[0].finalists and with_baselines[0].baselines
+
+
 def test_calibrate_refuses_another_models_folder_unless_forced(tiny_folder, tmp_path):
     _calibrate(tmp_path / "out", load_model(str(tiny_folder("llama"))))
     other = load_model(str(tiny_folder("qwen2")))
@@ -334,6 +349,7 @@ def test_the_config_file_sets_what_the_options_leave(tmp_path, monkeypatch):
         ("max_iter = [", "is not valid TOML.*fix the file given to --config"),
         ("search_interval = 0", r"search_interval \(--config file\) must be >= 1, got 0"),
         ("vocab_finalists = -1", r"vocab_finalists \(--config file\) must be >= 0, got -1"),
+        ("baselines = 0", "key 'baselines' must be true or false, got 0"),
         ('precisions = ["int2"]', r"unknown draft precision\(s\) \['int2'\] in precisions \(--config file\)"),
     ],
 )

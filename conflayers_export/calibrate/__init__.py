@@ -303,6 +303,7 @@ def _recommended(result: TaskResult) -> bool:
 def _manifest_draft(result: TaskResult) -> Draft:
     assert result.drafts is not None
     c = result.drafts.chosen
+    best = result.best_baseline
     metrics = {
         **c.metrics(),
         "bytes_ratio": c.bytes_ratio,
@@ -312,8 +313,9 @@ def _manifest_draft(result: TaskResult) -> Draft:
         "layer_search": {
             "skip_layers": result.chosen.skip,
             "expected_speedup_bytes_model": result.chosen.expected_speedup,
-            "best_baseline_speedup": max(b.expected_speedup for b in result.baselines),
-            "conflayers_beats_baselines": result.conflayers_beats_baselines,
+            # None where the baselines were not scored (the baselines setting)
+            "best_baseline_speedup": best.expected_speedup if best else None,
+            "conflayers_beats_baselines": result.conflayers_beats_baselines if best else None,
         },
         "vocabulary_coverage": result.drafts.coverage.get(c.vocab_size) if c.vocab_size else 1.0,
     }

@@ -90,7 +90,9 @@ def _describe(expected: Any) -> str:
         return _describe(next(a for a in typing.get_args(expected) if a is not type(None)))
     if typing.get_origin(expected) is tuple:
         return f"a list like {_example(expected)}"
-    return {int: "an integer", float: "a number", str: "a string"}.get(expected, str(expected))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        expected, str(expected)
+    )
 
 
 def _example(expected: Any) -> str:

@@ -45,7 +45,13 @@ def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
             if r.recommended
             else f"expected speedup {r.chosen.expected_speedup:.3f}x, below 1 on its own"
         )
+        best = r.best_baseline
         beat = "beat" if r.conflayers_beats_baselines else "did **not** beat"
+        compared = (
+            f"ConfLayers {beat} the best baseline (expected speedup {best.expected_speedup:.3f}x). "
+            if best
+            else "Baselines not scored (`baselines = false`). "
+        )
         lines += [f"## Task `{r.task}`", ""]
         if r.drafts is not None:
             lines += _draft_table(r.drafts)
@@ -53,8 +59,7 @@ def _markdown(results: list[TaskResult], header: dict[str, object]) -> str:
             "### Layer search (ConfLayers, bytes cost model)",
             "",
             *_layer_search_fate(r),
-            f"The layer search chose skip set {r.chosen.skip} ({verdict}). ConfLayers {beat} the best "
-            f"baseline (expected speedup {max(b.expected_speedup for b in r.baselines):.3f}x). "
+            f"The layer search chose skip set {r.chosen.skip} ({verdict}). {compared}"
             f"Search took {r.seconds:.0f} s.",
             "",
             "| candidate | layers | skip set | acceptance | tokens / full pass | drafts / cycle | c_draft "

@@ -184,9 +184,10 @@ class Calibrator:
         result.finalists = scored or [result.published]  # type: ignore[list-item]
         result.chosen = max(result.finalists, key=lambda c: c.expected_speedup)
         result.recommended = result.chosen.expected_speedup > 1.0
-        result.baselines = scorer(self._baseline_sets(result.chosen))
-        best_baseline = max(b.expected_speedup for b in result.baselines)
-        result.conflayers_beats_baselines = result.chosen.expected_speedup >= best_baseline
+        if s.baselines:
+            result.baselines = scorer(self._baseline_sets(result.chosen))
+            best = result.best_baseline
+            result.conflayers_beats_baselines = best is not None and result.chosen.expected_speedup >= best.expected_speedup
         result.seconds = time.perf_counter() - started
         return result
 

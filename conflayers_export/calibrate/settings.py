@@ -27,6 +27,9 @@ class CalibrationSettings:
     finalists: int = 3  # best search sets re-scored on the common slice
     ranked_sizes: tuple[int, ...] = (1, 2, 4, 8)  # sizes of the confidence-ranked sets also scored
     seed: int = 0  # random baselines
+    # Score the start set, early exits and random sets beside the search's sets: how the method
+    # compares, for the report; they never ship, so a calibration in a hurry may leave them out.
+    baselines: bool = True
     search: str = "cost-aware"  # SEARCHES: ours, the reference's outer loop, or both (ours ships)
     max_draft_tokens: int = 8
     confidence_threshold: float = 0.8
@@ -86,6 +89,11 @@ class TaskResult:
     search: str = "cost-aware"
     published: Candidate | None = None  # the reference loop's choice (search "published" or "both")
     published_iterations: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def best_baseline(self) -> Candidate | None:
+        """The baseline with the best expected speedup (None: baselines not scored)."""
+        return max(self.baselines, key=lambda b: b.expected_speedup, default=None)
 
     def choices(self) -> dict[str, Candidate]:
         """Each search's choice, scored on the common evaluation slice."""
