@@ -24,7 +24,7 @@ from conflayers_export.calibrate.confidence import (
 )
 from conflayers_export.calibrate.data import default_prompts, load_prompts
 from conflayers_export.calibrate.scoring import EvaluationTexts, graph_bytes
-from conflayers_export.calibrate.select import coverage, draft_combinations, rank_vocabulary
+from conflayers_export.calibrate.select import _ceiling, coverage, draft_combinations, rank_vocabulary
 from conflayers_export.cli import main
 from conflayers_export.errors import CalibrationError
 from conflayers_export.export.build import build_artifact, manifest_for_build
@@ -194,8 +194,13 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
         key = (tuple(c.skip), c.weight_precision)
         if key not in widest or (widest[key].vocab_size or 10**9) < (c.vocab_size or 10**9):
             widest[key] = c
-    assert {((), "int8"), ((), "int4"), ((), "base")} <= set(widest)
-    assert widest[(), "base"].vocab_size == 64  # the full model itself is no draft
+    assert {((), "int8"), ((), "int4")} <= set(widest)
+    # The full-precision copy of every layer (at a pruned vocabulary: the full model itself is no
+    # draft) could not beat the quantized ones even with every draft accepted: left out unscored.
+    assert ((), "base") not in widest and joint.left_out["skip -, base"] < joint.chosen.expected_speedup
+    longest = max(SMALL.max_draft_tokens, *(tokens for tokens, _ in SMALL.draft_policies))
+    assert all(c.expected_speedup <= _ceiling(c.c_draft, longest) for c in joint.candidates)
+    assert "Left out unscored" in (tmp_path / "a" / "calibration" / "report.md").read_text()
     finalists = sorted(widest, key=lambda key: -widest[key].expected_speedup)[: SMALL.vocab_finalists]
     narrower = {key for c in first if c is not widest[key := (tuple(c.skip), c.weight_precision)]}
     assert narrower == {key for key in finalists if key != ((), "base")}
@@ -246,7 +251,9 @@ def test_a_calibration_without_baselines_scores_the_same_sets_and_says_so(tiny_f
     assert sum("scoring" in label for label, _, _ in progress.phases) == 2
     assert results[0].baselines == [] and results[0].best_baseline is None
     layer_search = manifest.draft("default").metrics["layer_search"]
-    assert layer_search["best_baseline_speedup"] is None and layer_search["conflayers_beats_baselines"] is None
+    assert (
+        layer_search["best_baseline_speedup"] is None and layer_search["conflayers_beats_baselines"] is None
+    )
     assert "Baselines not scored" in (tmp_path / "a" / "calibration" / "report.md").read_text()
     _, with_baselines = calibrate(tmp_path / "b", loaded, {"default": PROMPTS}, SMALL)
     assert results[0].finalists == with_baselines[0].finalists and with_baselines[0].baselines
@@ -429,6 +436,12 @@ def test_draft_combinations_skip_the_full_model_and_precisions_that_save_nothing
     # int8 reads more than int4 weights and int4 is the artifact's own; the unchanged graph is the
     # full graph itself (both compute with int8 activations).
     assert int4 == [([], "base", 100)]
+
+
+def test_the_ceiling_of_a_draft_is_every_draft_accepted_at_one_step_a_verify():
+    assert _ceiling(0.5, 8) == pytest.approx(9 / 5)
+    assert _ceiling(0.25, 12) == pytest.approx(13 / 4)
+    assert _ceiling(1.2, 8) == 1.0  # no draft dearer than a step pays
 
 
 def test_graph_bytes_count_what_a_step_reads(tiny_folder, tmp_path):

@@ -166,6 +166,16 @@ def _iterations(iterations: list[dict[str, object]]) -> list[str]:
     ]
 
 
+def _left_out(d: DraftSearchResult) -> str:
+    if not d.left_out:
+        return ""
+    pairs = ", ".join(f"{label} (at most {ceiling:.2f}x)" for label, ceiling in d.left_out.items())
+    return (
+        f" Left out unscored, since even with every draft accepted and a verify pass at the cost of a "
+        f"step none of their drafts could beat one already scored: {pairs}."
+    )
+
+
 def _draft_table(d: DraftSearchResult) -> list[str]:
     c = d.chosen
     verdict = "recommended" if d.recommended else "**speculation not recommended** (below 1)"
@@ -182,7 +192,8 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
         "The expected speedup S = tokens per full pass / (drafts per cycle x c_draft + c_verify), "
         f"with pass costs {d.chosen.cost_source or 'timed on these graphs'}, chooses: it leaves out "
         "the prompt's prefill and the noise of a whole run, which the wall clock includes. "
-        f"Held-out coverage of the pruned vocabularies (share of generated tokens inside): {coverage}.",
+        f"Held-out coverage of the pruned vocabularies (share of generated tokens inside): {coverage}."
+        + _left_out(d),
         "",
         *_confirmation(d),
         "| skip set | weights | vocabulary | draft length | acceptance | tokens / full pass | drafts / cycle "

@@ -187,7 +187,9 @@ class Calibrator:
         if s.baselines:
             result.baselines = scorer(self._baseline_sets(result.chosen))
             best = result.best_baseline
-            result.conflayers_beats_baselines = best is not None and result.chosen.expected_speedup >= best.expected_speedup
+            result.conflayers_beats_baselines = (
+                best is not None and result.chosen.expected_speedup >= best.expected_speedup
+            )
         result.seconds = time.perf_counter() - started
         return result
 

@@ -34,7 +34,7 @@ from ..errors import CalibrationError, CostTableError
 from ..export.quantize import BITS
 from ..models import LoadedModel
 from ..progress import Progress
-from .scoring import CandidateGraphs, EvaluationTexts, candidate_graphs, timed_costs
+from .scoring import TIMING_MARGIN, CandidateGraphs, EvaluationTexts, candidate_graphs, timed_costs
 from .settings import CalibrationSettings, Confirmation, DraftCandidate, DraftSearchResult, SourceCandidate
 from .sources import RowCosts, score_sources
 
@@ -191,8 +191,11 @@ class DraftSearch:
         with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
             with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
                 step()
-                scored = self._score_vocabularies(graphs, groups, first, evaluation, step)
-                for _ in range(scorings - len(scored)):
+                ceiling_tokens = max([first.max_draft_tokens, *(p.max_draft_tokens for p in policies)])
+                scored, left_out = self._score_vocabularies(
+                    graphs, groups, first, evaluation, step, ceiling_tokens
+                )
+                for _ in range(scorings - len(scored) - len(left_out)):
                     step()  # the bar counted the finalist groups with the most vocabularies: those left out
                 candidates = [candidate for _, candidate in scored]
                 by_speedup = sorted(scored, key=lambda pair: -pair[1].expected_speedup)
@@ -221,6 +224,7 @@ class DraftSearch:
             confirmation=confirmation,
             sources=sources,
             source=source,
+            left_out=left_out,
         )
 
     def _score_vocabularies(
@@ -230,21 +234,55 @@ class DraftSearch:
         config: DraftConfig,
         evaluation: EvaluationTexts,
         step: Callable[[], None],
-    ) -> list[tuple[Draft, DraftCandidate]]:
+        ceiling_tokens: int,
+    ) -> tuple[list[tuple[Draft, DraftCandidate]], dict[str, float]]:
         """Each skip set x precision at its widest vocabulary first, then the narrower vocabularies
         of the ``vocab_finalists`` best of those only: a pruned vocabulary moves a draft's expected
         speedup by a few percent (SmolLM2, Qwen2.5-Coder-0.5B: at most 2% up), the skip set and
         precision by far more, so pairs far behind after the first round do not catch up; this
         saves half the first round's scorings of a default run. ``groups``: the drafts by skip set
-        and precision (:func:`_precision_groups`)."""
+        and precision (:func:`_precision_groups`).
+
+        The pairs go cheapest first, and a pair whose :func:`_ceiling` (at drafts of up to
+        ``ceiling_tokens``) is below the best expected speedup scored so far is left out unscored:
+        none of its drafts could be chosen (on the CPU, full-precision drafts of an fp32 artifact
+        once a quantized copy has scored). Returns the scored (draft, candidate) pairs and the
+        left-out pairs' labels with their ceilings."""
         widest = [max(group, key=lambda d: d.vocab_size or np.inf) for group in groups]
-        scored = [(draft, self._score(graphs, draft, [config], evaluation, step)[0]) for draft in widest]
-        ranked = sorted(range(len(groups)), key=lambda i: -scored[i][1].expected_speedup)
+        floors = [min(self._floor_cost(graphs, d) for d in group) for group in groups]
+        scored: list[tuple[Draft, DraftCandidate]] = []
+        left_out: dict[str, float] = {}
+        first_round: dict[int, DraftCandidate] = {}
+        for index in sorted(range(len(groups)), key=lambda i: floors[i]):
+            best = max((c.expected_speedup for _, c in scored), default=0.0)
+            ceiling = _ceiling(floors[index], ceiling_tokens)
+            if ceiling < best:
+                label = f"skip {list(widest[index].skip_layers) or '-'}, {widest[index].weight_precision}"
+                left_out[label] = ceiling
+                self.progress.log(
+                    f"  {label}: left out, at most {ceiling:.2f}x expected (best so far {best:.2f}x)"
+                )
+                step()
+                continue
+            first_round[index] = self._score(graphs, widest[index], [config], evaluation, step)[0]
+            scored.append((widest[index], first_round[index]))
+        ranked = sorted(first_round, key=lambda i: -first_round[i].expected_speedup)
         for index in ranked[: self.settings.vocab_finalists]:
             for draft in groups[index]:
                 if draft is not widest[index]:
                     scored.append((draft, self._score(graphs, draft, [config], evaluation, step)[0]))
-        return scored
+        return scored, left_out
+
+    def _floor_cost(self, graphs: CandidateGraphs, draft: Draft) -> float:
+        """The lowest c_draft the pricing could give ``draft``: timed costs are accepted down to
+        its bytes ratio / TIMING_MARGIN (scoring.timed_costs); a cost table's and the bytes
+        model's are exact."""
+        ratio = graphs.bytes_ratio(draft.name)
+        if self.settings.cost == "measured":
+            return ratio / TIMING_MARGIN
+        if self.settings.cost == "table":
+            return self._table_draft_cost(draft)
+        return ratio
 
     def _score(
         self,
@@ -304,12 +342,15 @@ class DraftSearch:
                 self._compute_bound.add(draft.weight_precision)
             return c_draft, c_verify, flag
         if self.settings.cost == "table":
-            assert self.costs is not None  # check_cost_table; block sets are left out (draft_combinations)
-            kept_layers = self.loaded.identity.num_layers - len(draft.skip_layers)
-            columns = draft.vocab_size or self.loaded.model.config.vocab_size
-            c_draft = self.costs.draft_cost(draft.weight_precision, kept_layers, columns)
-            return c_draft, self.costs.verify_cost(verify_tokens), ""
+            assert self.costs is not None  # check_cost_table
+            return self._table_draft_cost(draft), self.costs.verify_cost(verify_tokens), ""
         return bytes_ratio, 1.0, ""
+
+    def _table_draft_cost(self, draft: Draft) -> float:
+        assert self.costs is not None  # block sets are left out with a table (draft_combinations)
+        kept_layers = self.loaded.identity.num_layers - len(draft.skip_layers)
+        columns = draft.vocab_size or self.loaded.model.config.vocab_size
+        return self.costs.draft_cost(draft.weight_precision, kept_layers, columns)
 
     def _score_sources(
         self,
@@ -368,6 +409,14 @@ class DraftSearch:
             + ("" if confirmation.matches_replay else " (differs from the replay)")
         )
         return confirmation
+
+
+def _ceiling(c_draft: float, max_draft_tokens: int) -> float:
+    """The highest expected speedup a draft of pass cost ``c_draft`` can reach with drafts of up to
+    ``max_draft_tokens``: every draft accepted, and a verify pass costing one step (no cheaper than
+    the step it replaces). S = (d + 1) / (d * c_draft + 1) grows with d while c_draft < 1."""
+    d = max_draft_tokens
+    return max(1.0, (d + 1) / (d * c_draft + 1))
 
 
 def _precision_groups(drafts: Sequence[Draft]) -> list[list[Draft]]:

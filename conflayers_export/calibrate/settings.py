@@ -191,6 +191,9 @@ class DraftSearchResult:
     # The best of ``sources`` where it is expected faster than ``chosen`` alone and than plain
     # decoding: the task ships it (Task.lookup); None: the model draft alone, or nothing.
     source: SourceCandidate | None = None
+    # skip set x precision pairs left unscored, with their ceiling: the most any of their drafts could
+    # reach, below a draft already scored (select.DraftSearch._score_vocabularies)
+    left_out: dict[str, float] = field(default_factory=dict)
 
     @property
     def recommended(self) -> bool:
