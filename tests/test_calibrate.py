@@ -24,7 +24,13 @@ from conflayers_export.calibrate.confidence import (
 )
 from conflayers_export.calibrate.data import default_prompts, load_prompts
 from conflayers_export.calibrate.scoring import EvaluationTexts, graph_bytes
-from conflayers_export.calibrate.select import _ceiling, coverage, draft_combinations, rank_vocabulary
+from conflayers_export.calibrate.select import (
+    _ceiling,
+    _policy_finalists,
+    coverage,
+    draft_combinations,
+    rank_vocabulary,
+)
 from conflayers_export.cli import main
 from conflayers_export.errors import CalibrationError
 from conflayers_export.export.build import build_artifact, manifest_for_build
@@ -442,6 +448,26 @@ def test_the_ceiling_of_a_draft_is_every_draft_accepted_at_one_step_a_verify():
     assert _ceiling(0.5, 8) == pytest.approx(9 / 5)
     assert _ceiling(0.25, 12) == pytest.approx(13 / 4)
     assert _ceiling(1.2, 8) == 1.0  # no draft dearer than a step pays
+
+
+def test_policy_finalists_are_distinct_pairs_each_at_its_best_vocabulary():
+    from types import SimpleNamespace
+
+    from conflayers_runtime.manifest import Draft
+
+    def scored(name, skip, precision, vocab, speedup):
+        return Draft(name, skip, vocab, precision), SimpleNamespace(expected_speedup=speedup)
+
+    pairs = [
+        scored("a", [], "int4", None, 1.39),
+        scored("b", [], "int4", 32768, 1.40),
+        scored("c", [], "int4", 8192, 1.38),
+        scored("d", [3], "int8", None, 1.38),
+        scored("e", [], "int8", None, 1.37),
+        scored("f", [3], "int4", None, 1.35),
+    ]
+    assert [d.name for d in _policy_finalists(pairs, 3)] == ["b", "d", "e"]
+    assert [d.name for d in _policy_finalists(pairs, 9)] == ["b", "d", "e", "f"]
 
 
 def test_graph_bytes_count_what_a_step_reads(tiny_folder, tmp_path):

@@ -198,8 +198,7 @@ class DraftSearch:
                 for _ in range(scorings - len(scored) - len(left_out)):
                     step()  # the bar counted the finalist groups with the most vocabularies: those left out
                 candidates = [candidate for _, candidate in scored]
-                by_speedup = sorted(scored, key=lambda pair: -pair[1].expected_speedup)
-                for draft, _ in by_speedup[: s.policy_finalists]:
+                for draft in _policy_finalists(scored, s.policy_finalists):
                     candidates += self._score(graphs, draft, policies, evaluation, step)
                 chosen = max(candidates, key=lambda c: c.expected_speedup)
                 # The chosen draft and draft length with token trees, where passes are priced by
@@ -417,6 +416,17 @@ def _ceiling(c_draft: float, max_draft_tokens: int) -> float:
     the step it replaces). S = (d + 1) / (d * c_draft + 1) grows with d while c_draft < 1."""
     d = max_draft_tokens
     return max(1.0, (d + 1) / (d * c_draft + 1))
+
+
+def _policy_finalists(scored: Sequence[tuple[Draft, DraftCandidate]], count: int) -> list[Draft]:
+    """The drafts re-scored at every draft policy: the best ``count`` skip set x precision pairs,
+    each at its best vocabulary. Vocabularies of one pair answer a longer draft alike, so a slot
+    spent on a second one is lost to another pair (SmolLM2: three int4 vocabularies took three of
+    four slots from the int8 copy, which wins at a longer draft length)."""
+    finalists: dict[tuple[tuple[int | str, ...], str], Draft] = {}
+    for draft, _ in sorted(scored, key=lambda pair: -pair[1].expected_speedup):
+        finalists.setdefault((tuple(draft.skip_layers), draft.weight_precision), draft)
+    return list(finalists.values())[:count]
 
 
 def _precision_groups(drafts: Sequence[Draft]) -> list[list[Draft]]:

@@ -50,9 +50,10 @@ class CalibrationSettings:
     # skip set x precision pairs, best at their widest vocabulary, whose narrower vocabularies are scored
     vocab_finalists: int = 2
     ranking_prompts: int = 16  # prompts after the evaluation slice whose generations rank the vocabulary
-    # best combinations re-run with each of the draft_policies: 4, because timings move by ~10% between
-    # runs and a draft that nearly ties at the first policy may win by far at a longer one (SmolLM2:
-    # the int8 draft, 4th at the first policy, 1.39x, is the best at 12 drafts above 0.3, 1.60x)
+    # best skip set x precision pairs (each at its best vocabulary) re-run with each of the
+    # draft_policies: 4, because timings move by ~10% between runs and a draft that nearly ties at
+    # the first policy may win by far at a longer one (SmolLM2: the int8 draft, 4th at the first
+    # policy, 1.39x, is the best at 12 drafts above 0.3, 1.60x)
     policy_finalists: int = 4
     draft_policies: tuple[tuple[int, float], ...] = ((8, 0.5), (12, 0.3), (6, 0.0))
     # Token trees tried on the chosen draft (alternative rows, runners-up per drafted token): the
