@@ -244,13 +244,16 @@ def run_bench(
 
         # The same weights, once for both baselines; only transformers needs them in memory.
         loaded = load_model(manifest.model.source, streamed=not with_transformers)
-    if with_transformers:
+    wanted = _wanted(only)  # engines the patterns leave out are not even loaded (a 1.5B model's are GBs)
+    if with_transformers and wanted("transformers generate"):
         baselines["transformers generate"] = _transformers_engine(loaded, max_new_tokens, threads)
     if with_genai:
         baselines |= _genai_engines(
-            loaded, artifact, plain_model, max_new_tokens, threads, genai or GenaiOptions(), progress
+            loaded, artifact, plain_model, max_new_tokens, threads, genai or GenaiOptions(), progress, wanted
         )
-    ours, models = _load_our_engines(artifact, manifest, plain_model, device, threads, max_new_tokens, tree)
+    ours, models = _load_our_engines(
+        artifact, manifest, plain_model, device, threads, max_new_tokens, tree, wanted
+    )
     engines = select_engines(ours | baselines, only)
 
     results = _time_interleaved(engines, ids, bench_prompts, repeats, SamplingConfig(), progress)
@@ -282,6 +285,17 @@ def run_bench(
             "engines": sampled_results,
         }
     return out
+
+
+def _wanted(patterns: Sequence[str]) -> Callable[..., bool]:
+    """``wanted(name, *dependents)``: whether to load the engine ``name``, the own plain decoding
+    of ``dependents``: one of the shell-style ``patterns`` matches it or a dependent (all without
+    patterns)."""
+
+    def wanted(*names: str) -> bool:
+        return not patterns or any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+    return wanted
 
 
 def select_engines(engines: dict[str, Engine], patterns: Sequence[str]) -> dict[str, Engine]:
@@ -330,8 +344,10 @@ def _load_our_engines(
     threads: int,
     max_new_tokens: int,
     tree: TreeConfig | None,
+    wanted: Callable[..., bool],
 ) -> tuple[dict[str, Engine], dict[str, Model]]:
-    """Our engines (our_engines), each model loaded once: (engines, the model of each engine)."""
+    """Our engines (our_engines) that are ``wanted`` and our plain decoding, each model loaded once:
+    (engines, the model of each engine)."""
 
     def key(load_kwargs: dict[str, Any]) -> str:
         return repr(sorted(load_kwargs.items()))
@@ -339,6 +355,8 @@ def _load_our_engines(
     loaded: dict[str, Model] = {key({"draft": None}): plain_model}
     engines, models = {}, {}
     for spec in our_engines(manifest, tree):
+        if spec.name != "ours plain" and not wanted(spec.name):
+            continue
         kwargs = key(spec.load_kwargs)
         if kwargs not in loaded:
             loaded[kwargs] = load(artifact, device=device, threads=threads, verify=False, **spec.load_kwargs)
@@ -527,11 +545,13 @@ def _genai_engines(
     threads: int,
     options: GenaiOptions,
     progress: Callable[[str], None],
+    wanted: Callable[..., bool],
 ) -> dict[str, Engine]:
     """onnxruntime-genai's engines: plain decoding of its own build of the model (its builder, at our
     artifact's precision), its n-gram mode and its draft-model mode with a draft it built (where
     ``options`` ask) on that build; plain decoding of our full graph and its draft-model mode with
-    our draft, from the artifact folder itself."""
+    our draft, from the artifact folder itself. Only those ``wanted`` (_wanted), with the plain
+    decodings they need."""
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -541,23 +561,28 @@ def _genai_engines(
 
     engines: dict[str, Engine] = {}
     dtype = artifact_section(model.manifest).dtype
-    try:
-        folder = genai_model_folder(
-            loaded.folder, cache_dir() / "genai" / f"{loaded.folder.name}-{dtype}", threads, dtype
-        )
-    except RuntimeError as exc:  # report and bench the other engines
-        progress(f"{exc}: onnxruntime-genai's own build skipped")
-    else:
-        own = og.Model(str(folder))
-        engines[GENAI_PLAIN] = Engine(_genai_runner(og, own, max_new_tokens))
-        if options.ngram is not None:
-            _check_speculative_options(og, own, options.ngram)
-            ngram = _genai_runner(og, own, max_new_tokens, options.ngram)
-            engines["onnxruntime-genai n-gram"] = Engine(ngram, reference=GENAI_PLAIN)
-        if options.draft_model is not None:
-            name = f"onnxruntime-genai, draft model ({options.draft_model})"
-            engines[name] = _genai_draft_model_engine(og, folder, options, dtype, max_new_tokens, threads)
-    return engines | _genai_artifact_engines(og, artifact, max_new_tokens, threads, options, progress)
+    ngram_name = "onnxruntime-genai n-gram" if options.ngram is not None else None
+    draft_name = f"onnxruntime-genai, draft model ({options.draft_model})" if options.draft_model else None
+    own = [name for name in (ngram_name, draft_name) if name and wanted(name)]
+    if wanted(GENAI_PLAIN, *own):
+        try:
+            folder = genai_model_folder(
+                loaded.folder, cache_dir() / "genai" / f"{loaded.folder.name}-{dtype}", threads, dtype
+            )
+        except RuntimeError as exc:  # report and bench the other engines
+            progress(f"{exc}: onnxruntime-genai's own build skipped")
+        else:
+            built = og.Model(str(folder))
+            engines[GENAI_PLAIN] = Engine(_genai_runner(og, built, max_new_tokens))
+            if ngram_name in own:
+                _check_speculative_options(og, built, options.ngram)
+                ngram = _genai_runner(og, built, max_new_tokens, options.ngram)
+                engines[ngram_name] = Engine(ngram, reference=GENAI_PLAIN)
+            if draft_name in own:
+                engines[draft_name] = _genai_draft_model_engine(
+                    og, folder, options, dtype, max_new_tokens, threads
+                )
+    return engines | _genai_artifact_engines(og, artifact, max_new_tokens, threads, options, progress, wanted)
 
 
 GENAI_DRAFT_MODEL_TOKENS = 4  # its draft-model mode's draft length where --genai-draft-tokens is not given
@@ -623,9 +648,10 @@ def _genai_artifact_engines(
     threads: int,
     options: GenaiOptions,
     progress: Callable[[str], None],
+    wanted: Callable[..., bool],
 ) -> dict[str, Engine]:
     """onnxruntime-genai on the artifact folder: plainly (genai_config.json), and with our draft
-    (genai_speculative.json on top, as a user opens it)."""
+    (genai_speculative.json on top, as a user opens it); those ``wanted``."""
     from .export.build import GENAI_CONFIG, GENAI_SPECULATIVE
 
     if not (artifact / GENAI_CONFIG).is_file():
@@ -633,23 +659,29 @@ def _genai_artifact_engines(
             f"{artifact} has no {GENAI_CONFIG} (an older build): rebuild it for onnxruntime-genai's engines"
         )
         return {}
+    draft_name = None
+    if (artifact / GENAI_SPECULATIVE).is_file():
+        draft_file = json.loads((artifact / GENAI_SPECULATIVE).read_text())["model"]["draft"]["filename"]
+        draft = draft_file.removeprefix("draft.").removesuffix(".onnx")
+        draft_name = f"onnxruntime-genai, our draft ({draft})"
+    if not wanted(GENAI_OUR_FULL, *([draft_name] if draft_name else [])):
+        return {}
     engines = {
         GENAI_OUR_FULL: Engine(
             _genai_runner(og, og.Model(genai_config(og, artifact, threads)), max_new_tokens)
         )
     }
-    if not (artifact / GENAI_SPECULATIVE).is_file():
+    if draft_name is None:
         progress(
             f"{artifact} has no {GENAI_SPECULATIVE}: its default draft scores a pruned vocabulary, which "
             "onnxruntime-genai cannot verify, or the artifact predates it"
         )
         return engines
-    config = genai_config(og, artifact, threads, speculative=True)
-    draft_file = json.loads((artifact / GENAI_SPECULATIVE).read_text())["model"]["draft"]["filename"]
-    name = draft_file.removeprefix("draft.").removesuffix(".onnx")
-    length = None if options.draft_tokens is None else {"max_draft_tokens": options.draft_tokens}
-    run = _genai_runner(og, og.Model(config), max_new_tokens, length, speculates=True)
-    engines[f"onnxruntime-genai, our draft ({name})"] = Engine(run, reference=GENAI_OUR_FULL)
+    if wanted(draft_name):
+        config = genai_config(og, artifact, threads, speculative=True)
+        length = None if options.draft_tokens is None else {"max_draft_tokens": options.draft_tokens}
+        run = _genai_runner(og, og.Model(config), max_new_tokens, length, speculates=True)
+        engines[draft_name] = Engine(run, reference=GENAI_OUR_FULL)
     return engines
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the packaged SmolLM2-135M-Instruct: set up, calibrate (the ConfLayers layer
-# search, then the joint choice of the draft on real fp32 graphs: 5-5.5 minutes on 2 cores), build
+# search, then the joint choice of the draft on real fp32 graphs: about 4 minutes on 2 cores), build
 # the paired ONNX graphs, validate them against PyTorch, generate a chat answer with ONNX Runtime,
 # then time plain and speculative decoding of the same prompt side by side.
 # Output folder: out/smollm2-135m (or $1).

@@ -112,6 +112,23 @@ def test_bench_runs_genai_engines_with_exactness_task_kinds_and_sampling(genai_a
     assert all("exact_vs_own_plain" not in r for r in sampled["engines"].values())
 
 
+def test_bench_loads_only_the_engines_asked_for_and_their_plain_decodings(
+    genai_artifact, genai_cache, monkeypatch
+):
+    from conflayers_export import bench
+
+    artifact, draft_model = genai_artifact
+    options = GenaiOptions(draft_model=str(draft_model))
+    built = []
+    monkeypatch.setattr(bench, "genai_model_folder", lambda *args: built.append(args) or args[1])
+    result = run_bench(artifact, PROMPTS, 8, 1, with_transformers=False, genai=options, only=[OUR_DRAFT])
+    assert set(result["engines"]) == {"ours plain", GENAI_OUR_FULL, OUR_DRAFT}
+    assert built == []  # its own build of the model: not needed, not made
+    result = run_bench(artifact, PROMPTS, 8, 1, with_genai=False, with_transformers=False, only=["*(mid)"])
+    mid = {e.name for e in our_engines(read_manifest(artifact)) if e.name.endswith("(mid)")}
+    assert "ours speculative (mid)" in mid and set(result["engines"]) == {"ours plain", *mid}
+
+
 def test_a_sampled_engine_repeats_its_output_with_its_seeds(genai_artifact, genai_cache):
     """Fixed seeds: each engine samples the same tokens in every repeat (so the engines' runs are
     comparable), and differently from greedy decoding."""
