@@ -311,7 +311,7 @@ def select_engines(engines: dict[str, Engine], patterns: Sequence[str]) -> dict[
             + "; ".join(engines)
             + " (pass --engine patterns that match some)"
         )
-    kept = {name for name in engines if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+    kept = set(filter(_wanted(patterns), engines))
     kept |= {"ours plain"} | {engines[name].reference for name in kept if engines[name].reference}
     return {name: engine for name, engine in engines.items() if name in kept}
 

@@ -375,7 +375,7 @@ def _calibration_summary(r: TaskResult) -> dict[str, object]:
             "skip_layers": r.chosen.skip,
             "expected_speedup": r.chosen.expected_speedup,
             "best_baseline": dataclasses.asdict(r.best_baseline) if r.best_baseline else None,
-            "conflayers_beats_baselines": r.conflayers_beats_baselines if r.best_baseline else None,
+            "conflayers_beats_baselines": r.beats_baselines,
             "choices": {k: dataclasses.asdict(c) for k, c in r.choices().items()},
         },
         "seconds": r.seconds + r.drafts.seconds,

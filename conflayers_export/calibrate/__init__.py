@@ -315,7 +315,7 @@ def _manifest_draft(result: TaskResult) -> Draft:
             "expected_speedup_bytes_model": result.chosen.expected_speedup,
             # None where the baselines were not scored (the baselines setting)
             "best_baseline_speedup": best.expected_speedup if best else None,
-            "conflayers_beats_baselines": result.conflayers_beats_baselines if best else None,
+            "conflayers_beats_baselines": result.beats_baselines,
         },
         "vocabulary_coverage": result.drafts.coverage.get(c.vocab_size) if c.vocab_size else 1.0,
     }

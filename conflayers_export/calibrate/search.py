@@ -186,10 +186,7 @@ class Calibrator:
         result.recommended = result.chosen.expected_speedup > 1.0
         if s.baselines:
             result.baselines = scorer(self._baseline_sets(result.chosen))
-            best = result.best_baseline
-            result.conflayers_beats_baselines = (
-                best is not None and result.chosen.expected_speedup >= best.expected_speedup
-            )
+            result.conflayers_beats_baselines = bool(result.beats_baselines)
         result.seconds = time.perf_counter() - started
         return result
 

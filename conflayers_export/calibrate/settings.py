@@ -96,6 +96,13 @@ class TaskResult:
         """The baseline with the best expected speedup (None: baselines not scored)."""
         return max(self.baselines, key=lambda b: b.expected_speedup, default=None)
 
+    @property
+    def beats_baselines(self) -> bool | None:
+        """Whether the search's choice is expected at least as fast as the best baseline (None:
+        baselines not scored)."""
+        best = self.best_baseline
+        return None if best is None else self.chosen.expected_speedup >= best.expected_speedup
+
     def choices(self) -> dict[str, Candidate]:
         """Each search's choice, scored on the common evaluation slice."""
         found = {} if self.search == "published" else {"cost-aware": self.chosen}
