@@ -182,6 +182,10 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
     ]
     assert all(done == total or "layer search" in label for label, total, done in progress.phases)
     assert sum("scoring" in label for label, _, _ in progress.phases) == 3 * 2  # sets, baselines, drafts
+    # Every text (both tasks' evaluation prompts and the 4 held-out ones that rank the vocabulary)
+    # was generated on the first graphs built, the first task's skip sets: no build of its own.
+    assert not any(label.startswith("generating") for label, _, _ in progress.phases)
+    assert "(first generating the full model's greedy text of 8 prompts)" in progress.phases[1][0]
     # The chosen draft, run for real, counted what its replay counted.
     assert all(r.drafts.confirmation.matches_replay for r in results)
     assert [d.name for d in manifest.drafts] == ["default", "other"]
@@ -251,8 +255,10 @@ def test_calibrate_writes_manifest_and_report_and_is_deterministic(tiny_folder, 
 def test_a_calibration_without_baselines_scores_the_same_sets_and_says_so(tiny_folder, tmp_path):
     loaded = load_model(str(tiny_folder("llama")))
     progress = RecordingProgress()
-    settings = dataclasses.replace(SMALL, baselines=False)
+    settings = dataclasses.replace(SMALL, baselines=False, confirm_prompts=1)
     manifest, results = calibrate(tmp_path / "a", loaded, {"default": PROMPTS}, settings, progress=progress)
+    # The real run confirmed the first evaluation prompt alone, and counted what a replay of it counts.
+    assert results[0].drafts.confirmation.prompts == 1 and results[0].drafts.confirmation.matches_replay
     # One scoring of skip sets (no second one for the baselines), then the drafts'.
     assert sum("scoring" in label for label, _, _ in progress.phases) == 2
     assert results[0].baselines == [] and results[0].best_baseline is None
@@ -263,6 +269,7 @@ def test_a_calibration_without_baselines_scores_the_same_sets_and_says_so(tiny_f
     assert "Baselines not scored" in (tmp_path / "a" / "calibration" / "report.md").read_text()
     _, with_baselines = calibrate(tmp_path / "b", loaded, {"default": PROMPTS}, SMALL)
     assert results[0].finalists == with_baselines[0].finalists and with_baselines[0].baselines
+    assert with_baselines[0].drafts.confirmation.prompts == SMALL.eval_prompts
 
 
 def test_calibrate_refuses_another_models_folder_unless_forced(tiny_folder, tmp_path):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,9 @@ def check_settings(settings: CalibrationSettings) -> None:
     for name in ("context_window", "search_interval", "max_iter", "max_new_tokens", "eval_prompts"):
         if getattr(settings, name) < 1:
             raise CalibrationError(f"{setting_name(name)} must be >= 1, got {getattr(settings, name)}")
+    if settings.confirm_prompts is not None and settings.confirm_prompts < 1:
+        name = setting_name("confirm_prompts")
+        raise CalibrationError(f"{name} must be >= 1, got {settings.confirm_prompts}")
     for name in ("policy_finalists", "vocab_finalists"):
         if getattr(settings, name) < 0:
             raise CalibrationError(f"{setting_name(name)} must be >= 0, got {getattr(settings, name)}")
@@ -112,6 +116,47 @@ def check_output_folder(out_dir: Path, loaded: LoadedModel, force: bool) -> None
         )
 
 
+@dataclass
+class CalibrationTexts:
+    """The full model's greedy texts a calibration stands on, generated once for both stages: each
+    task's evaluation texts, and the generations that rank the vocabulary: those of the prompts
+    after every evaluation slice (so the coverage the report shows is measured on held-out text),
+    or, with too few prompts to hold any out, the evaluation texts themselves (``ranking`` None)."""
+
+    evaluation: dict[str, EvaluationTexts] = field(default_factory=dict)
+    ranking: EvaluationTexts | None = None
+    ranking_note: str = ""
+
+    def prepare(self, encoded: dict[str, list[list[int]]], settings: CalibrationSettings) -> None:
+        """Texts to generate for ``settings``' slices of the ``encoded`` prompts; those already
+        there for the same prompts are kept."""
+        for task, prompts in encoded.items():
+            wanted = prompts[: settings.eval_prompts]
+            if task not in self.evaluation or self.evaluation[task].prompts != wanted:
+                self.evaluation[task] = EvaluationTexts(wanted, settings.max_new_tokens)
+        held_out = [
+            p for task in encoded.values() for p in task[settings.eval_prompts :][: settings.ranking_prompts]
+        ]
+        if not held_out:
+            self.ranking = None
+            count = sum(len(e.prompts) for e in self.evaluation.values())
+            source = f"the {count} evaluation prompts (too few prompts to hold out)"
+        else:
+            if self.ranking is None or self.ranking.prompts != held_out:
+                # no draft is scored along these: their keys and values are not kept
+                self.ranking = EvaluationTexts(held_out, settings.max_new_tokens, keep_caches=False)
+            source = f"{len(held_out)} calibration prompts outside the evaluation slices"
+        self.ranking_note = f"token counts in greedy generations of {source}"
+
+    @property
+    def all(self) -> list[EvaluationTexts]:
+        return [*self.evaluation.values(), *([self.ranking] if self.ranking is not None else [])]
+
+    @property
+    def ranking_texts(self) -> list[EvaluationTexts]:
+        return [self.ranking] if self.ranking is not None else list(self.evaluation.values())
+
+
 def calibrate(
     out_dir: str | os.PathLike[str],
     loaded: LoadedModel,
@@ -122,10 +167,10 @@ def calibrate(
     costs: CostTable | None = None,
 ) -> tuple[Manifest, list[TaskResult]]:
     """Both stages: :func:`search_layers`, then :func:`select_drafts` on its results (the
-    evaluation texts generated once for both). ``costs``: see :func:`select_drafts`."""
+    texts generated once for both, on the first graphs built). ``costs``: see :func:`select_drafts`."""
     settings = settings or CalibrationSettings()
     check_cost_table(costs, loaded, settings)  # before the search: a wrong table fails fast
-    texts: dict[str, EvaluationTexts] = {}
+    texts = CalibrationTexts()
     results = search_layers(out_dir, loaded, tasks, settings, force, progress, texts)
     return select_drafts(out_dir, loaded, settings, progress, results, tasks, texts, costs)
 
@@ -137,30 +182,28 @@ def search_layers(
     settings: CalibrationSettings | None = None,
     force: bool = False,
     progress: Progress | None = None,
-    texts: dict[str, EvaluationTexts] | None = None,
+    texts: CalibrationTexts | None = None,
 ) -> list[TaskResult]:
     """Stage 1, per task: the ConfLayers layer search (search.py, PyTorch) and its sets and
     baselines scored on built graphs of ``settings.dtype`` (scoring.py). Writes
     ``calibration/search.json`` (the results and the prompts) into ``out_dir``, which
-    :func:`select_drafts` reads. ``texts``: filled with the evaluation texts, for stage 2."""
+    :func:`select_drafts` reads. ``texts``: filled with the texts, for stage 2."""
     settings = settings or CalibrationSettings()
     progress = progress or Progress()
     check_settings(settings)
     out_dir = Path(out_dir)
     check_output_folder(out_dir, loaded, force)
     encoded = _encode(loaded, tasks)
-    texts = texts if texts is not None else {}
-    texts |= {
-        task: EvaluationTexts(p[: settings.eval_prompts], settings.max_new_tokens)
-        for task, p in encoded.items()
-    }
-    generate_texts(loaded, settings, list(texts.values()), progress)
+    texts = texts if texts is not None else CalibrationTexts()
+    texts.prepare(encoded, settings)
     calibrator = Calibrator(loaded, settings, progress)
     results = []
     for task, prompts in encoded.items():
 
         def scorer(sets: list[tuple[str, list[int | str]]], task: str = task) -> list[Candidate]:
-            return score_layer_sets(loaded, settings, sets, texts[task], calibrator.cost, progress)
+            # every text is generated on the first graphs built: a build of the full graph fewer
+            evaluation = texts.evaluation[task]
+            return score_layer_sets(loaded, settings, sets, evaluation, calibrator.cost, progress, texts.all)
 
         results.append(calibrator.run(task, prompts, scorer))
     record = {
@@ -184,7 +227,7 @@ def select_drafts(
     progress: Progress | None = None,
     results: list[TaskResult] | None = None,
     tasks: dict[str, list[Prompt]] | None = None,
-    texts: dict[str, EvaluationTexts] | None = None,
+    texts: CalibrationTexts | None = None,
     costs: CostTable | None = None,
 ) -> tuple[Manifest, list[TaskResult]]:
     """Stage 2: the vocabulary ranking and, per task, the joint choice of skip set, weight
@@ -202,16 +245,14 @@ def select_drafts(
     if results is None or tasks is None:
         results, tasks = read_search(out_dir, loaded)
     encoded = _encode(loaded, tasks)
-    texts = texts if texts is not None else {}
-    for task, prompts in encoded.items():  # a search for another dtype generated other texts
-        if task not in texts or texts[task].prompts != prompts[: settings.eval_prompts]:
-            texts[task] = EvaluationTexts(prompts[: settings.eval_prompts], settings.max_new_tokens)
-    ranking, ranking_note = _ranking_prompts(encoded, settings)
-    generate_texts(loaded, settings, [*texts.values(), ranking], progress)
+    texts = texts if texts is not None else CalibrationTexts()
+    texts.prepare(encoded, settings)
+    generate_texts(loaded, settings, texts.all, progress)
 
-    ranked = rank_vocabulary(_token_counts(loaded, ranking), loaded.stop_token_ids)
+    ranked = rank_vocabulary(_token_counts(loaded, texts.ranking_texts), loaded.stop_token_ids)
     for result in results:
-        result.drafts = search.run(result.task, [[], result.chosen.skip], texts[result.task], ranked)
+        evaluation = texts.evaluation[result.task]
+        result.drafts = search.run(result.task, [[], result.chosen.skip], evaluation, ranked)
 
     manifest = Manifest(
         model=loaded.identity,
@@ -222,14 +263,14 @@ def select_drafts(
             "tasks": {t: len(p) for t, p in tasks.items()},
         },
         # build reads the first vocab_size ids of a pruned draft from here
-        vocabulary=VocabularyRanking(ranked[: max(settings.vocab_sizes, default=0)], ranking_note),
+        vocabulary=VocabularyRanking(ranked[: max(settings.vocab_sizes, default=0)], texts.ranking_note),
         tool={"name": "conflayers-export", "version": __version__},
     )
     header = {
         "model": loaded.identity.source,
         "fingerprint": loaded.identity.fingerprint,
         "settings": dataclasses.asdict(settings),
-        "vocabulary_ranking": ranking_note,
+        "vocabulary_ranking": texts.ranking_note,
     }
     # Graphs built from an older manifest are invalid now: only the search's results carry over.
     search_record = (out_dir / SEARCH_RESULTS).read_bytes() if (out_dir / SEARCH_RESULTS).is_file() else None
@@ -267,32 +308,16 @@ def _encode(loaded: LoadedModel, tasks: dict[str, list[Prompt]]) -> dict[str, li
     return {task: [loaded.encode(p) for p in prompts] for task, prompts in tasks.items()}
 
 
-def _ranking_prompts(
-    encoded: dict[str, list[list[int]]], settings: CalibrationSettings
-) -> tuple[EvaluationTexts, str]:
-    """The prompts whose greedy generations rank the vocabulary: outside every evaluation slice
-    (so the coverage the report shows is measured on held-out text)."""
-    prompts = [
-        p for task in encoded.values() for p in task[settings.eval_prompts :][: settings.ranking_prompts]
-    ]
-    source = f"{len(prompts)} calibration prompts outside the evaluation slices"
-    if not prompts:  # too few prompts to hold any out: rank on the evaluation prompts themselves
-        prompts = [p for task in encoded.values() for p in task[: settings.eval_prompts]]
-        source = f"the {len(prompts)} evaluation prompts (too few prompts to hold out)"
-    return EvaluationTexts(
-        prompts, settings.max_new_tokens, keep_caches=False
-    ), f"token counts in greedy generations of {source}"
-
-
-def _token_counts(loaded: LoadedModel, ranking: EvaluationTexts) -> np.ndarray:
+def _token_counts(loaded: LoadedModel, ranking: Sequence[EvaluationTexts]) -> np.ndarray:
     """How often each token was generated, each text cut after its first stop token (what a
     reply emits). Tried and dropped: ranking by expected counts (the full model's probabilities
     summed over the generated positions) cut an int8 draft's acceptance with 8192 tokens on
     SmolLM2 from 0.84 to 0.68: past the few hundred tokens a calibration run emits, the id order
     of a BPE vocabulary (merges numbered by frequency) is a better guess than those small masses."""
     counts = np.zeros(loaded.model.config.vocab_size)
-    for reply in ranking.replies(loaded.stop_token_ids):
-        np.add.at(counts, reply, 1)
+    for texts in ranking:
+        for reply in texts.replies(loaded.stop_token_ids):
+            np.add.at(counts, reply, 1)
     return counts
 
 

@@ -263,8 +263,9 @@ def _confirmation(d: DraftSearchResult) -> list[str]:
         "lengths: a near-tie flipped)"
     )
     return [
-        f"Confirmed by a real speculative run of the evaluation prompts: {k.wall_clock_speedup:.2f}x plain "
-        f"decoding on the wall clock (each prompt timed plain, then speculative), with {same}.",
+        f"Confirmed by a real speculative run of {k.prompts} evaluation prompt{'s' * (k.prompts != 1)}: "
+        f"{k.wall_clock_speedup:.2f}x plain decoding on the wall clock (each prompt timed plain, then "
+        f"speculative), with {same}.",
         "",
     ]
 

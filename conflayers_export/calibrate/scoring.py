@@ -65,6 +65,16 @@ class EvaluationTexts:
         self.plain_seconds = time.perf_counter() - started
         self.texts, self.caches = texts, caches if self.keep_caches else None
 
+    def first(self, count: int) -> EvaluationTexts:
+        """The first ``count`` prompts with their texts (and kept caches)."""
+        return EvaluationTexts(
+            self.prompts[:count],
+            self.max_new_tokens,
+            self.texts[:count] if self.texts is not None else None,
+            keep_caches=self.keep_caches,
+            caches=self.caches[:count] if self.caches is not None else None,
+        )
+
     def replies(self, stop_token_ids: Sequence[int]) -> list[list[int]]:
         """The texts as a reply ends: each cut after its first stop token."""
         stops = set(stop_token_ids)
@@ -190,15 +200,22 @@ def generate_texts(
     missing = [e for e in evaluations if e.texts is None]
     if not missing:
         return
-    total = sum(len(e.prompts) for e in missing)
-    with progress.phase(
-        f"generating the full model's greedy text of {total} prompts", len(missing) + 1
-    ) as step:
+    label = f"generating the full model's greedy text of {sum(len(e.prompts) for e in missing)} prompts"
+    with progress.phase(label, len(missing) + 1) as step:
         with candidate_graphs(loaded, settings, [], missing) as graphs:
             step()
-            for evaluation in missing:
-                graphs.texts(evaluation)
-                step()
+            fill_texts(graphs, missing, step)
+
+
+def fill_texts(
+    graphs: CandidateGraphs, evaluations: Sequence[EvaluationTexts], step: Callable[[], None]
+) -> None:
+    """Generate, on ``graphs``' full graph, the texts of the prompt sets that have none yet (a
+    ``step`` after each set)."""
+    for evaluation in evaluations:
+        if evaluation.texts is None:
+            graphs.texts(evaluation)
+            step()
 
 
 def _plain_unit(unit: object) -> int | str:
@@ -213,17 +230,28 @@ def score_layer_sets(
     evaluation: EvaluationTexts,
     cost: Callable[[Sequence[int | str]], tuple[float, float]],
     progress: Progress,
+    also_generate: Sequence[EvaluationTexts] = (),
 ) -> list[Candidate]:
     """Score (origin, skip set) pairs of the layer search as drafts of the artifact's own precision,
-    at the search's draft length, with the search's ``cost`` model (the bytes each set reads)."""
+    at the search's draft length, with the search's ``cost`` model (the bytes each set reads).
+    The texts of ``evaluation`` and ``also_generate`` that are still missing are generated first,
+    on the same graphs: for a big model a build of its full graph fewer."""
     config = DraftConfig(settings.max_draft_tokens, settings.confidence_threshold)
     drafts = [
         Draft(f"s{i}", sorted(map(_plain_unit, skip), key=skip_order)) for i, (_, skip) in enumerate(sets)
     ]
     scored = []
-    with progress.phase(f"scoring {len(sets)} skip sets", len(sets) + 1) as step:
-        with candidate_graphs(loaded, settings, drafts, [evaluation]) as graphs:
+    texts = list({id(e): e for e in [evaluation, *also_generate]}.values())
+    missing = [e for e in texts if e.texts is None]
+    label = f"scoring {len(sets)} skip sets" + (
+        f" (first generating the full model's greedy text of {sum(len(e.prompts) for e in missing)} prompts)"
+        if missing
+        else ""
+    )
+    with progress.phase(label, 1 + len(missing) + len(sets)) as step:
+        with candidate_graphs(loaded, settings, drafts, texts) as graphs:
             step()
+            fill_texts(graphs, missing, step)
             for draft, (origin, _) in zip(drafts, sets, strict=True):
                 stats = graphs.replay(graphs.open(draft.name), evaluation, config)
                 candidate = Candidate(skip=list(draft.skip_layers), origin=origin, cycles=stats.verify_passes)

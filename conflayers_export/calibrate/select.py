@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from conflayers_runtime import DraftConfig, TreeConfig
+from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig
 from conflayers_runtime.costs import CostTable
 from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draft, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
@@ -393,14 +393,19 @@ class DraftSearch:
         policy = None if lookup_alone else chosen.policy
         tree = None if lookup_alone else chosen.tree
         lookup = source.config if source is not None else None
-        stats, speedup = graphs.confirm(backend, evaluation, policy, tree, lookup)
-        expected: DraftScore = source if source is not None else chosen
+        count = self.settings.confirm_prompts or len(evaluation.prompts)
+        confirmed = evaluation.first(count) if count < len(evaluation.prompts) else evaluation
+        stats, speedup = graphs.confirm(backend, confirmed, policy, tree, lookup)
+        expected: DraftScore | GenerationStats = source if source is not None else chosen
+        if confirmed is not evaluation:  # the scoring replayed every prompt: replay these alone
+            expected = graphs.replay(backend, confirmed, policy, tree, lookup)
         confirmation = Confirmation(
             wall_clock_speedup=speedup,
             acceptance_rate=stats.acceptance_rate,
             mean_tokens_per_cycle=stats.mean_tokens_per_cycle,
             matches_replay=stats.acceptance_rate == expected.acceptance_rate
             and stats.mean_tokens_per_cycle == expected.mean_tokens_per_cycle,
+            prompts=len(confirmed.prompts),
         )
         self.progress.log(
             f"  confirmed by a real run: {speedup:.2f}x plain decoding on the wall clock, acceptance "

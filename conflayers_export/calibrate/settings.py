@@ -64,6 +64,9 @@ class CalibrationSettings:
     # proposal pays where extra rows are cheap (fp32), a short one from a longer match where they are
     # not (int4 on the CPU, where each row of a verify pass costs ~0.2-0.4 of a step).
     lookups: tuple[tuple[int, int, int], ...] = ((2, 3, 8), (3, 4, 4))
+    # Prompts of the confirming real run of what ships (the first of the evaluation prompts; None:
+    # all). Half of it is plain decoding, the slowest decoding there is: a big model's run is long.
+    confirm_prompts: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -161,6 +164,7 @@ class Confirmation:
     acceptance_rate: float
     mean_tokens_per_cycle: float
     matches_replay: bool  # the same statistics as the replay that scored it (replay.py)
+    prompts: int  # how many of the evaluation prompts it ran (settings.confirm_prompts)
 
 
 @dataclass(kw_only=True)

@@ -389,8 +389,13 @@ def _write_genai_config(
     # Every draft graph has the full graph's I/O and cache layout (all layers' past inputs), so
     # its block is the decoder's with the draft's file.
     length = manifest.draft(draft).max_draft_tokens or DEFAULT_DRAFT_CONFIG.max_draft_tokens
+    # Two sessions take turns: each one's threads stop spinning when its run ends, or the idle
+    # pool steals the cores from the working one (onnxruntime-genai passes session_options keys
+    # it does not know to ONNX Runtime as session config entries).
+    turns = {"session_options": {"session.force_spinning_stop": "1"}}
+    draft_session = {"session_options": decoder["session_options"] | turns["session_options"]}
     overlay = {
-        "model": {"draft": decoder | {"filename": built.drafts[draft]}},
+        "model": {"decoder": turns, "draft": decoder | {"filename": built.drafts[draft]} | draft_session},
         "speculative": {"max_draft_tokens": min(length, GENAI_MAX_DRAFT_TOKENS)},
     }
     (folder / GENAI_SPECULATIVE).write_text(json.dumps(overlay, indent=2) + "\n")
