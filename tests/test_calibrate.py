@@ -29,6 +29,7 @@ from conflayers_export.calibrate.select import (
     _policy_finalists,
     coverage,
     draft_combinations,
+    fixed_length_speedups,
     rank_vocabulary,
 )
 from conflayers_export.cli import main
@@ -449,6 +450,15 @@ def test_draft_combinations_skip_the_full_model_and_precisions_that_save_nothing
     # int8 reads more than int4 weights and int4 is the artifact's own; the unchanged graph is the
     # full graph itself (both compute with int8 activations).
     assert int4 == [([], "base", 100)]
+
+
+def test_fixed_length_speedups_on_a_hand_worked_histogram():
+    # 4 cycles of 2 drafts: one accepted none, one 1, two both. At length 1 a cycle accepts
+    # min(a, 1): 3 of 4, so 1.75 tokens for one draft pass (0.5) and a verify pass of 2 rows (1.0);
+    # at length 2, 1 + 3/4 + 2/4 = 2.25 tokens for two draft passes and 3 rows (1.2).
+    speedups = fixed_length_speedups([1, 1, 2], 0.5, {2: 1.0, 3: 1.2})
+    assert speedups == pytest.approx({1: 1.75 / 1.5, 2: 2.25 / 2.2})
+    assert fixed_length_speedups([], 0.5, {2: 1.0}) == {1: 0.0}  # no cycle: nothing to gain
 
 
 def test_the_ceiling_of_a_draft_is_every_draft_accepted_at_one_step_a_verify():

@@ -211,7 +211,7 @@ def test_calibrate_prices_drafts_from_the_table_and_refuses_one_of_another_model
     loaded = load_model(str(tiny_folder("llama")))
     search_layers(tmp_path / "c", loaded, {"default": PROMPTS}, SMALL)
     settings = dataclasses.replace(SMALL, cost="table")
-    chosen = {}
+    chosen, fixed_lengths = {}, []
     for precision in ("int4", "int8"):  # each table makes another precision cheap: the choice follows
         table = _cheap(loaded, precision)
         manifest, results = select_drafts(tmp_path / "c", loaded, settings, costs=table)
@@ -231,7 +231,18 @@ def test_calibrate_prices_drafts_from_the_table_and_refuses_one_of_another_model
         assert {(c.tree_nodes, c.tree_width) for c in candidates} >= set(settings.tree_shapes)
         best = max(candidates, key=lambda c: c.expected_speedup)
         assert manifest.drafts[0].tree_nodes == (best.tree_nodes or None)
+        # The chosen draft priced in a loop that drafts a fixed length every cycle (a pruned
+        # vocabulary is not: onnxruntime-genai cannot verify it); the best length ships.
+        draft = manifest.drafts[0]
+        if draft.vocab_size is None:
+            fixed = {int(k): v for k, v in draft.metrics["fixed_length_expected_speedup"].items()}
+            assert list(fixed) == list(range(1, settings.fixed_length_max + 1))
+            assert draft.fixed_length_tokens == max(fixed, key=lambda k: fixed[k])
+            fixed_lengths.append(draft.fixed_length_tokens)
+        else:
+            assert draft.fixed_length_tokens is None and results[0].drafts.fixed_length is None
     assert chosen == {"int4": "int4", "int8": "int8"}
+    assert fixed_lengths  # at least one chosen draft reads the full vocabulary
 
     # Through the CLI: a table of another model, of another dtype, or beside another --cost is refused.
     path = tmp_path / "costs.json"

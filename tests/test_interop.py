@@ -42,8 +42,15 @@ def genai_greedy(config, ids: list[int], max_new_tokens: int) -> tuple[list[int]
 # The default draft comes first (no default task: the first built draft); int8 weights keep a tiny
 # random model's argmax, so its drafts are accepted.
 CALIBRATED_LENGTH = 5
+FIXED_LENGTH = 3  # calibrated for a loop that drafts a fixed length, as onnxruntime-genai's does
 GENAI_DRAFTS = {
-    "int8": Draft("int8", [], weight_precision="int8", max_draft_tokens=CALIBRATED_LENGTH),
+    "int8": Draft(
+        "int8",
+        [],
+        weight_precision="int8",
+        max_draft_tokens=CALIBRATED_LENGTH,
+        fixed_length_tokens=FIXED_LENGTH,
+    ),
     "skip": [1],
 }
 
@@ -54,7 +61,10 @@ def test_genai_with_our_draft_decodes_as_its_plain_decoding(model_type, tiny_fol
     build(folder, load_model(str(tiny_folder(model_type))), GENAI_DRAFTS, max_seq_len=96)
     overlay = json.loads((folder / GENAI_SPECULATIVE).read_text())
     assert overlay["model"]["draft"]["filename"] == draft_graph_name("int8")
-    assert overlay["speculative"] == {"max_draft_tokens": CALIBRATED_LENGTH}  # as calibrated
+    assert overlay["speculative"] == {"max_draft_tokens": FIXED_LENGTH}  # as calibrated for its loop
+    # Its two sessions take turns: neither keeps spinning once its run ends.
+    for session in ("decoder", "draft"):
+        assert overlay["model"][session]["session_options"]["session.force_spinning_stop"] == "1"
     assert [f.name for f in folder.glob("*.bin")] == [WEIGHTS_FILE]  # the draft reads the same weights
     assert GENAI_SPECULATIVE in read_manifest(folder).artifacts.files  # hashed like every file
 
@@ -78,6 +88,7 @@ def test_the_default_tasks_draft_is_offered(tiny_folder, tmp_path):
     overlay = json.loads((folder / GENAI_SPECULATIVE).read_text())
     assert overlay["model"]["draft"]["filename"] == draft_graph_name("mid")
     assert overlay["speculative"]["max_draft_tokens"] == 8  # uncalibrated: the runtime's default length
+    assert manifest.draft("mid").fixed_length_tokens is None
 
 
 def test_a_pruned_vocabulary_draft_is_not_offered(tiny_folder, tmp_path):

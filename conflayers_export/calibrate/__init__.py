@@ -68,7 +68,7 @@ def check_settings(settings: CalibrationSettings) -> None:
     if settings.confirm_prompts is not None and settings.confirm_prompts < 1:
         name = setting_name("confirm_prompts")
         raise CalibrationError(f"{name} must be >= 1, got {settings.confirm_prompts}")
-    for name in ("policy_finalists", "vocab_finalists"):
+    for name in ("policy_finalists", "vocab_finalists", "fixed_length_max"):
         if getattr(settings, name) < 0:
             raise CalibrationError(f"{setting_name(name)} must be >= 0, got {getattr(settings, name)}")
     _one_of("dtype", settings.dtype, list(ARTIFACT_DTYPES))
@@ -344,6 +344,9 @@ def _manifest_draft(result: TaskResult) -> Draft:
         },
         "vocabulary_coverage": result.drafts.coverage.get(c.vocab_size) if c.vocab_size else 1.0,
     }
+    fixed = result.drafts.fixed_length
+    if fixed is not None:  # by length: what a fixed-length loop is expected to gain
+        metrics["fixed_length_expected_speedup"] = {str(k): v for k, v in fixed.speedups.items()}
     return Draft(
         result.task,
         c.skip,
@@ -353,6 +356,7 @@ def _manifest_draft(result: TaskResult) -> Draft:
         c.confidence_threshold,
         c.tree_nodes or None,
         c.tree_width or None,
+        fixed.max_draft_tokens if fixed is not None else None,
         metrics=metrics,
         recommended=_recommended(result),
     )

@@ -210,6 +210,7 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
         ),
         "",
         *_sources_table(d),
+        *_fixed_length(d),
         *(
             [
                 f"Flagged timings (c_draft more than {TIMING_MARGIN}x away from the bytes ratio, twice):",
@@ -220,6 +221,21 @@ def _draft_table(d: DraftSearchResult) -> list[str]:
             if flagged
             else []
         ),
+    ]
+
+
+def _fixed_length(d: DraftSearchResult) -> list[str]:
+    """The chosen draft in a loop that drafts a fixed length every cycle (select.py)."""
+    f = d.fixed_length
+    if f is None:
+        return []
+    by_length = ", ".join(f"{k}: {v:.2f}x" for k, v in f.speedups.items())
+    return [
+        "In a loop that drafts a fixed length every cycle, with no confidence stop (onnxruntime-genai's "
+        f"draft-model mode, genai_speculative.json), the draft is expected fastest at **{f.max_draft_tokens} "
+        f"drafts** ({f.expected_speedup:.2f}x), priced from one replay at {max(f.speedups)} (by length: "
+        f"{by_length}).",
+        "",
     ]
 
 

@@ -28,14 +28,21 @@ from conflayers_runtime import DraftConfig, GenerationStats, TreeConfig
 from conflayers_runtime.costs import CostTable
 from conflayers_runtime.manifest import ARTIFACT_DTYPES, WEIGHT_PRECISIONS, Draft, skip_order
 from conflayers_runtime.onnx_backend import OnnxBackend
-from conflayers_runtime.speculative import DraftScore
+from conflayers_runtime.speculative import DraftScore, expected_speedup
 
 from ..errors import CalibrationError, CostTableError
 from ..export.quantize import BITS
 from ..models import LoadedModel
 from ..progress import Progress
 from .scoring import TIMING_MARGIN, CandidateGraphs, EvaluationTexts, candidate_graphs, timed_costs
-from .settings import CalibrationSettings, Confirmation, DraftCandidate, DraftSearchResult, SourceCandidate
+from .settings import (
+    CalibrationSettings,
+    Confirmation,
+    DraftCandidate,
+    DraftSearchResult,
+    FixedLength,
+    SourceCandidate,
+)
 from .sources import RowCosts, score_sources
 
 
@@ -187,7 +194,8 @@ class DraftSearch:
         lookups = s.lookups if s.cost != "bytes" else ()  # both price passes by their rows
         groups = _precision_groups(drafts)
         scorings = len(groups) + _most_narrower(groups, s.vocab_finalists)
-        steps = 1 + scorings + s.policy_finalists * len(policies) + len(trees) + len(lookups) + 1
+        fixed = 1 if s.fixed_length_max and s.cost != "bytes" else 0
+        steps = 1 + scorings + s.policy_finalists * len(policies) + len(trees) + len(lookups) + fixed + 1
         with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
             with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
                 step()
@@ -208,9 +216,15 @@ class DraftSearch:
                         graphs, _draft_of(drafts, chosen), [chosen.policy], evaluation, step, trees
                     )
                     chosen = max(candidates, key=lambda c: c.expected_speedup)
-                sources = self._score_sources(graphs, _draft_of(drafts, chosen), chosen, evaluation, step)
+                row_costs = RowCosts(self.costs if s.cost == "table" else None)
+                draft = _draft_of(drafts, chosen)
+                sources = self._score_sources(graphs, draft, chosen, evaluation, row_costs, step)
                 best = max(sources, key=lambda c: c.expected_speedup, default=None)
                 source = best if best and best.expected_speedup > max(1.0, chosen.expected_speedup) else None
+                fixed_length = None
+                if fixed:
+                    fixed_length = self._fixed_length(graphs, draft, chosen, evaluation, row_costs)
+                    step()
                 confirmation = self._confirm(graphs, drafts, chosen, evaluation, source)
                 step()
         sizes = sorted({d.vocab_size for d in drafts if d.vocab_size})
@@ -224,6 +238,7 @@ class DraftSearch:
             sources=sources,
             source=source,
             left_out=left_out,
+            fixed_length=fixed_length,
         )
 
     def _score_vocabularies(
@@ -357,13 +372,13 @@ class DraftSearch:
         draft: Draft,
         chosen: DraftCandidate,
         evaluation: EvaluationTexts,
+        row_costs: RowCosts,
         step: Callable[[], None],
     ) -> list[SourceCandidate]:
         """The lookup settings, alone and beside the chosen draft (sources.py); none under the bytes
         model, which cannot price passes by their rows."""
         if self.settings.cost == "bytes" or not self.settings.lookups:
             return []
-        row_costs = RowCosts(self.costs if self.settings.cost == "table" else None)
         return score_sources(
             graphs,
             evaluation,
@@ -376,6 +391,34 @@ class DraftSearch:
             self.progress,
             step,
         )
+
+    def _fixed_length(
+        self,
+        graphs: CandidateGraphs,
+        draft: Draft,
+        chosen: DraftCandidate,
+        evaluation: EvaluationTexts,
+        row_costs: RowCosts,
+    ) -> FixedLength | None:
+        """The chosen draft's best length where every cycle drafts that many tokens, no confidence
+        stop (onnxruntime-genai's draft-model mode): one replay at ``fixed_length_max`` tokens with
+        a threshold of 0, priced at every shorter length (:func:`fixed_length_speedups`). None for
+        a pruned vocabulary, which onnxruntime-genai cannot verify."""
+        if draft.vocab_size is not None:
+            return None
+        longest = self.settings.fixed_length_max
+        backend = graphs.open(draft.name)
+        stats = graphs.replay(backend, evaluation, DraftConfig(longest, 0.0))
+        verify = row_costs.by_rows(backend, range(2, longest + 2))
+        speedups = fixed_length_speedups(stats.accepted_histogram, chosen.c_draft, verify)
+        fixed = FixedLength(max(speedups, key=lambda k: speedups[k]), speedups)
+        self.progress.log(
+            f"  a fixed length every cycle (onnxruntime-genai's draft-model loop): {fixed.max_draft_tokens} "
+            f"drafts, expected {fixed.expected_speedup:.2f}x ("
+            + ", ".join(f"{k}: {v:.2f}x" for k, v in speedups.items())
+            + ")"
+        )
+        return fixed
 
     def _confirm(
         self,
@@ -413,6 +456,24 @@ class DraftSearch:
             + ("" if confirmation.matches_replay else " (differs from the replay)")
         )
         return confirmation
+
+
+def fixed_length_speedups(
+    accepted_histogram: Sequence[int], c_draft: float, verify_cost: dict[int, float]
+) -> dict[int, float]:
+    """Expected speedup of a loop that drafts K tokens every cycle, for K from 1 to the length a
+    replay drafted, from that replay's cycles by accepted drafts: a cycle of length K accepts
+    min(a, K) of the a drafts the longer one accepted, so it emits 1 + sum_{j<=K} P(a >= j) tokens,
+    for K draft passes and a verify pass of K + 1 rows (``verify_cost``: by rows, a step = 1)."""
+    cycles = sum(accepted_histogram)
+    longest = max(verify_cost) - 1
+    if not cycles:
+        return {k: 0.0 for k in range(1, longest + 1)}
+    at_least = [sum(accepted_histogram[j:]) / cycles for j in range(longest + 1)]
+    return {
+        k: expected_speedup(1 + sum(at_least[1 : k + 1]), k, c_draft, verify_cost[k + 1])
+        for k in range(1, longest + 1)
+    }
 
 
 def _ceiling(c_draft: float, max_draft_tokens: int) -> float:

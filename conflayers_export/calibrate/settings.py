@@ -67,6 +67,10 @@ class CalibrationSettings:
     # Prompts of the confirming real run of what ships (the first of the evaluation prompts; None:
     # all). Half of it is plain decoding, the slowest decoding there is: a big model's run is long.
     confirm_prompts: int | None = None
+    # The longest length tried for a loop that drafts a fixed length every cycle, no confidence stop
+    # (onnxruntime-genai's draft-model mode, build's genai_speculative.json): one replay of the
+    # chosen draft at this length prices every shorter one (Draft.fixed_length_tokens); 0: none.
+    fixed_length_max: int = 8
 
 
 @dataclass(kw_only=True)
@@ -167,6 +171,19 @@ class Confirmation:
     prompts: int  # how many of the evaluation prompts it ran (settings.confirm_prompts)
 
 
+@dataclass
+class FixedLength:
+    """The chosen draft's length for a loop that drafts a fixed length every cycle
+    (select.fixed_length_speedups): the best of ``speedups``, expected speedup by length."""
+
+    max_draft_tokens: int
+    speedups: dict[int, float]
+
+    @property
+    def expected_speedup(self) -> float:
+        return self.speedups[self.max_draft_tokens]
+
+
 @dataclass(kw_only=True)
 class SourceCandidate(DraftScore):
     """A lookup setting, alone or beside the chosen model draft, scored by replay (sources.py)."""
@@ -206,6 +223,7 @@ class DraftSearchResult:
     # skip set x precision pairs left unscored, with their ceiling: the most any of their drafts could
     # reach, below a draft already scored (select.DraftSearch._score_vocabularies)
     left_out: dict[str, float] = field(default_factory=dict)
+    fixed_length: FixedLength | None = None  # where the chosen draft was scored at fixed lengths
 
     @property
     def recommended(self) -> bool:

@@ -48,7 +48,7 @@ class RowCosts:
         if not passes:
             return 1.0
         rows = [r for r, n in enumerate(histogram) if n]
-        cost = self._costs(backend, rows)
+        cost = self.by_rows(backend, rows)
         return sum(histogram[r] * cost[r] for r in rows) / passes
 
     def draft_factor(self, backend: OnnxBackend, mean_rows: float) -> float:
@@ -69,7 +69,8 @@ class RowCosts:
                 self.timed[id(backend), -r] = fastest[f"{r}"] / fastest["1"]
         return (1 - weight) * self.timed[id(backend), -low] + weight * self.timed[id(backend), -high]
 
-    def _costs(self, backend: OnnxBackend, rows: list[int]) -> dict[int, float]:
+    def by_rows(self, backend: OnnxBackend, rows: Sequence[int]) -> dict[int, float]:
+        """The cost of a full pass of each of ``rows`` rows (a one-row pass: a step, 1)."""
         if self.table is not None:
             return {r: 1.0 if r == 1 else self.table.verify_cost(r) for r in rows}
         missing = [r for r in rows if r > 1 and (id(backend), r) not in self.timed]

@@ -388,7 +388,9 @@ def _write_genai_config(
         return [GENAI_CONFIG]
     # Every draft graph has the full graph's I/O and cache layout (all layers' past inputs), so
     # its block is the decoder's with the draft's file.
-    length = manifest.draft(draft).max_draft_tokens or DEFAULT_DRAFT_CONFIG.max_draft_tokens
+    # Its loop drafts the whole length every cycle: the length calibrate picked for such a loop.
+    offered = manifest.draft(draft)
+    length = offered.fixed_length_tokens or offered.max_draft_tokens or DEFAULT_DRAFT_CONFIG.max_draft_tokens
     # Two sessions take turns: each one's threads stop spinning when its run ends, or the idle
     # pool steals the cores from the working one (onnxruntime-genai passes session_options keys
     # it does not know to ONNX Runtime as session config entries).

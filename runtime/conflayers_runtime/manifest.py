@@ -32,9 +32,10 @@ from typing import Any, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import ManifestError, SkipSetError
 
-# 1.5: lookup drafting per task; 1.4: tree graphs; 1.3: capturable graphs; 1.2: paired graphs;
-# 1.1: draft length policy, pruned-vocabulary and quantized drafts built
-SCHEMA_VERSION = "1.5"
+# 1.6: a draft's fixed-length draft length; 1.5: lookup drafting per task; 1.4: tree graphs;
+# 1.3: capturable graphs; 1.2: paired graphs; 1.1: draft length policy, pruned-vocabulary and
+# quantized drafts built
+SCHEMA_VERSION = "1.6"
 MANIFEST_NAME = "manifest.json"
 # The key of artifacts.capturable that names the tree graph in capturable form.
 CAPTURABLE_TREE = "tree.full"
@@ -90,6 +91,11 @@ class Draft:
     # chain. Absent before schema 1.4.
     tree_nodes: int | None = _omitted_when_none()
     tree_width: int | None = _omitted_when_none()
+    # The draft length for a decoding loop that drafts that many tokens every cycle, with no
+    # confidence stop (onnxruntime-genai's draft-model mode: build's genai_speculative.json), where
+    # calibrate picked one; it is shorter than max_draft_tokens, since every draft pass is paid
+    # for. None: max_draft_tokens. Absent before schema 1.6.
+    fixed_length_tokens: int | None = _omitted_when_none()
     # Measured on the calibration set: acceptance_rate, mean_tokens_per_cycle, c_draft,
     # expected_speedup... Free-form so that new metrics need no schema change.
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -394,8 +400,9 @@ class Manifest:
                 )
             if d.vocab_size is not None and d.vocab_size < 1:
                 raise ManifestError(f"draft {d.name!r}: vocab_size must be >= 1 or null")
-            if d.max_draft_tokens is not None and d.max_draft_tokens < 1:
-                raise ManifestError(f"draft {d.name!r}: max_draft_tokens must be >= 1 or null")
+            for name in ("max_draft_tokens", "fixed_length_tokens"):
+                if getattr(d, name) is not None and getattr(d, name) < 1:
+                    raise ManifestError(f"draft {d.name!r}: {name} must be >= 1 or null")
             if d.confidence_threshold is not None and not 0.0 <= d.confidence_threshold <= 1.0:
                 raise ManifestError(f"draft {d.name!r}: confidence_threshold must be in [0, 1] or null")
             tree = (d.tree_nodes, d.tree_width)
