@@ -14,7 +14,9 @@ reads per token ("bytes", deterministic), or priced by a cost table measured on 
 by the runtime alone ("table", conflayers_runtime.costs). The best few are re-scored with longer or
 more confident draft lengths, since an accurate draft pays for longer drafts. The chosen one is
 then confirmed by a real speculative run, timed against plain decoding (the wall-clock speedup,
-which includes the prompt's prefill and is noisier than S: S chooses).
+which includes the prompt's prefill and is noisier than S: S chooses). The chosen draft is also
+priced for a loop that drafts a fixed length every cycle (onnxruntime-genai's draft-model mode),
+whose best length the manifest carries for it.
 """
 
 from __future__ import annotations
@@ -194,8 +196,9 @@ class DraftSearch:
         lookups = s.lookups if s.cost != "bytes" else ()  # both price passes by their rows
         groups = _precision_groups(drafts)
         scorings = len(groups) + _most_narrower(groups, s.vocab_finalists)
-        fixed = 1 if s.fixed_length_max and s.cost != "bytes" else 0
-        steps = 1 + scorings + s.policy_finalists * len(policies) + len(trees) + len(lookups) + fixed + 1
+        prices_fixed_length = bool(s.fixed_length_max) and s.cost != "bytes"  # by rows, like lookups
+        steps = 1 + scorings + s.policy_finalists * len(policies) + len(trees) + len(lookups) + 1
+        steps += prices_fixed_length
         with self.progress.phase(f"[{task}] scoring {len(drafts)} drafts ({s.dtype})", steps) as step:
             with candidate_graphs(self.loaded, s, drafts, [evaluation], ranked) as graphs:
                 step()
@@ -222,7 +225,7 @@ class DraftSearch:
                 best = max(sources, key=lambda c: c.expected_speedup, default=None)
                 source = best if best and best.expected_speedup > max(1.0, chosen.expected_speedup) else None
                 fixed_length = None
-                if fixed:
+                if prices_fixed_length:
                     fixed_length = self._fixed_length(graphs, draft, chosen, evaluation, row_costs)
                     step()
                 confirmation = self._confirm(graphs, drafts, chosen, evaluation, source)
