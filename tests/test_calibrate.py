@@ -406,6 +406,13 @@ def test_calibrate_on_smollm2_runs_and_says_whether_to_speculate(smollm2, tmp_pa
     chosen = result.drafts.chosen
     assert manifest.drafts[0].recommended == (chosen.expected_speedup > 1)
     assert all(0 < c.c_draft < 1.5 and c.c_verify > 0 for c in result.drafts.candidates)  # timed
+    # One draft, one c_draft: its draft lengths and token trees are all priced with its first timing
+    # (timing noise must not choose among them); the chosen draft was scored several times.
+    by_draft: dict = {}
+    for c in result.drafts.candidates:
+        by_draft.setdefault((tuple(c.skip), c.weight_precision, c.vocab_size), []).append(c.c_draft)
+    assert all(len(set(costs)) == 1 for costs in by_draft.values())
+    assert max(len(costs) for costs in by_draft.values()) >= 3
     # int8 weights read about a quarter of the fp32 bytes; a pruned head reads fewer still.
     int8 = next(
         c

@@ -154,6 +154,11 @@ class DraftSearch:
         self.costs = costs
         # weight precisions whose drafts' timed cost a re-timing confirmed far from their bytes ratio
         self._compute_bound: set[str] = set()
+        # each draft's c_draft as first timed: every draft length and token tree of one draft is
+        # priced with it, so that timing noise (10-15% between timings) cannot choose among them
+        # (SmolLM2: a chain timed at 0.46 and the same draft's 2x2 tree at 0.40, which shipped
+        # though it accepted no more tokens per pass)
+        self._draft_costs: dict[str, float] = {}
 
     @property
     def cost_source(self) -> str:
@@ -183,6 +188,7 @@ class DraftSearch:
         made from other prompts' generations) decides which tokens a pruned vocabulary keeps."""
         started = time.perf_counter()
         s = self.settings
+        self._draft_costs = {}  # the drafts of this task's graphs (their names repeat across tasks)
         combos = draft_combinations(skip_sets, s, self.loaded.model.config.vocab_size)
         if not combos:
             raise CalibrationError(
@@ -357,7 +363,7 @@ class DraftSearch:
             c_draft, c_verify, flag = timed_costs(backend, bytes_ratio, verify_tokens, retime)
             if flag and retime:  # confirmed by a re-timing: its kernels, not the machine
                 self._compute_bound.add(draft.weight_precision)
-            return c_draft, c_verify, flag
+            return self._draft_costs.setdefault(draft.name, c_draft), c_verify, flag
         if self.settings.cost == "table":
             assert self.costs is not None  # check_cost_table
             return self._table_draft_cost(draft), self.costs.verify_cost(verify_tokens), ""
