@@ -98,10 +98,18 @@ class CandidateGraphs:
         self.settings = settings
         self.stop_token_ids = list(stop_token_ids)
         self._full_bytes = graph_bytes(folder / self.section.full)
+        self._last: tuple[tuple[str | None, bool], OnnxBackend] | None = None
 
     def open(self, draft: str | None, tree: bool = False) -> OnnxBackend:
-        s = self.settings
-        return open_backend(self.folder, self.manifest, draft, s.device, s.threads, tree=tree)
+        """Sessions of the full graph with ``draft``. The last ones opened are reused, not opened
+        again (costly for a big model): the chosen draft's lookups, fixed-length pricing and
+        confirming run follow one another on the same sessions, and the pass costs timed on them
+        (sources.RowCosts) are timed once."""
+        if self._last is None or self._last[0] != (draft, tree):
+            s = self.settings
+            backend = open_backend(self.folder, self.manifest, draft, s.device, s.threads, tree=tree)
+            self._last = ((draft, tree), backend)
+        return self._last[1]
 
     def bytes_ratio(self, draft: str) -> float:
         """Weight bytes the draft reads per token / the full graph's."""
